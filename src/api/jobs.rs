@@ -1,0 +1,509 @@
+//! `/_admin/jobs` and `/_admin/queues`: inspect jobs, retry, cancel, reschedule, the dead-letter queue, and
+//! queue statistics. Every route needs the admin token.
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::ApiState;
+use super::auth::Admin;
+use super::error::{ApiError, ErrorBody};
+use crate::domain::{AttemptError, JobId, JobState};
+use crate::jobs::engine::admin;
+use crate::jobs::engine::stats::{self, Counts};
+use crate::store::jobs::{JobFilter, JobRecord};
+
+pub(super) fn router() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_jobs))
+        .routes(routes!(list_dead_jobs))
+        .routes(routes!(replay_dead_jobs))
+        .routes(routes!(purge_dead_jobs))
+        .routes(routes!(get_job))
+        .routes(routes!(retry_job))
+        .routes(routes!(cancel_job))
+        .routes(routes!(reschedule_job))
+        .routes(routes!(queue_stats))
+}
+
+/// A job as operators see it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct JobView {
+    /// Id.
+    pub id: i64,
+    /// Kind (e.g. `ingest_object`).
+    pub kind: String,
+    /// Queue.
+    pub queue: String,
+    /// State.
+    #[schema(value_type = String, example = "pending")]
+    pub state: JobState,
+    /// Arguments.
+    #[schema(value_type = Object)]
+    pub args: serde_json::Value,
+    /// Higher runs first.
+    pub priority: i16,
+    /// Attempts started (including one in progress).
+    pub attempt: i32,
+    /// Attempt budget before dead-lettering.
+    pub max_attempts: i32,
+    /// Every failed or interrupted attempt, oldest first.
+    pub errors: Vec<AttemptView>,
+    /// When it was enqueued.
+    pub enqueued_at: DateTime<Utc>,
+    /// When it is (or was) due; for a scheduled job, its next run.
+    pub run_at: DateTime<Utc>,
+    /// When the latest attempt started.
+    pub attempted_at: Option<DateTime<Utc>>,
+    /// When it completed, died or was cancelled.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// The worker process running it.
+    pub worker: Option<String>,
+    /// Its tenant, when it has one.
+    pub tenant_id: Option<String>,
+    /// Its storage provider, when it has one.
+    pub provider: Option<String>,
+    /// Its idempotency key, while it holds one.
+    pub unique_key: Option<String>,
+}
+
+/// One failed or interrupted attempt.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct AttemptView {
+    /// Attempt number.
+    pub attempt: i32,
+    /// When it ended.
+    pub at: DateTime<Utc>,
+    /// `transient`, `retry_after`, `permanent`, `timeout`, `panic`, `crash`, `interrupted`, `undecodable`
+    /// or `replayed`.
+    pub class: String,
+    /// Machine-readable reason, when given.
+    pub code: Option<String>,
+    /// What happened.
+    pub error: String,
+    /// The worker that ran it.
+    pub worker: Option<String>,
+}
+
+impl From<AttemptError> for AttemptView {
+    fn from(e: AttemptError) -> Self {
+        Self {
+            attempt: e.attempt,
+            at: e.at,
+            class: e.class,
+            code: e.code,
+            error: e.error,
+            worker: e.worker,
+        }
+    }
+}
+
+impl From<JobRecord> for JobView {
+    fn from(j: JobRecord) -> Self {
+        Self {
+            id: j.id.0,
+            kind: j.kind,
+            queue: j.queue,
+            state: j.state,
+            args: j.args,
+            priority: j.priority,
+            attempt: j.attempt,
+            max_attempts: j.max_attempts,
+            errors: j.errors.into_iter().map(AttemptView::from).collect(),
+            enqueued_at: j.enqueued_at,
+            run_at: j.run_at,
+            attempted_at: j.attempted_at,
+            finished_at: j.finished_at,
+            worker: j.locked_by,
+            tenant_id: j.tenant_id,
+            provider: j.provider,
+            unique_key: j.unique_key,
+        }
+    }
+}
+
+/// Filters and paging for job listings.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct JobQuery {
+    /// Only this queue.
+    pub queue: Option<String>,
+    /// Only this kind.
+    pub kind: Option<String>,
+    /// Only this state: pending, scheduled, running, completed, dead or cancelled.
+    pub state: Option<String>,
+    /// Only this tenant.
+    pub tenant_id: Option<String>,
+    /// Enqueued at or after (RFC 3339).
+    pub since: Option<DateTime<Utc>>,
+    /// Enqueued before (RFC 3339).
+    pub until: Option<DateTime<Utc>>,
+    /// The `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+    /// Page size, 1-500 (default 50).
+    pub limit: Option<i64>,
+}
+
+/// A page of jobs.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct JobPage {
+    /// Jobs, newest first.
+    pub jobs: Vec<JobView>,
+    /// Pass as `cursor` to get the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+impl JobQuery {
+    fn parse(
+        self,
+        forced_state: Option<JobState>,
+    ) -> Result<(JobFilter, Option<JobId>, i64), ApiError> {
+        let state = match (forced_state, self.state) {
+            (Some(state), _) => Some(state),
+            (None, Some(text)) => Some(text.parse::<JobState>().map_err(ApiError::invalid)?),
+            (None, None) => None,
+        };
+        let cursor = self
+            .cursor
+            .map(|c| c.parse::<i64>().map(JobId))
+            .transpose()
+            .map_err(|_| ApiError::invalid("cursor is not a cursor from a previous page"))?;
+        let limit = self.limit.unwrap_or(50);
+        if !(1..=500).contains(&limit) {
+            return Err(ApiError::invalid("limit must be from 1 to 500"));
+        }
+        let filter = JobFilter {
+            queue: self.queue,
+            kind: self.kind,
+            state,
+            tenant_id: self.tenant_id,
+            since: self.since,
+            until: self.until,
+            ids: None,
+        };
+        Ok((filter, cursor, limit))
+    }
+}
+
+async fn page(
+    state: &ApiState,
+    query: JobQuery,
+    forced: Option<JobState>,
+) -> Result<Json<JobPage>, ApiError> {
+    let (filter, cursor, limit) = query.parse(forced)?;
+    let (jobs, next) = admin::list(&state.pool, &filter, cursor, limit).await?;
+    Ok(Json(JobPage {
+        jobs: jobs.into_iter().map(JobView::from).collect(),
+        next_cursor: next.map(|id| id.to_string()),
+    }))
+}
+
+/// List jobs, newest first, filtered by queue, kind, state, tenant and enqueue time.
+#[utoipa::path(get, path = "/_admin/jobs", tag = "jobs", params(JobQuery), security(("admin_token" = [])),
+    responses((status = 200, body = JobPage), (status = 401, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn list_jobs(
+    _: Admin,
+    State(state): State<ApiState>,
+    Query(query): Query<JobQuery>,
+) -> Result<Json<JobPage>, ApiError> {
+    page(&state, query, None).await
+}
+
+/// List the dead-letter queue: jobs that failed permanently or ran out of attempts.
+#[utoipa::path(get, path = "/_admin/jobs/dlq", tag = "jobs", params(JobQuery), security(("admin_token" = [])),
+    responses((status = 200, body = JobPage), (status = 401, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn list_dead_jobs(
+    _: Admin,
+    State(state): State<ApiState>,
+    Query(query): Query<JobQuery>,
+) -> Result<Json<JobPage>, ApiError> {
+    page(&state, query, Some(JobState::Dead)).await
+}
+
+/// One job, with its arguments, every attempt's error and its timestamps.
+#[utoipa::path(get, path = "/_admin/jobs/{id}", tag = "jobs", params(("id" = i64, Path, description = "Job id")),
+    security(("admin_token" = [])),
+    responses((status = 200, body = JobView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn get_job(
+    _: Admin,
+    State(state): State<ApiState>,
+    Path(id): Path<i64>,
+) -> Result<Json<JobView>, ApiError> {
+    Ok(Json(admin::get(&state.pool, JobId(id)).await?.into()))
+}
+
+/// Run a pending or scheduled job now, or replay a dead or cancelled one with a fresh set of attempts.
+#[utoipa::path(post, path = "/_admin/jobs/{id}/retry", tag = "jobs", params(("id" = i64, Path, description = "Job id")),
+    security(("admin_token" = [])),
+    responses((status = 200, body = JobView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, description = "The job is running or completed", body = ErrorBody)))]
+async fn retry_job(
+    _: Admin,
+    State(state): State<ApiState>,
+    Path(id): Path<i64>,
+) -> Result<Json<JobView>, ApiError> {
+    Ok(Json(admin::retry(&state.pool, JobId(id)).await?.into()))
+}
+
+/// Cancel a pending or scheduled job.
+#[utoipa::path(post, path = "/_admin/jobs/{id}/cancel", tag = "jobs", params(("id" = i64, Path, description = "Job id")),
+    security(("admin_token" = [])),
+    responses((status = 200, body = JobView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, description = "The job is no longer pending or scheduled", body = ErrorBody)))]
+async fn cancel_job(
+    _: Admin,
+    State(state): State<ApiState>,
+    Path(id): Path<i64>,
+) -> Result<Json<JobView>, ApiError> {
+    Ok(Json(admin::cancel(&state.pool, JobId(id)).await?.into()))
+}
+
+/// When to run a job.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Reschedule {
+    /// The new run time (RFC 3339, UTC).
+    pub run_at: DateTime<Utc>,
+}
+
+/// Move a pending or scheduled job to another run time.
+#[utoipa::path(post, path = "/_admin/jobs/{id}/reschedule", tag = "jobs", params(("id" = i64, Path, description = "Job id")),
+    request_body = Reschedule, security(("admin_token" = [])),
+    responses((status = 200, body = JobView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, description = "The job is no longer pending or scheduled", body = ErrorBody),
+        (status = 422, body = ErrorBody)))]
+async fn reschedule_job(
+    _: Admin,
+    State(state): State<ApiState>,
+    Path(id): Path<i64>,
+    Json(body): Json<Reschedule>,
+) -> Result<Json<JobView>, ApiError> {
+    Ok(Json(
+        admin::reschedule(&state.pool, JobId(id), body.run_at)
+            .await?
+            .into(),
+    ))
+}
+
+/// Which dead jobs a bulk action applies to. An empty filter is refused unless `all` is true.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeadFilter {
+    /// Only this queue.
+    pub queue: Option<String>,
+    /// Only this kind.
+    pub kind: Option<String>,
+    /// Only this tenant.
+    pub tenant_id: Option<String>,
+    /// Enqueued at or after.
+    pub since: Option<DateTime<Utc>>,
+    /// Enqueued before.
+    pub until: Option<DateTime<Utc>>,
+    /// Only these job ids.
+    pub ids: Option<Vec<i64>>,
+    /// Confirms that an empty filter means every dead job.
+    #[serde(default)]
+    pub all: bool,
+    /// Most jobs to touch in this call (default and maximum 10000).
+    pub limit: Option<i64>,
+}
+
+impl DeadFilter {
+    /// The filter (the dead state is implied by the action), the confirmation and the limit.
+    fn parts(self) -> (JobFilter, bool, i64) {
+        let filter = JobFilter {
+            queue: self.queue,
+            kind: self.kind,
+            state: None,
+            tenant_id: self.tenant_id,
+            since: self.since,
+            until: self.until,
+            ids: self.ids,
+        };
+        (filter, self.all, self.limit.unwrap_or(admin::MAX_BULK))
+    }
+}
+
+/// How many jobs a bulk action touched.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct BulkResult {
+    /// Jobs affected.
+    pub count: u64,
+}
+
+/// Replay dead jobs matching a filter, each with a fresh set of attempts (history is kept).
+#[utoipa::path(post, path = "/_admin/jobs/dlq/replay", tag = "jobs", request_body = DeadFilter, security(("admin_token" = [])),
+    responses((status = 200, body = BulkResult), (status = 401, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn replay_dead_jobs(
+    _: Admin,
+    State(state): State<ApiState>,
+    Json(body): Json<DeadFilter>,
+) -> Result<Json<BulkResult>, ApiError> {
+    let (filter, all, limit) = body.parts();
+    let count = admin::replay_dead(&state.pool, &filter, all, limit).await?;
+    Ok(Json(BulkResult { count }))
+}
+
+/// Delete dead jobs matching a filter.
+#[utoipa::path(post, path = "/_admin/jobs/dlq/purge", tag = "jobs", request_body = DeadFilter, security(("admin_token" = [])),
+    responses((status = 200, body = BulkResult), (status = 401, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn purge_dead_jobs(
+    _: Admin,
+    State(state): State<ApiState>,
+    Json(body): Json<DeadFilter>,
+) -> Result<Json<BulkResult>, ApiError> {
+    let (filter, all, limit) = body.parts();
+    let count = admin::purge_dead(&state.pool, &filter, all, limit).await?;
+    Ok(Json(BulkResult { count }))
+}
+
+/// Counts for a queue, kind or tenant.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct CountsView {
+    /// Due and waiting.
+    pub pending: i64,
+    /// Waiting for a later run time (including retries in backoff).
+    pub scheduled: i64,
+    /// Being run.
+    pub running: i64,
+    /// Dead-lettered.
+    pub dead: i64,
+    /// How long the oldest pending job has been due, in seconds.
+    pub oldest_pending_age_seconds: Option<f64>,
+    /// Completed in the last five minutes.
+    pub completed_last_5m: i64,
+    /// Dead-lettered in the last five minutes.
+    pub dead_last_5m: i64,
+}
+
+impl From<Counts> for CountsView {
+    fn from(c: Counts) -> Self {
+        Self {
+            pending: c.pending,
+            scheduled: c.scheduled,
+            running: c.running,
+            dead: c.dead,
+            oldest_pending_age_seconds: c.oldest_pending_age_seconds,
+            completed_last_5m: c.completed_last_5m,
+            dead_last_5m: c.dead_last_5m,
+        }
+    }
+}
+
+/// A queue's statistics.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct QueueView {
+    /// Queue.
+    pub queue: String,
+    /// Totals.
+    #[serde(flatten)]
+    pub counts: CountsView,
+    /// By kind.
+    pub kinds: Vec<KindView>,
+}
+
+/// A kind's statistics.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct KindView {
+    /// Kind.
+    pub kind: String,
+    /// Totals.
+    #[serde(flatten)]
+    pub counts: CountsView,
+}
+
+/// A tenant's statistics in one queue.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TenantView {
+    /// Queue.
+    pub queue: String,
+    /// Tenant.
+    pub tenant_id: String,
+    /// Totals.
+    #[serde(flatten)]
+    pub counts: CountsView,
+}
+
+/// A worker process.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct WorkerView {
+    /// Worker id (host:pid:nonce), as shown in a running job's `worker`.
+    pub id: String,
+    /// Host.
+    pub host: String,
+    /// Process id.
+    pub pid: i32,
+    /// Kinds it runs.
+    pub kinds: Vec<String>,
+    /// Version.
+    pub version: String,
+    /// Started at.
+    pub started_at: DateTime<Utc>,
+    /// Last heartbeat.
+    pub last_seen: DateTime<Utc>,
+    /// False once it has been silent for the orphan timeout (its jobs are then rescued).
+    pub alive: bool,
+}
+
+/// Queue statistics.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Overview {
+    /// Per queue, with per-kind breakdown.
+    pub queues: Vec<QueueView>,
+    /// Per tenant and queue, for jobs that carry a tenant.
+    pub tenants: Vec<TenantView>,
+    /// Worker processes.
+    pub workers: Vec<WorkerView>,
+}
+
+/// Queue statistics: per queue and kind, per tenant, and the worker processes with their last heartbeat.
+#[utoipa::path(get, path = "/_admin/queues", tag = "jobs", security(("admin_token" = [])),
+    responses((status = 200, body = Overview), (status = 401, body = ErrorBody)))]
+async fn queue_stats(_: Admin, State(state): State<ApiState>) -> Result<Json<Overview>, ApiError> {
+    let overview = stats::overview(&state.pool, state.settings.jobs.orphan_timeout).await?;
+    Ok(Json(Overview {
+        queues: overview
+            .queues
+            .into_iter()
+            .map(|q| QueueView {
+                queue: q.queue,
+                counts: q.counts.into(),
+                kinds: q
+                    .kinds
+                    .into_iter()
+                    .map(|(kind, counts)| KindView {
+                        kind,
+                        counts: counts.into(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+        tenants: overview
+            .tenants
+            .into_iter()
+            .map(|t| TenantView {
+                queue: t.queue,
+                tenant_id: t.tenant_id,
+                counts: t.counts.into(),
+            })
+            .collect(),
+        workers: overview
+            .workers
+            .into_iter()
+            .map(|(w, alive)| WorkerView {
+                id: w.id,
+                host: w.host,
+                pid: w.pid,
+                kinds: w.kinds,
+                version: w.version,
+                started_at: w.started_at,
+                last_seen: w.last_seen,
+                alive,
+            })
+            .collect(),
+    }))
+}

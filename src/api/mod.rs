@@ -1,0 +1,173 @@
+//! The HTTP API: one file per resource (its DTOs, handlers and router), the OpenAPI document generated from
+//! those same routers, Swagger UI at `/docs`, and the middleware every request passes through (request id,
+//! tracing, metrics, body limit, the JSON error shape).
+//!
+//! Only this room imports axum and utoipa. Handlers stay thin: extract, call one domain function, map.
+
+pub mod auth;
+pub mod error;
+pub mod health;
+pub mod jobs;
+pub mod settings;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_swagger_ui::SwaggerUi;
+
+use crate::config::Settings;
+use crate::jobs::engine::stats::GaugeSampler;
+use crate::metrics::metrics;
+use error::ApiError;
+
+/// What handlers share.
+#[derive(Debug, Clone)]
+pub struct ApiState {
+    /// The database.
+    pub pool: PgPool,
+    /// Configuration.
+    pub settings: Arc<Settings>,
+    /// Process start, for uptime.
+    pub started: Instant,
+    /// Set once migrations are applied; `/readyz` answers 503 until then.
+    pub migrated: Arc<AtomicBool>,
+    /// Queue gauges, refreshed on scrape.
+    pub gauges: Arc<GaugeSampler>,
+}
+
+impl ApiState {
+    /// State for a process that has not migrated yet.
+    pub fn new(pool: PgPool, settings: Arc<Settings>) -> Self {
+        Self {
+            pool,
+            settings,
+            started: Instant::now(),
+            migrated: Arc::new(AtomicBool::new(false)),
+            gauges: Arc::new(GaugeSampler::new(Duration::from_secs(5))),
+        }
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "activekg",
+        description = "Keeps a knowledge graph in sync with documents in cloud storage. Admin routes \
+                       (`/_admin/*`) need `Authorization: Bearer $ADMIN_TOKEN`."
+    ),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "system", description = "Health, readiness, metrics and configuration"),
+        (name = "jobs", description = "Durable jobs: inspection, retry, cancel, dead-letter queue, queue statistics"),
+    )
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "admin_token",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("The server's ADMIN_TOKEN"))
+                    .build(),
+            ),
+        );
+    }
+}
+
+fn resources() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(health::router())
+        .merge(settings::router())
+        .merge(jobs::router())
+}
+
+/// The OpenAPI document, generated from the same routers that serve requests.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let mut spec = resources().into_openapi();
+    spec.info.version = env!("CARGO_PKG_VERSION").to_owned();
+    spec
+}
+
+/// The whole HTTP application.
+pub fn router(state: ApiState) -> Router {
+    let max_body = state.settings.max_body_bytes;
+    let (routes, mut spec) = resources().split_for_parts();
+    spec.info.version = env!("CARGO_PKG_VERSION").to_owned();
+    routes
+        // A route layer runs after routing, so the matched route is known for the metric's label.
+        .route_layer(middleware::from_fn(record_metrics))
+        .merge(SwaggerUi::new("/docs").url("/openapi.json", spec))
+        .fallback(not_found)
+        .with_state(state)
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(middleware::from_fn(error::json_errors))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|request: &Request| {
+                let id = request
+                    .headers()
+                    .get("x-request-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-");
+                tracing::info_span!("http", method = %request.method(), path = %request.uri().path(), request_id = %id)
+            }),
+        )
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+}
+
+async fn not_found(request: Request) -> ApiError {
+    ApiError::not_found(format!(
+        "no route for {} {}",
+        request.method(),
+        request.uri().path()
+    ))
+}
+
+async fn record_metrics(request: Request, next: Next) -> Response {
+    let method = request.method().to_string();
+    // The matched route, not the raw path, keeps label cardinality bounded.
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(String::new, |p| p.as_str().to_owned());
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let m = metrics();
+    m.http_requests
+        .with_label_values(&[&method, &route, response.status().as_str()])
+        .inc();
+    m.http_duration
+        .with_label_values(&[&method, &route])
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+/// Serves `router` on `listener` until `shutdown`, then finishes in-flight requests.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}

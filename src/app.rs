@@ -1,0 +1,551 @@
+//! The composition root: finds the database, applies migrations, and runs the roles this process was asked
+//! for (API, workers, scheduler) until one shutdown token is cancelled; then stops them in order.
+//!
+//! Everything is built here and handed down; no other room reads the environment or spawns the roles.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, ApiState};
+use crate::cli::{Command, JobsAction};
+use crate::config::{DatabaseSource, Settings};
+use crate::jobs::{self, engine::Runtime, engine::RuntimeHandle, engine::Scheduler};
+use crate::store::{self, embedded};
+
+/// Which roles a process runs.
+#[derive(Debug, Clone)]
+pub struct Roles {
+    /// Serve the HTTP API.
+    pub api: bool,
+    /// Run job workers.
+    pub worker: bool,
+    /// Fire cron schedules (also needs RUN_SCHEDULER=true).
+    pub scheduler: bool,
+    /// Limit workers to these queues (all when `None`).
+    pub queues: Option<Vec<String>>,
+}
+
+impl Roles {
+    /// API, workers and scheduler in one process.
+    pub fn all() -> Self {
+        Self {
+            api: true,
+            worker: true,
+            scheduler: true,
+            queues: None,
+        }
+    }
+}
+
+/// Why the process could not run; each maps to an exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// The configuration is unusable (exit 78).
+    #[error("{0}")]
+    Config(String),
+    /// A dependency is missing or unreachable (exit 69).
+    #[error("{0}")]
+    Unavailable(String),
+    /// Anything else (exit 70).
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+impl AppError {
+    /// The process exit code, after sysexits.h.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            AppError::Config(_) => 78,
+            AppError::Unavailable(_) => 69,
+            AppError::Other(_) => 70,
+        }
+    }
+}
+
+/// A database to use, and the private cluster to stop afterwards if we started one.
+#[derive(Debug)]
+pub struct Database {
+    /// Connection URL.
+    pub url: String,
+    /// The private cluster, when the embedded default started or adopted one.
+    pub private: Option<Box<embedded::PrivateCluster>>,
+}
+
+impl Database {
+    /// Stops the private cluster, if any.
+    pub async fn close(self) {
+        if let Some(cluster) = self.private {
+            tracing::info!(dir = %cluster.data_dir().display(), "stopping the private PostgreSQL cluster");
+            if let Err(err) = cluster.stop().await {
+                tracing::warn!(%err, "could not stop the private PostgreSQL cluster cleanly");
+            }
+        }
+    }
+}
+
+/// Resolves the database: the configured DSN, or the embedded default (logged either way).
+pub async fn open_database(settings: &Settings) -> Result<Database, AppError> {
+    match &settings.database {
+        DatabaseSource::Dsn(dsn) => {
+            tracing::info!(database = %redact_url(dsn.expose()), "using the database from ACTIVEKG_DSN");
+            Ok(Database {
+                url: dsn.expose().to_owned(),
+                private: None,
+            })
+        }
+        DatabaseSource::Embedded {
+            data_dir,
+            local_port,
+            private_port,
+        } => {
+            let (url, origin) = embedded::resolve(data_dir, *local_port, *private_port)
+                .await
+                .map_err(|e| AppError::Unavailable(e.to_string()))?;
+            let private = match origin {
+                embedded::Origin::Localhost => {
+                    tracing::info!(database = %url, "no ACTIVEKG_DSN: using the local PostgreSQL server");
+                    None
+                }
+                embedded::Origin::Private(cluster) => {
+                    tracing::info!(database = %url, dir = %cluster.data_dir().display(),
+                        "no ACTIVEKG_DSN and no local server: running a private PostgreSQL cluster");
+                    Some(cluster)
+                }
+            };
+            Ok(Database { url, private })
+        }
+    }
+}
+
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Applies migrations, retrying while the database is unreachable (until `shutdown`); a migration that
+/// fails on a reachable database is an error.
+async fn migrate_when_reachable(
+    pool: &PgPool,
+    shutdown: &CancellationToken,
+) -> Result<bool, AppError> {
+    let mut delay = Duration::from_millis(500);
+    loop {
+        // Waiting for a connection can take the pool's whole acquire timeout; shutdown must not wait for it.
+        let attempt = tokio::select! {
+            () = shutdown.cancelled() => return Ok(false),
+            attempt = store::migrate(pool) => attempt,
+        };
+        match attempt {
+            Ok(()) => return Ok(true),
+            Err(sqlx::migrate::MigrateError::Execute(sqlx::Error::Io(err))) => {
+                tracing::warn!(%err, retry_in = ?delay, "database unreachable; will apply migrations when it answers");
+            }
+            Err(sqlx::migrate::MigrateError::Execute(sqlx::Error::PoolTimedOut)) => {
+                tracing::warn!(retry_in = ?delay, "database unreachable (timed out); will apply migrations when it answers");
+            }
+            Err(err) => {
+                return Err(AppError::Other(anyhow::anyhow!(
+                    "applying migrations failed: {err}"
+                )));
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(false),
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// The roles that run after migrations: job workers and the scheduler.
+#[derive(Default)]
+struct Background {
+    workers: Option<RuntimeHandle>,
+    scheduler: Option<JoinHandle<()>>,
+    schedule_stop: CancellationToken,
+}
+
+impl Background {
+    /// Starts what `roles` asks for; on error, whatever did start is still stopped by [`Background::stop`].
+    async fn start(
+        &mut self,
+        pool: &PgPool,
+        settings: &Settings,
+        roles: &Roles,
+    ) -> Result<(), AppError> {
+        if roles.worker {
+            let mut runtime = Runtime::new(pool.clone(), settings.jobs.clone());
+            jobs::register(&mut runtime, pool, &settings.jobs, roles.queues.as_deref());
+            let handle = runtime
+                .start()
+                .await
+                .map_err(|e| AppError::Other(anyhow::anyhow!("starting workers: {e}")))?;
+            self.workers = Some(handle);
+        }
+        if roles.scheduler && settings.run_scheduler {
+            let mut schedules = Scheduler::new(pool.clone());
+            jobs::schedule(&mut schedules, &settings.jobs);
+            tracing::info!(schedules = ?schedules.schedules(), "scheduler running");
+            let running = schedules
+                .start(self.schedule_stop.clone())
+                .await
+                .map_err(|e| AppError::Other(anyhow::anyhow!("starting the scheduler: {e}")))?;
+            self.scheduler = Some(running);
+        } else if roles.scheduler {
+            tracing::info!("RUN_SCHEDULER=false: this process fires no schedules");
+        }
+        Ok(())
+    }
+
+    /// Stops the scheduler, then the workers (which finish or hand back their jobs).
+    async fn stop(self) {
+        self.schedule_stop.cancel();
+        if let Some(scheduler) = self.scheduler {
+            let _ = scheduler.await;
+        }
+        if let Some(workers) = self.workers {
+            workers.shutdown().await;
+        }
+    }
+}
+
+/// Runs `roles` against `pool` until `shutdown`. The API (when asked for) serves on `listener` from the
+/// start, answering `/readyz` with 503 until migrations are applied.
+pub async fn run(
+    settings: Arc<Settings>,
+    pool: PgPool,
+    roles: Roles,
+    listener: Option<TcpListener>,
+    shutdown: CancellationToken,
+) -> Result<(), AppError> {
+    let state = ApiState::new(pool.clone(), settings.clone());
+    let server = match (roles.api, listener) {
+        (true, Some(listener)) => {
+            let addr: Option<SocketAddr> = listener.local_addr().ok();
+            tracing::info!(?addr, "API listening; docs at /docs");
+            if settings.admin_token.is_none() && !settings.admin_auth_disabled {
+                tracing::warn!(
+                    "the admin API (/_admin/*) is disabled: set ADMIN_TOKEN (e.g. `export ADMIN_TOKEN=$(openssl rand -hex 32)`) \
+                     or, for local development only, ACTIVEKG_ADMIN_AUTH_DISABLED=true"
+                );
+            }
+            let router = api::router(state.clone());
+            let token = shutdown.clone();
+            Some(tokio::spawn(async move {
+                api::serve(listener, router, token).await
+            }))
+        }
+        (true, None) => {
+            return Err(AppError::Other(anyhow::anyhow!(
+                "the API role needs a listener"
+            )));
+        }
+        (false, _) => None,
+    };
+
+    let mut background = Background::default();
+    let outcome = match migrate_when_reachable(&pool, &shutdown).await {
+        Ok(true) => {
+            state.migrated.store(true, Ordering::SeqCst);
+            tracing::info!("database schema is up to date");
+            background.start(&pool, &settings, &roles).await
+        }
+        Ok(false) => Ok(()),
+        Err(err) => Err(err),
+    };
+    if outcome.is_ok() {
+        shutdown.cancelled().await;
+    } else {
+        shutdown.cancel();
+    }
+    tracing::info!("shutting down");
+    background.stop().await;
+    if let Some(server) = server {
+        match server.await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::warn!(%err, "the API server stopped with an error"),
+            Err(err) => tracing::warn!(%err, "the API server task failed"),
+        }
+    }
+    outcome
+}
+
+/// Resolves the database, runs `roles` until SIGINT/SIGTERM (or `shutdown`), then closes everything.
+pub async fn run_process(
+    settings: Settings,
+    roles: Roles,
+    shutdown: CancellationToken,
+) -> Result<(), AppError> {
+    let settings = Arc::new(settings);
+    let listener = if roles.api {
+        Some(TcpListener::bind(settings.listen).await.map_err(|e| {
+            AppError::Unavailable(format!(
+                "cannot listen on {} (ACTIVEKG_LISTEN): {e}",
+                settings.listen
+            ))
+        })?)
+    } else {
+        None
+    };
+    let database = open_database(&settings).await?;
+    let pool = store::pool(&database.url, settings.pool_size).map_err(|e| {
+        AppError::Config(format!("ACTIVEKG_DSN is not a usable PostgreSQL URL: {e}"))
+    })?;
+    let result = run(settings, pool.clone(), roles, listener, shutdown).await;
+    pool.close().await;
+    database.close().await;
+    result
+}
+
+/// Runs one CLI command to completion.
+pub async fn execute(command: Command, settings: Settings) -> Result<(), AppError> {
+    let shutdown = CancellationToken::new();
+    let roles = match command {
+        Command::Serve => Roles::all(),
+        Command::Api => Roles {
+            api: true,
+            worker: false,
+            scheduler: false,
+            queues: None,
+        },
+        Command::Worker { queues } => {
+            if let Some(unknown) = queues
+                .iter()
+                .flatten()
+                .find(|q| !jobs::QUEUES.contains(&q.as_str()))
+            {
+                return Err(AppError::Config(format!(
+                    "--queues: unknown queue {unknown:?} (known: {})",
+                    jobs::QUEUES.join(", ")
+                )));
+            }
+            Roles {
+                api: false,
+                worker: true,
+                scheduler: false,
+                queues,
+            }
+        }
+        Command::Scheduler => Roles {
+            api: false,
+            worker: false,
+            scheduler: true,
+            queues: None,
+        },
+        Command::Openapi => {
+            println!(
+                "{}",
+                api::openapi()
+                    .to_pretty_json()
+                    .map_err(anyhow::Error::from)?
+            );
+            return Ok(());
+        }
+        Command::GenKey => {
+            println!("{}", crate::config::generate_fernet_key());
+            return Ok(());
+        }
+        Command::Migrate => {
+            return with_database(&settings, |pool| async move {
+                store::migrate(&pool).await.map_err(|e| {
+                    AppError::Unavailable(format!("applying migrations failed: {e}"))
+                })?;
+                println!("migrations applied");
+                Ok(())
+            })
+            .await;
+        }
+        Command::Jobs { action } => {
+            return with_database(&settings, |pool| jobs_verb(pool, settings.clone(), action))
+                .await;
+        }
+    };
+    cancel_on_signals(shutdown.clone());
+    run_process(settings, roles, shutdown).await
+}
+
+/// Opens the database for a one-shot command (failing fast when unreachable) and runs `f` with it.
+async fn with_database<F, Fut>(settings: &Settings, f: F) -> Result<(), AppError>
+where
+    F: FnOnce(PgPool) -> Fut,
+    Fut: std::future::Future<Output = Result<(), AppError>>,
+{
+    let database = open_database(settings).await?;
+    let pool = store::pool(&database.url, 2)
+        .map_err(|e| AppError::Config(format!("ACTIVEKG_DSN: {e}")))?;
+    let result = match tokio::time::timeout(Duration::from_secs(5), store::ping(&pool)).await {
+        Ok(Ok(_)) => f(pool.clone()).await,
+        Ok(Err(err)) => Err(AppError::Unavailable(format!(
+            "the database does not answer: {err}"
+        ))),
+        Err(_) => Err(AppError::Unavailable(
+            "the database did not answer within 5 s".to_owned(),
+        )),
+    };
+    pool.close().await;
+    // A cluster another process runs is left running; one we started for this command is stopped.
+    match database.private {
+        Some(cluster) if cluster.is_adopted() => {}
+        _ => database.close().await,
+    }
+    result
+}
+
+async fn jobs_verb(pool: PgPool, settings: Settings, action: JobsAction) -> Result<(), AppError> {
+    use crate::domain::JobId;
+    use crate::jobs::engine::{admin, stats};
+    use crate::store::jobs::JobFilter;
+    let fail = |e: crate::error::Error| AppError::Other(anyhow::anyhow!(e));
+    match action {
+        JobsAction::Queues => {
+            let overview = stats::overview(&pool, settings.jobs.orphan_timeout)
+                .await
+                .map_err(fail)?;
+            println!(
+                "{:<14} {:<24} {:>8} {:>9} {:>8} {:>6} {:>10}",
+                "QUEUE", "KIND", "PENDING", "SCHEDULED", "RUNNING", "DEAD", "OLDEST(s)"
+            );
+            for queue in &overview.queues {
+                for (kind, c) in &queue.kinds {
+                    println!(
+                        "{:<14} {:<24} {:>8} {:>9} {:>8} {:>6} {:>10}",
+                        queue.queue,
+                        kind,
+                        c.pending,
+                        c.scheduled,
+                        c.running,
+                        c.dead,
+                        c.oldest_pending_age_seconds
+                            .map_or("-".to_owned(), |a| format!("{a:.0}"))
+                    );
+                }
+            }
+            for (worker, alive) in &overview.workers {
+                println!(
+                    "worker {} ({}) last seen {} {}",
+                    worker.id,
+                    worker.kinds.join(","),
+                    worker.last_seen,
+                    if *alive {
+                        ""
+                    } else {
+                        "[silent: presumed dead]"
+                    }
+                );
+            }
+        }
+        JobsAction::List {
+            state,
+            kind,
+            tenant,
+            limit,
+        } => {
+            let state = state
+                .map(|s| s.parse())
+                .transpose()
+                .map_err(AppError::Config)?;
+            let filter = JobFilter {
+                state,
+                kind,
+                tenant_id: tenant,
+                ..JobFilter::default()
+            };
+            let (jobs, _) = admin::list(&pool, &filter, None, limit)
+                .await
+                .map_err(fail)?;
+            for job in jobs {
+                let last_error = job.errors.last().map(|e| e.error.as_str()).unwrap_or("");
+                println!(
+                    "{:>10} {:<22} {:<10} {}/{} {} {}",
+                    job.id,
+                    job.kind,
+                    job.state,
+                    job.attempt,
+                    job.max_attempts,
+                    job.run_at.format("%Y-%m-%dT%H:%M:%SZ"),
+                    last_error
+                );
+            }
+        }
+        JobsAction::Show { id } => {
+            let job = admin::get(&pool, JobId(id)).await.map_err(fail)?;
+            println!("{job:#?}");
+        }
+        JobsAction::Retry { id } => {
+            let job = admin::retry(&pool, JobId(id)).await.map_err(fail)?;
+            println!("job {} is {}", job.id, job.state);
+        }
+        JobsAction::ReplayDead { kind, tenant, all } => {
+            let filter = JobFilter {
+                kind,
+                tenant_id: tenant,
+                ..JobFilter::default()
+            };
+            let count = admin::replay_dead(&pool, &filter, all, admin::MAX_BULK)
+                .await
+                .map_err(fail)?;
+            println!("replayed {count} dead job(s)");
+        }
+    }
+    Ok(())
+}
+
+/// Cancels `token` on SIGINT or SIGTERM; a second signal exits at once.
+pub fn cancel_on_signals(token: CancellationToken) {
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("signal received: finishing in-flight work (send it again to exit at once)");
+        token.cancel();
+        wait_for_signal().await;
+        tracing::warn!("second signal: exiting now");
+        std::process::exit(130);
+    });
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_in_logs_lose_their_credentials() {
+        assert_eq!(
+            redact_url("postgres://u:secret@db:5432/kg"),
+            "postgres://***@db:5432/kg"
+        );
+        assert_eq!(redact_url("postgres://db/kg"), "postgres://db/kg");
+    }
+}

@@ -1,0 +1,656 @@
+//! Settings: every environment variable the operations guide names (same names, same defaults) plus ours,
+//! parsed and validated once at start-up into typed values.
+//!
+//! Nothing else reads the environment. Secrets are wrapped in [`Secret`] so that `Debug` and logs show them
+//! redacted. A bad value is reported with the variable's name and what it expected.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use base64::Engine as _;
+
+/// A value that must never be printed: `Debug` shows `"<redacted>"` and there is no `Display`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself, for the one place that needs it (a comparison, a key schedule).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
+}
+
+/// Where the database comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatabaseSource {
+    /// `ACTIVEKG_DSN` (or `DATABASE_URL`) was given: use it as is.
+    Dsn(Secret),
+    /// Nothing was given: use a PostgreSQL on localhost:5432, else start a private cluster under `data_dir`.
+    Embedded {
+        /// Directory for the private cluster (`./.activekg` unless `ACTIVEKG_DATA_DIR` says otherwise).
+        data_dir: std::path::PathBuf,
+        /// Where to look for a running server first (`ACTIVEKG_LOCAL_PG_PORT`, default 5432).
+        local_port: u16,
+        /// The private cluster's port (`ACTIVEKG_EMBEDDED_PG_PORT`, default 55432).
+        private_port: u16,
+    },
+}
+
+/// Fernet key-encryption keys, by version.
+#[derive(Clone, PartialEq, Eq)]
+pub struct KeyEncryptionKeys {
+    /// `CONNECTOR_KEK_V<n>` values, keyed by `n`.
+    pub keys: BTreeMap<u32, Secret>,
+    /// `CONNECTOR_KEK_ACTIVE_VERSION`.
+    pub active_version: u32,
+}
+
+impl fmt::Debug for KeyEncryptionKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyEncryptionKeys")
+            .field("versions", &self.keys.keys().collect::<Vec<_>>())
+            .field("active_version", &self.active_version)
+            .finish()
+    }
+}
+
+/// The job engine's knobs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobSettings {
+    /// `CONNECTOR_WORKER_BATCH_SIZE`: how many jobs a worker claims per fetch.
+    pub batch_size: u32,
+    /// `CONNECTOR_WORKER_POLL_INTERVAL`: the fallback poll when no notification arrives.
+    pub poll_interval: Duration,
+    /// `ACTIVEKG_JOBS_ORPHAN_TIMEOUT_SECONDS`: a worker silent this long is dead and its jobs are run again.
+    pub orphan_timeout: Duration,
+    /// `ACTIVEKG_JOBS_SHUTDOWN_GRACE_SECONDS`: how long running jobs may finish after SIGTERM.
+    pub shutdown_grace: Duration,
+    /// `ACTIVEKG_JOBS_KEEP_COMPLETED_HOURS`: completed and cancelled jobs are pruned after this.
+    pub keep_completed: Duration,
+    /// `ACTIVEKG_JOBS_KEEP_DEAD_DAYS`: dead jobs are pruned after this.
+    pub keep_dead: Duration,
+}
+
+/// Everything the process is configured with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// `ACTIVEKG_LISTEN`: the API's address.
+    pub listen: SocketAddr,
+    /// `ACTIVEKG_DSN` / `DATABASE_URL`, or the embedded default.
+    pub database: DatabaseSource,
+    /// `ACTIVEKG_POOL_SIZE`: connections in the pool.
+    pub pool_size: u32,
+    /// `REDIS_URL`.
+    pub redis_url: Secret,
+    /// `RUN_SCHEDULER`: whether this process fires cron schedules.
+    pub run_scheduler: bool,
+    /// `ADMIN_TOKEN`: bearer token for `/_admin/*`; `None` means admin routes refuse.
+    pub admin_token: Option<Secret>,
+    /// `ACTIVEKG_ADMIN_AUTH_DISABLED`: a development escape hatch that opens admin routes without a token.
+    pub admin_auth_disabled: bool,
+    /// `ACTIVEKG_MAX_BODY_BYTES`: request bodies above this are refused with 413.
+    pub max_body_bytes: usize,
+    /// `PUBSUB_VERIFY_SECRET`: shared token for Pub/Sub push.
+    pub pubsub_verify_secret: Option<Secret>,
+    /// `PUBSUB_VERIFY_OIDC`: verify Pub/Sub push OIDC tokens.
+    pub pubsub_verify_oidc: bool,
+    /// `PUBSUB_OIDC_AUDIENCE`: the audience OIDC tokens must carry.
+    pub pubsub_oidc_audience: Option<String>,
+    /// `PUBSUB_TCP_KEEPALIVE`: keepalive for the streaming subscriber.
+    pub pubsub_tcp_keepalive: Duration,
+    /// `CONNECTOR_KEK_V1..Vn` and `CONNECTOR_KEK_ACTIVE_VERSION`; `None` when no key is configured.
+    pub kek: Option<KeyEncryptionKeys>,
+    /// `CONNECTOR_MAX_FILE_SIZE_MB`, in bytes.
+    pub max_file_size_bytes: u64,
+    /// `EMBEDDING_TENANT_MAX_PENDING`: 0 disables the cap.
+    pub embedding_tenant_max_pending: u32,
+    /// `PURGER_BATCH_SIZE`.
+    pub purger_batch_size: u32,
+    /// `PURGER_RETENTION_DAYS`.
+    pub purger_retention_days: u32,
+    /// Job engine settings.
+    pub jobs: JobSettings,
+    /// `ACTIVEKG_LOG_FORMAT`: `text` or `json`.
+    pub log_json: bool,
+}
+
+/// One or more variables were wrong; each problem names its variable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration:\n{}", .problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+pub struct ConfigError {
+    /// One line per problem, each starting with the variable name.
+    pub problems: Vec<String>,
+}
+
+impl Settings {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_vars(std::env::vars())
+    }
+
+    /// Parses settings from `(name, value)` pairs; tests pass their own.
+    pub fn from_vars<I, K, V>(vars: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: Into<String>,
+        V: Into<String>,
+    {
+        let env = Env {
+            vars: vars
+                .into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+            problems: Vec::new(),
+        };
+        env.parse()
+    }
+
+    /// Whether the database is the zero-configuration embedded default.
+    pub fn is_embedded(&self) -> bool {
+        matches!(self.database, DatabaseSource::Embedded { .. })
+    }
+
+    /// The effective value of every variable, by name, with secrets shown only as set or unset.
+    pub fn describe(&self) -> BTreeMap<&'static str, String> {
+        let secret = |s: &Option<Secret>| if s.is_some() { "<set>" } else { "<unset>" }.to_owned();
+        let seconds = |d: Duration| format!("{}", d.as_secs_f64());
+        let mut out = BTreeMap::new();
+        out.insert("ACTIVEKG_LISTEN", self.listen.to_string());
+        out.insert(
+            "ACTIVEKG_DSN",
+            match &self.database {
+                DatabaseSource::Dsn(_) => "<set>".to_owned(),
+                DatabaseSource::Embedded { data_dir, .. } => {
+                    format!("<unset: embedded default, data in {}>", data_dir.display())
+                }
+            },
+        );
+        out.insert("ACTIVEKG_POOL_SIZE", self.pool_size.to_string());
+        out.insert("REDIS_URL", "<set>".to_owned());
+        out.insert("RUN_SCHEDULER", self.run_scheduler.to_string());
+        out.insert("ADMIN_TOKEN", secret(&self.admin_token));
+        out.insert(
+            "ACTIVEKG_ADMIN_AUTH_DISABLED",
+            self.admin_auth_disabled.to_string(),
+        );
+        out.insert("ACTIVEKG_MAX_BODY_BYTES", self.max_body_bytes.to_string());
+        out.insert("PUBSUB_VERIFY_SECRET", secret(&self.pubsub_verify_secret));
+        out.insert("PUBSUB_VERIFY_OIDC", self.pubsub_verify_oidc.to_string());
+        out.insert(
+            "PUBSUB_OIDC_AUDIENCE",
+            self.pubsub_oidc_audience
+                .clone()
+                .unwrap_or_else(|| "<unset>".to_owned()),
+        );
+        out.insert("PUBSUB_TCP_KEEPALIVE", seconds(self.pubsub_tcp_keepalive));
+        out.insert(
+            "CONNECTOR_KEK_VERSIONS",
+            self.kek.as_ref().map_or_else(
+                || "<none>".to_owned(),
+                |k| {
+                    k.keys
+                        .keys()
+                        .map(|v| format!("V{v}"))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                },
+            ),
+        );
+        out.insert(
+            "CONNECTOR_KEK_ACTIVE_VERSION",
+            self.kek
+                .as_ref()
+                .map_or_else(|| "<none>".to_owned(), |k| k.active_version.to_string()),
+        );
+        out.insert(
+            "CONNECTOR_MAX_FILE_SIZE_MB",
+            (self.max_file_size_bytes / 1024 / 1024).to_string(),
+        );
+        out.insert(
+            "EMBEDDING_TENANT_MAX_PENDING",
+            self.embedding_tenant_max_pending.to_string(),
+        );
+        out.insert("PURGER_BATCH_SIZE", self.purger_batch_size.to_string());
+        out.insert(
+            "PURGER_RETENTION_DAYS",
+            self.purger_retention_days.to_string(),
+        );
+        out.insert(
+            "CONNECTOR_WORKER_BATCH_SIZE",
+            self.jobs.batch_size.to_string(),
+        );
+        out.insert(
+            "CONNECTOR_WORKER_POLL_INTERVAL",
+            seconds(self.jobs.poll_interval),
+        );
+        out.insert(
+            "ACTIVEKG_JOBS_ORPHAN_TIMEOUT_SECONDS",
+            seconds(self.jobs.orphan_timeout),
+        );
+        out.insert(
+            "ACTIVEKG_JOBS_SHUTDOWN_GRACE_SECONDS",
+            seconds(self.jobs.shutdown_grace),
+        );
+        out.insert(
+            "ACTIVEKG_JOBS_KEEP_COMPLETED_HOURS",
+            (self.jobs.keep_completed.as_secs() / 3600).to_string(),
+        );
+        out.insert(
+            "ACTIVEKG_JOBS_KEEP_DEAD_DAYS",
+            (self.jobs.keep_dead.as_secs() / 86_400).to_string(),
+        );
+        out.insert(
+            "ACTIVEKG_LOG_FORMAT",
+            if self.log_json { "json" } else { "text" }.to_owned(),
+        );
+        out
+    }
+}
+
+struct Env {
+    vars: BTreeMap<String, String>,
+    problems: Vec<String>,
+}
+
+impl Env {
+    /// A variable set to an empty string counts as unset, as shells and compose files often leave them.
+    fn raw(&self, name: &str) -> Option<&str> {
+        self.vars
+            .get(name)
+            .map(|v| v.trim())
+            .filter(|v| !v.is_empty())
+    }
+
+    fn text(&self, name: &str) -> Option<String> {
+        self.raw(name).map(str::to_owned)
+    }
+
+    fn parsed<T>(&mut self, name: &str, default: T, expected: &str) -> T
+    where
+        T: std::str::FromStr,
+    {
+        match self.raw(name).map(|v| (v.to_owned(), v.parse::<T>())) {
+            None => default,
+            Some((_, Ok(v))) => v,
+            Some((raw, Err(_))) => {
+                self.problems
+                    .push(format!("{name}={raw:?} is not valid: expected {expected}"));
+                default
+            }
+        }
+    }
+
+    fn number(&mut self, name: &str, default: u32, min: u32, max: u32) -> u32 {
+        let expected = format!("a whole number from {min} to {max}");
+        let value = self.parsed::<u32>(name, default, &expected);
+        if !(min..=max).contains(&value) {
+            self.problems.push(format!(
+                "{name}={value} is out of range: expected {expected}"
+            ));
+            return default;
+        }
+        value
+    }
+
+    fn seconds(&mut self, name: &str, default: f64, min: f64, max: f64) -> Duration {
+        let expected = format!("a number of seconds from {min} to {max}");
+        let value = self.parsed::<f64>(name, default, &expected);
+        if !(min..=max).contains(&value) || !value.is_finite() {
+            self.problems.push(format!(
+                "{name}={value} is out of range: expected {expected}"
+            ));
+            return Duration::from_secs_f64(default);
+        }
+        Duration::from_secs_f64(value)
+    }
+
+    fn flag(&mut self, name: &str, default: bool) -> bool {
+        match self.raw(name).map(str::to_ascii_lowercase).as_deref() {
+            None => default,
+            Some("1" | "true" | "yes" | "on") => true,
+            Some("0" | "false" | "no" | "off") => false,
+            Some(other) => {
+                self.problems.push(format!(
+                    "{name}={other:?} is not valid: expected true or false"
+                ));
+                default
+            }
+        }
+    }
+
+    fn keys(&mut self) -> Option<KeyEncryptionKeys> {
+        let mut keys = BTreeMap::new();
+        let found: Vec<(String, String)> = self
+            .vars
+            .iter()
+            .filter(|(k, v)| k.starts_with("CONNECTOR_KEK_V") && !v.trim().is_empty())
+            .map(|(k, v)| (k.clone(), v.trim().to_owned()))
+            .collect();
+        for (name, value) in found {
+            let Ok(version) = name["CONNECTOR_KEK_V".len()..].parse::<u32>() else {
+                self.problems.push(format!(
+                    "{name} is not a key variable: key variables are CONNECTOR_KEK_V<number>, e.g. CONNECTOR_KEK_V2"
+                ));
+                continue;
+            };
+            if version == 0 {
+                self.problems
+                    .push(format!("{name}: key versions start at 1"));
+                continue;
+            }
+            if !is_fernet_key(&value) {
+                self.problems.push(format!(
+                    "{name} is not a Fernet key: expected 32 bytes in URL-safe base64 (44 characters), as printed by Fernet.generate_key()"
+                ));
+                continue;
+            }
+            keys.insert(version, Secret::new(value));
+        }
+        let active_set = self.raw("CONNECTOR_KEK_ACTIVE_VERSION").is_some();
+        let active_version = self.number("CONNECTOR_KEK_ACTIVE_VERSION", 1, 1, 1_000_000);
+        if keys.is_empty() {
+            if active_set {
+                self.problems.push(format!(
+                    "CONNECTOR_KEK_ACTIVE_VERSION={active_version} names a key, but no CONNECTOR_KEK_V{active_version} is set"
+                ));
+            }
+            return None;
+        }
+        if !keys.contains_key(&active_version) {
+            self.problems.push(format!(
+                "CONNECTOR_KEK_V{active_version} is missing: CONNECTOR_KEK_ACTIVE_VERSION={active_version} must name a configured key (configured: {})",
+                keys.keys().map(|v| format!("V{v}")).collect::<Vec<_>>().join(", ")
+            ));
+        }
+        Some(KeyEncryptionKeys {
+            keys,
+            active_version,
+        })
+    }
+
+    fn parse(mut self) -> Result<Settings, ConfigError> {
+        let listen = self.parsed(
+            "ACTIVEKG_LISTEN",
+            SocketAddr::from(([0, 0, 0, 0], 8000)),
+            "an address like 0.0.0.0:8000",
+        );
+        let dsn = self
+            .text("ACTIVEKG_DSN")
+            .or_else(|| self.text("DATABASE_URL"));
+        if let Some(dsn) = &dsn
+            && !(dsn.starts_with("postgres://") || dsn.starts_with("postgresql://"))
+        {
+            self.problems.push(
+                "ACTIVEKG_DSN (or DATABASE_URL) is not a PostgreSQL URL: expected postgres://user:password@host:5432/database".to_owned(),
+            );
+        }
+        let database = match dsn {
+            Some(dsn) => DatabaseSource::Dsn(Secret::new(dsn)),
+            None => DatabaseSource::Embedded {
+                data_dir: self
+                    .text("ACTIVEKG_DATA_DIR")
+                    .unwrap_or_else(|| ".activekg".to_owned())
+                    .into(),
+                local_port: self.parsed("ACTIVEKG_LOCAL_PG_PORT", 5432, "a port number"),
+                private_port: self.parsed("ACTIVEKG_EMBEDDED_PG_PORT", 55432, "a port number"),
+            },
+        };
+        let pool_size = self.number("ACTIVEKG_POOL_SIZE", 10, 1, 1000);
+        let redis_url = Secret::new(
+            self.text("REDIS_URL")
+                .unwrap_or_else(|| "redis://localhost:6379/0".to_owned()),
+        );
+        if !redis_url.expose().starts_with("redis://")
+            && !redis_url.expose().starts_with("rediss://")
+        {
+            self.problems.push(
+                "REDIS_URL is not a Redis URL: expected redis://host:6379/0 or rediss://..."
+                    .to_owned(),
+            );
+        }
+        let run_scheduler = self.flag("RUN_SCHEDULER", true);
+        let admin_token = self.text("ADMIN_TOKEN").map(Secret::new);
+        if admin_token.as_ref().is_some_and(|t| t.expose().len() < 16) {
+            self.problems.push(
+                "ADMIN_TOKEN is too short: use at least 16 characters (e.g. `openssl rand -hex 32`)".to_owned(),
+            );
+        }
+        let admin_auth_disabled = self.flag("ACTIVEKG_ADMIN_AUTH_DISABLED", false);
+        let max_body_bytes = self.number("ACTIVEKG_MAX_BODY_BYTES", 2 * 1024 * 1024, 1024, 1 << 30);
+        let pubsub_verify_secret = self.text("PUBSUB_VERIFY_SECRET").map(Secret::new);
+        let pubsub_verify_oidc = self.flag("PUBSUB_VERIFY_OIDC", false);
+        let pubsub_oidc_audience = self.text("PUBSUB_OIDC_AUDIENCE");
+        let pubsub_tcp_keepalive = self.seconds("PUBSUB_TCP_KEEPALIVE", 60.0, 1.0, 3600.0);
+        let kek = self.keys();
+        let max_file_size_mb = self.number("CONNECTOR_MAX_FILE_SIZE_MB", 10, 1, 100_000);
+        let embedding_tenant_max_pending =
+            self.number("EMBEDDING_TENANT_MAX_PENDING", 2000, 0, u32::MAX);
+        let purger_batch_size = self.number("PURGER_BATCH_SIZE", 500, 1, 100_000);
+        let purger_retention_days = self.number("PURGER_RETENTION_DAYS", 30, 0, 36_500);
+        let jobs = JobSettings {
+            batch_size: self.number("CONNECTOR_WORKER_BATCH_SIZE", 10, 1, 1000),
+            poll_interval: self.seconds("CONNECTOR_WORKER_POLL_INTERVAL", 1.0, 0.01, 3600.0),
+            orphan_timeout: self.seconds(
+                "ACTIVEKG_JOBS_ORPHAN_TIMEOUT_SECONDS",
+                30.0,
+                1.0,
+                86_400.0,
+            ),
+            shutdown_grace: self.seconds("ACTIVEKG_JOBS_SHUTDOWN_GRACE_SECONDS", 30.0, 0.0, 3600.0),
+            keep_completed: Duration::from_secs(
+                u64::from(self.number("ACTIVEKG_JOBS_KEEP_COMPLETED_HOURS", 24, 0, 24 * 365))
+                    * 3600,
+            ),
+            keep_dead: Duration::from_secs(
+                u64::from(self.number("ACTIVEKG_JOBS_KEEP_DEAD_DAYS", 30, 0, 3650)) * 86_400,
+            ),
+        };
+        let log_json = match self.raw("ACTIVEKG_LOG_FORMAT") {
+            None | Some("text") => false,
+            Some("json") => true,
+            Some(other) => {
+                self.problems.push(format!(
+                    "ACTIVEKG_LOG_FORMAT={other:?} is not valid: expected text or json"
+                ));
+                false
+            }
+        };
+        // In production (a DSN was given) connector secrets must be encryptable from the first request;
+        // only the zero-configuration quickstart may run without a key (it generates a local one).
+        if kek.is_none() && !matches!(database, DatabaseSource::Embedded { .. }) {
+            self.problems.push(
+                "CONNECTOR_KEK_V1 is missing: a key-encryption key is required when ACTIVEKG_DSN is set (generate one with `activekg gen-key`)".to_owned(),
+            );
+        }
+        if !self.problems.is_empty() {
+            return Err(ConfigError {
+                problems: self.problems,
+            });
+        }
+        Ok(Settings {
+            listen,
+            database,
+            pool_size,
+            redis_url,
+            run_scheduler,
+            admin_token,
+            admin_auth_disabled,
+            max_body_bytes: max_body_bytes as usize,
+            pubsub_verify_secret,
+            pubsub_verify_oidc,
+            pubsub_oidc_audience,
+            pubsub_tcp_keepalive,
+            kek,
+            max_file_size_bytes: u64::from(max_file_size_mb) * 1024 * 1024,
+            embedding_tenant_max_pending,
+            purger_batch_size,
+            purger_retention_days,
+            jobs,
+            log_json,
+        })
+    }
+}
+
+/// A Fernet key is 32 random bytes in URL-safe base64 with padding.
+fn is_fernet_key(value: &str) -> bool {
+    base64::engine::general_purpose::URL_SAFE
+        .decode(value)
+        .is_ok_and(|bytes| bytes.len() == 32)
+}
+
+/// A fresh Fernet key in the format `CONNECTOR_KEK_V<n>` expects.
+pub fn generate_fernet_key() -> String {
+    let bytes: [u8; 32] = rand::random();
+    base64::engine::general_purpose::URL_SAFE.encode(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "cw_0x689RpI-jtRR7oE8h_eQsKImvJapLeSbXpwF4e4=";
+
+    fn production(extra: &[(&str, &str)]) -> Vec<(String, String)> {
+        let mut vars = vec![
+            (
+                "ACTIVEKG_DSN".to_owned(),
+                "postgres://u:p@db:5432/kg".to_owned(),
+            ),
+            ("CONNECTOR_KEK_V1".to_owned(), KEY.to_owned()),
+        ];
+        vars.extend(
+            extra
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        );
+        vars
+    }
+
+    #[test]
+    fn no_variables_gives_the_guides_defaults_and_the_embedded_database() {
+        let s = Settings::from_vars(Vec::<(String, String)>::new()).unwrap();
+        assert_eq!(s.listen.to_string(), "0.0.0.0:8000");
+        assert!(s.is_embedded());
+        assert_eq!(s.pool_size, 10);
+        assert_eq!(s.redis_url.expose(), "redis://localhost:6379/0");
+        assert!(s.run_scheduler);
+        assert_eq!(s.jobs.batch_size, 10);
+        assert_eq!(s.jobs.poll_interval, Duration::from_secs(1));
+        assert_eq!(s.purger_batch_size, 500);
+        assert_eq!(s.purger_retention_days, 30);
+        assert_eq!(s.max_file_size_bytes, 10 * 1024 * 1024);
+        assert_eq!(s.embedding_tenant_max_pending, 2000);
+        assert!(!s.pubsub_verify_oidc);
+        assert!(s.admin_token.is_none());
+        assert!(s.kek.is_none());
+    }
+
+    #[test]
+    fn a_bad_number_is_one_error_naming_the_variable() {
+        let err = Settings::from_vars(production(&[("ACTIVEKG_POOL_SIZE", "ten")])).unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{err}");
+        assert!(
+            err.problems[0].starts_with("ACTIVEKG_POOL_SIZE=\"ten\""),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn every_bad_variable_is_reported_at_once() {
+        let err = Settings::from_vars(production(&[
+            ("PURGER_BATCH_SIZE", "0"),
+            ("RUN_SCHEDULER", "maybe"),
+            ("CONNECTOR_WORKER_POLL_INTERVAL", "-1"),
+        ]))
+        .unwrap_err();
+        let text = err.to_string();
+        for name in [
+            "PURGER_BATCH_SIZE",
+            "RUN_SCHEDULER",
+            "CONNECTOR_WORKER_POLL_INTERVAL",
+        ] {
+            assert!(text.contains(name), "{name} missing from: {text}");
+        }
+    }
+
+    #[test]
+    fn a_dsn_without_a_key_encryption_key_is_refused() {
+        let err = Settings::from_vars([("ACTIVEKG_DSN", "postgres://db/kg")]).unwrap_err();
+        assert!(
+            err.problems[0].starts_with("CONNECTOR_KEK_V1 is missing"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_active_key_version_must_name_a_configured_key() {
+        let err =
+            Settings::from_vars(production(&[("CONNECTOR_KEK_ACTIVE_VERSION", "2")])).unwrap_err();
+        assert!(
+            err.problems[0].starts_with("CONNECTOR_KEK_V2 is missing"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_malformed_key_is_refused_without_printing_it() {
+        let err = Settings::from_vars(production(&[("CONNECTOR_KEK_V2", "not-a-key-at-all")]))
+            .unwrap_err();
+        assert!(
+            err.problems[0].starts_with("CONNECTOR_KEK_V2 is not a Fernet key"),
+            "{err}"
+        );
+        assert!(!err.to_string().contains("not-a-key-at-all"));
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_debug_output() {
+        let s = Settings::from_vars(production(&[
+            ("ADMIN_TOKEN", "super-secret-admin-token"),
+            ("PUBSUB_VERIFY_SECRET", "pubsub-shared-secret"),
+        ]))
+        .unwrap();
+        let debug = format!("{s:?}");
+        for secret in [
+            "super-secret-admin-token",
+            "pubsub-shared-secret",
+            KEY,
+            "u:p@db",
+        ] {
+            assert!(!debug.contains(secret), "{secret} leaked in {debug}");
+        }
+        assert!(debug.contains("<redacted>"));
+    }
+
+    #[test]
+    fn database_url_is_accepted_when_activekg_dsn_is_unset() {
+        let s = Settings::from_vars([
+            ("DATABASE_URL", "postgresql://db/kg"),
+            ("CONNECTOR_KEK_V1", KEY),
+        ])
+        .unwrap();
+        assert_eq!(
+            s.database,
+            DatabaseSource::Dsn(Secret::new("postgresql://db/kg"))
+        );
+    }
+
+    #[test]
+    fn generated_keys_are_valid_fernet_keys() {
+        assert!(is_fernet_key(&generate_fernet_key()));
+        assert!(is_fernet_key(KEY));
+    }
+}

@@ -1,0 +1,9 @@
+//! Pure types shared by every layer: identifiers parsed at the edge, and the states things move through.
+//!
+//! Nothing here does I/O or knows about HTTP, SQL or apalis.
+
+mod job;
+mod tenant;
+
+pub use job::{AttemptError, JobId, JobState};
+pub use tenant::TenantId;

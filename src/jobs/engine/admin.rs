@@ -1,0 +1,95 @@
+//! Operator actions on jobs, each one short transaction: inspect, retry, cancel, reschedule, and the
+//! dead-letter queue's replay and purge. The admin API and the CLI both call these.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+
+use crate::domain::{JobId, JobState};
+use crate::error::{Error, Result};
+use crate::store::jobs::{self as store, JobFilter, JobRecord};
+
+/// Most jobs one bulk action touches; callers repeat it for more.
+pub const MAX_BULK: i64 = 10_000;
+
+/// A page of jobs, newest first, and the cursor for the next page.
+pub async fn list(
+    pool: &PgPool,
+    filter: &JobFilter,
+    before: Option<JobId>,
+    limit: i64,
+) -> Result<(Vec<JobRecord>, Option<JobId>)> {
+    let mut jobs = store::list(pool, filter, before, limit + 1).await?;
+    let next = if jobs.len() as i64 > limit {
+        jobs.truncate(limit as usize);
+        jobs.last().map(|j| j.id)
+    } else {
+        None
+    };
+    Ok((jobs, next))
+}
+
+/// One job.
+pub async fn get(pool: &PgPool, id: JobId) -> Result<JobRecord> {
+    store::get(pool, id).await?.ok_or_else(|| Error::NotFound {
+        what: "job",
+        id: id.to_string(),
+    })
+}
+
+/// Runs a pending or scheduled job now, or replays a dead or cancelled one.
+pub async fn retry(pool: &PgPool, id: JobId) -> Result<JobRecord> {
+    let mut tx = pool.begin().await?;
+    store::retry_now(&mut tx, id).await?;
+    tx.commit().await?;
+    get(pool, id).await
+}
+
+/// Cancels a pending or scheduled job.
+pub async fn cancel(pool: &PgPool, id: JobId) -> Result<JobRecord> {
+    let mut tx = pool.begin().await?;
+    store::cancel(&mut tx, id).await?;
+    tx.commit().await?;
+    get(pool, id).await
+}
+
+/// Moves a pending or scheduled job to `run_at`.
+pub async fn reschedule(pool: &PgPool, id: JobId, run_at: DateTime<Utc>) -> Result<JobRecord> {
+    let mut tx = pool.begin().await?;
+    store::reschedule(&mut tx, id, run_at).await?;
+    tx.commit().await?;
+    get(pool, id).await
+}
+
+fn check_bulk(filter: &JobFilter, all: bool, limit: i64) -> Result<()> {
+    if filter.is_empty() && !all {
+        return Err(Error::Invalid(
+            "the filter is empty, which would select every dead job: give at least one of queue, kind, \
+             tenant_id, since, until or ids, or set \"all\": true"
+                .to_owned(),
+        ));
+    }
+    if !(1..=MAX_BULK).contains(&limit) {
+        return Err(Error::Invalid(format!(
+            "limit must be from 1 to {MAX_BULK}"
+        )));
+    }
+    Ok(())
+}
+
+/// Replays dead jobs matching `filter` (at most `limit`), each with a fresh set of attempts.
+pub async fn replay_dead(pool: &PgPool, filter: &JobFilter, all: bool, limit: i64) -> Result<u64> {
+    check_bulk(filter, all, limit)?;
+    let mut tx = pool.begin().await?;
+    let replayed = store::replay(&mut tx, filter, &[JobState::Dead], limit).await?;
+    tx.commit().await?;
+    tracing::info!(replayed, ?filter, "replayed dead jobs");
+    Ok(replayed)
+}
+
+/// Deletes dead jobs matching `filter` (at most `limit`).
+pub async fn purge_dead(pool: &PgPool, filter: &JobFilter, all: bool, limit: i64) -> Result<u64> {
+    check_bulk(filter, all, limit)?;
+    let purged = store::purge_dead(pool, filter, limit).await?;
+    tracing::info!(purged, ?filter, "purged dead jobs");
+    Ok(purged)
+}

@@ -1,0 +1,392 @@
+//! An apalis [`Backend`] over our `jobs` table: one per (process, kind).
+//!
+//! It claims as many due rows as it can start soon (see [`Pace`]), fetches when woken by NOTIFY, after a
+//! fetch that came back full, or on the poll interval, and never dies on a database error: it logs, waits and tries again. Rows whose arguments no
+//! longer decode are dead-lettered instead of killing the worker. On shutdown, rows it claimed but did not
+//! start are handed back.
+
+use std::collections::VecDeque;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use apalis::prelude::{Backend, Task, TaskBuilder, TaskId, WorkerContext};
+use apalis_core::backend::BackendConfig;
+use apalis_core::backend::finalize::Ephemeral;
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use futures::task::AtomicWaker;
+use sqlx::PgPool;
+use tokio::sync::Semaphore;
+use tokio::time::Sleep;
+
+use super::Job;
+use super::outcome::{Claim, OutcomeLayer, Reporter};
+use crate::domain::{AttemptError, JobId};
+use crate::store::jobs::{self as store, Claimed, Completion, Finish};
+
+/// Wakes a kind's worker when NOTIFY says it has due work.
+#[derive(Debug, Default)]
+pub struct KindSignal {
+    pending: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl KindSignal {
+    /// Marks work as available and wakes the worker.
+    pub fn notify(&self) {
+        self.pending.store(true, Ordering::SeqCst);
+        self.waker.wake();
+    }
+
+    fn take(&self) -> bool {
+        self.pending.swap(false, Ordering::SeqCst)
+    }
+
+    fn register(&self, waker: &Waker) {
+        self.waker.register(waker);
+    }
+}
+
+/// How quickly a kind's attempts finish, so a worker can claim ahead of its free slots exactly as far as it
+/// will start those jobs soon. Claimed rows waiting in one worker's memory cannot run on another replica, so
+/// slow kinds claim only free slots (as River and Oban do) while fast ones claim whole batches.
+#[derive(Debug, Default)]
+pub struct Pace {
+    /// Exponentially weighted mean attempt duration in nanoseconds, as f64 bits; 0 until the first attempt.
+    mean_ns: AtomicU64,
+}
+
+impl Pace {
+    /// A claimed job should start within this long.
+    const HORIZON_NS: f64 = 50_000_000.0;
+
+    /// Records one attempt's duration. Concurrent updates may drop a sample; the mean stays a mean.
+    pub fn observe(&self, took: Duration) {
+        let sample = took.as_nanos() as f64;
+        let old = f64::from_bits(self.mean_ns.load(Ordering::Relaxed));
+        let new = if old == 0.0 {
+            sample.max(1.0)
+        } else {
+            old * 0.9 + sample * 0.1
+        };
+        self.mean_ns.store(new.to_bits(), Ordering::Relaxed);
+    }
+
+    /// Rows to claim: every free slot, plus what `concurrency` slots get through within the horizon at the
+    /// recent pace, capped by the batch size.
+    pub fn claim_limit(&self, free: usize, concurrency: usize, batch: usize) -> usize {
+        let mean = f64::from_bits(self.mean_ns.load(Ordering::Relaxed));
+        let ahead = if mean > 0.0 {
+            (Self::HORIZON_NS * concurrency as f64 / mean).min(batch as f64) as usize
+        } else {
+            0
+        };
+        (free + ahead).clamp(1, batch.max(1))
+    }
+}
+
+/// Settings a backend reads.
+#[derive(Debug, Clone)]
+pub struct BackendSettings {
+    /// Most rows claimed per fetch.
+    pub batch_size: usize,
+    /// Fetch at least this often when no notification arrives.
+    pub poll_interval: Duration,
+    /// Attempts running at once.
+    pub concurrency: usize,
+}
+
+/// See the module docs.
+pub struct PgQueue<J> {
+    pool: PgPool,
+    reporter: Reporter,
+    signal: Arc<KindSignal>,
+    slots: Arc<Semaphore>,
+    pace: Arc<Pace>,
+    settings: BackendSettings,
+    buffer: VecDeque<Claimed>,
+    fetching: Option<BoxFuture<'static, crate::error::Result<Vec<Claimed>>>>,
+    releasing: Option<BoxFuture<'static, ()>>,
+    timer: Pin<Box<Sleep>>,
+    /// The last fetch filled its limit, so more work is probably waiting.
+    more: bool,
+    last_limit: usize,
+    /// When the rows in `buffer` arrived.
+    received: std::time::Instant,
+    fetch_failures: u32,
+    _job: PhantomData<fn() -> J>,
+}
+
+impl<J> std::fmt::Debug for PgQueue<J> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgQueue")
+            .field("kind", &std::any::type_name::<J>())
+            .field("buffered", &self.buffer.len())
+            .finish()
+    }
+}
+
+impl<J: Job> PgQueue<J> {
+    /// A backend for kind `J` reporting to `reporter`.
+    pub fn new(
+        pool: PgPool,
+        reporter: Reporter,
+        signal: Arc<KindSignal>,
+        settings: BackendSettings,
+    ) -> Self {
+        Self {
+            pool,
+            reporter,
+            signal,
+            slots: Arc::new(Semaphore::new(settings.concurrency.max(1))),
+            pace: Arc::new(Pace::default()),
+            // First fetch happens at once: the timer starts expired.
+            timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            settings,
+            buffer: VecDeque::new(),
+            fetching: None,
+            releasing: None,
+            more: false,
+            last_limit: 0,
+            received: std::time::Instant::now(),
+            fetch_failures: 0,
+            _job: PhantomData,
+        }
+    }
+
+    fn start_fetch(&mut self) {
+        // One slot is already reserved by the outcome layer's poll_ready for the task we are about to yield.
+        let free = self.slots.available_permits() + 1;
+        let limit =
+            self.pace
+                .claim_limit(free, self.settings.concurrency, self.settings.batch_size);
+        let pool = self.pool.clone();
+        let worker = self.reporter.worker_id.clone();
+        self.fetching =
+            Some(async move { store::claim(&pool, J::KIND, &worker, limit as i64).await }.boxed());
+        self.more = false;
+        self.last_limit = limit;
+        self.timer
+            .as_mut()
+            .reset(tokio::time::Instant::now() + self.settings.poll_interval);
+    }
+
+    /// Turns a claimed row into an apalis task, or dead-letters it if its arguments no longer decode.
+    fn to_task(&self, row: Claimed) -> Option<Task<J>> {
+        let claim = Claim {
+            id: JobId(row.id),
+            attempt: u32::try_from(row.attempt).unwrap_or(0),
+            max_attempts: u32::try_from(row.max_attempts).unwrap_or(1),
+            due_at: row.run_at.max(row.enqueued_at),
+            claimed_at: row.attempted_at,
+            received: self.received,
+        };
+        match serde_json::from_value::<J>(row.args) {
+            Ok(args) => Some(
+                TaskBuilder::new(args)
+                    .task_id(TaskId::Int(row.id as u64))
+                    .attempt(claim.attempt as usize)
+                    .max_attempts(claim.max_attempts as usize)
+                    .data(claim)
+                    .build(),
+            ),
+            Err(err) => {
+                let error = AttemptError {
+                    attempt: row.attempt,
+                    at: chrono::Utc::now(),
+                    class: "undecodable".to_owned(),
+                    code: Some("bad_arguments".to_owned()),
+                    error: format!("the job's arguments do not decode as {}: {err}", J::KIND),
+                    worker: Some(self.reporter.worker_id.to_string()),
+                };
+                tracing::error!(kind = J::KIND, id = row.id, %err, "job arguments do not decode; dead-lettered");
+                crate::metrics::metrics()
+                    .jobs_dead
+                    .with_label_values(&[J::KIND])
+                    .inc();
+                self.reporter.completer.send_detached(Completion {
+                    id: JobId(row.id),
+                    attempt: row.attempt,
+                    finish: Finish::Dead { error },
+                });
+                None
+            }
+        }
+    }
+}
+
+impl<J: Job> Backend for PgQueue<J> {
+    type Task = Task<J>;
+    type Error = std::convert::Infallible;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut Context<'_>,
+        _: &WorkerContext,
+    ) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+        _: &WorkerContext,
+    ) -> Poll<Option<Result<Task<J>, Self::Error>>> {
+        loop {
+            if let Some(row) = self.buffer.pop_front() {
+                match self.to_task(row) {
+                    Some(task) => return Poll::Ready(Some(Ok(task))),
+                    None => continue,
+                }
+            }
+            if let Some(fetch) = self.fetching.as_mut() {
+                match fetch.poll_unpin(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(rows)) => {
+                        tracing::trace!(
+                            kind = J::KIND,
+                            limit = self.last_limit,
+                            claimed = rows.len(),
+                            "claimed jobs"
+                        );
+                        self.fetching = None;
+                        self.received = std::time::Instant::now();
+                        self.fetch_failures = 0;
+                        self.more = rows.len() >= self.last_limit;
+                        self.buffer.extend(rows);
+                        continue;
+                    }
+                    Poll::Ready(Err(err)) => {
+                        self.fetching = None;
+                        self.fetch_failures += 1;
+                        let wait =
+                            Duration::from_millis(250 * 2u64.pow(self.fetch_failures.min(5)));
+                        if self.fetch_failures == 1 || self.fetch_failures.is_multiple_of(20) {
+                            tracing::warn!(kind = J::KIND, %err, failures = self.fetch_failures, retry_in = ?wait,
+                                "could not fetch jobs; will retry");
+                        }
+                        self.timer
+                            .as_mut()
+                            .reset(tokio::time::Instant::now() + wait);
+                    }
+                }
+            }
+            let timer_fired = self.timer.as_mut().poll(cx).is_ready();
+            // After a failed fetch only the timer (now the error backoff) may trigger the next one.
+            let due =
+                timer_fired || (self.fetch_failures == 0 && (self.more || self.signal.take()));
+            if due {
+                self.start_fetch();
+                continue;
+            }
+            self.signal.register(cx.waker());
+            // A notification may have landed between take() and register(); do not sleep through it.
+            if self.signal.take() {
+                self.start_fetch();
+                continue;
+            }
+            return Poll::Pending;
+        }
+    }
+
+    fn poll_close(
+        &mut self,
+        cx: &mut Context<'_>,
+        _: &WorkerContext,
+    ) -> Poll<Result<(), Self::Error>> {
+        // A fetch in flight may have claimed rows: let it land so they can be handed back.
+        if let Some(fetch) = self.fetching.as_mut() {
+            match fetch.poll_unpin(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(rows) => {
+                    self.fetching = None;
+                    self.buffer.extend(rows.unwrap_or_default());
+                }
+            }
+        }
+        if self.releasing.is_none() && !self.buffer.is_empty() {
+            let ids: Vec<i64> = self.buffer.drain(..).map(|row| row.id).collect();
+            let pool = self.pool.clone();
+            let worker = self.reporter.worker_id.clone();
+            self.releasing = Some(
+                async move {
+                    if let Err(err) = store::release(&pool, &worker, Some(&ids), None).await {
+                        tracing::warn!(kind = J::KIND, %err, count = ids.len(),
+                            "could not hand back claimed jobs at shutdown; they will be rescued as orphans");
+                    }
+                }
+                .boxed(),
+            );
+        }
+        if let Some(release) = self.releasing.as_mut() {
+            if release.poll_unpin(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.releasing = None;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<J: Job> BackendConfig for PgQueue<J> {
+    type Args = J;
+    type Id = i64;
+    type Kind = Ephemeral;
+    type Config = BackendSettings;
+    type Layer = OutcomeLayer<J>;
+
+    fn config(&self) -> &Self::Config {
+        &self.settings
+    }
+
+    fn middleware(&mut self, _: &mut WorkerContext) -> Self::Layer {
+        OutcomeLayer::new(self.reporter.clone(), self.slots.clone(), self.pace.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kind_with_no_history_claims_only_free_slots() {
+        assert_eq!(Pace::default().claim_limit(3, 8, 100), 3);
+    }
+
+    #[test]
+    fn fast_kinds_claim_ahead_up_to_the_batch_size() {
+        let pace = Pace::default();
+        pace.observe(Duration::from_micros(100));
+        assert_eq!(pace.claim_limit(1, 1, 10), 10);
+        assert_eq!(pace.claim_limit(1, 1, 100), 100);
+    }
+
+    #[test]
+    fn slow_kinds_claim_only_what_starts_within_the_horizon() {
+        let pace = Pace::default();
+        pace.observe(Duration::from_secs(2));
+        assert_eq!(
+            pace.claim_limit(2, 8, 100),
+            2,
+            "no claiming ahead of 2 s jobs"
+        );
+        let medium = Pace::default();
+        medium.observe(Duration::from_millis(10));
+        // 8 slots at 10 ms each get through 40 jobs in 50 ms.
+        assert_eq!(medium.claim_limit(1, 8, 100), 41);
+    }
+
+    #[test]
+    fn the_pace_follows_recent_attempts() {
+        let pace = Pace::default();
+        pace.observe(Duration::from_secs(1));
+        for _ in 0..100 {
+            pace.observe(Duration::from_micros(50));
+        }
+        assert_eq!(pace.claim_limit(1, 1, 10), 10);
+    }
+}

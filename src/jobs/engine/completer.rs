@@ -1,0 +1,121 @@
+//! Writes attempt results back to the job rows, batching whatever has piled up into one statement.
+//!
+//! At low load each result is written at once; under load, results that finish while a write is in flight
+//! share the next one. If the database is unreachable the batch is kept and retried, and the bounded channel
+//! pushes back on workers (a slot is only freed once its result is queued here).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::store::jobs::{self as store, Completion};
+
+/// Most results written by one statement.
+const MAX_BATCH: usize = 1000;
+
+enum Message {
+    Done(Completion),
+    Flush(oneshot::Sender<()>),
+}
+
+/// Sends results to the completer task.
+#[derive(Debug, Clone)]
+pub struct Completer {
+    tx: mpsc::Sender<Message>,
+}
+
+impl std::fmt::Debug for Message {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Message::Done(c) => write!(f, "Done({})", c.id),
+            Message::Flush(_) => f.write_str("Flush"),
+        }
+    }
+}
+
+impl Completer {
+    /// Starts the completer of worker process `worker`; it ends when every `Completer` clone is dropped and
+    /// its queue is written.
+    pub fn spawn(pool: PgPool, worker: Arc<str>) -> (Self, JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
+        (Self { tx }, tokio::spawn(run(pool, worker, rx)))
+    }
+
+    /// Queues one result; waits when the completer is behind.
+    pub async fn send(&self, completion: Completion) {
+        if self.tx.send(Message::Done(completion)).await.is_err() {
+            tracing::error!(
+                "the job completer has stopped; a result was dropped and its job will be rescued as an orphan"
+            );
+        }
+    }
+
+    /// Queues one result from synchronous code, without waiting.
+    pub fn send_detached(&self, completion: Completion) {
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let _ = tx.send(Message::Done(completion)).await;
+        });
+    }
+
+    /// Returns once every result queued before this call is written (or the completer has stopped).
+    pub async fn flush(&self) {
+        let (done, wait) = oneshot::channel();
+        if self.tx.send(Message::Flush(done)).await.is_ok() {
+            let _ = wait.await;
+        }
+    }
+}
+
+async fn run(pool: PgPool, worker: Arc<str>, mut rx: mpsc::Receiver<Message>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut flushes = Vec::new();
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(message) = next.take() {
+            match message {
+                Message::Done(completion) => batch.push(completion),
+                Message::Flush(done) => flushes.push(done),
+            }
+            if batch.len() < MAX_BATCH {
+                next = rx.try_recv().ok();
+            }
+        }
+        write(&pool, &worker, &mut batch).await;
+        for done in flushes.drain(..) {
+            let _ = done.send(());
+        }
+    }
+}
+
+/// Writes the batch, retrying until the database takes it.
+async fn write(pool: &PgPool, worker: &str, batch: &mut Vec<Completion>) {
+    if batch.is_empty() {
+        return;
+    }
+    tracing::trace!(results = batch.len(), "recording job results");
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match store::finish(pool, worker, batch).await {
+            Ok(applied) => {
+                if applied.len() < batch.len() {
+                    // Rescued and re-run elsewhere, or released at shutdown: the newer attempt owns the row.
+                    tracing::debug!(
+                        stale = batch.len() - applied.len(),
+                        "some results were for attempts that are no longer current; ignored"
+                    );
+                }
+                batch.clear();
+                return;
+            }
+            Err(err) => {
+                tracing::warn!(%err, pending = batch.len(), retry_in = ?delay, "could not record job results; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}

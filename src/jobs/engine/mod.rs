@@ -1,0 +1,333 @@
+//! The durable job engine: how a job kind is declared, enqueued, run by apalis workers, retried and
+//! dead-lettered. Every job kind in `jobs/` is built on this; nothing else queues work.
+//!
+//! Rows live in our own `jobs` table (see the README for why not apalis-postgres's). Workers are apalis
+//! workers over [`backend::PgQueue`]; the [`outcome`] layer turns each attempt's result into the row's next
+//! state, which the [`completer`] writes in batches. Retries move `run_at`, so no worker slot waits out a backoff.
+
+pub mod admin;
+pub mod backend;
+pub mod completer;
+pub mod outcome;
+pub mod runtime;
+pub mod schedule;
+pub mod stats;
+
+use std::fmt;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sqlx::PgConnection;
+
+use crate::domain::JobId;
+use crate::error::Result;
+use crate::metrics::metrics;
+use crate::store::jobs::{self as store, Enqueued, NewJob};
+
+pub use runtime::{Runtime, RuntimeHandle};
+pub use schedule::Scheduler;
+
+/// A job kind: its arguments type, declared once with everything the engine needs to run it.
+pub trait Job: Serialize + DeserializeOwned + Send + Sync + Unpin + 'static {
+    /// The kind's stable name, stored in every row (never rename a shipped kind).
+    const KIND: &'static str;
+
+    /// Queue, priority, attempts, backoff, timeout, concurrency and uniqueness.
+    fn policy() -> Policy;
+
+    /// Idempotency key: a second job of this kind with the same key is skipped while the first exists (or,
+    /// with [`Uniqueness::WhileActive`], while the first is pending, scheduled or running).
+    fn unique_key(&self) -> Option<String> {
+        None
+    }
+
+    /// The tenant the job works for, shown in per-tenant queue statistics.
+    fn tenant_id(&self) -> Option<&str> {
+        None
+    }
+
+    /// The storage provider the job works on, for the connector backlog gauge.
+    fn provider(&self) -> Option<&str> {
+        None
+    }
+}
+
+/// How long an idempotency key holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Uniqueness {
+    /// For as long as the job row exists (until pruned): "this exact change was already queued".
+    Retained,
+    /// Only while the job is pending, scheduled or running: "one pending job per node".
+    WhileActive,
+}
+
+/// A kind's execution policy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    /// Queue the kind is reported under (operators' grouping; `worker --queues` selects by it).
+    pub queue: &'static str,
+    /// Higher runs first among due jobs of the kind.
+    pub priority: i16,
+    /// Attempts before the job is dead-lettered (an attempt that kills its worker counts).
+    pub max_attempts: u32,
+    /// Delay before each retry.
+    pub backoff: Backoff,
+    /// An attempt running longer than this is abandoned and counts as a transient failure.
+    pub timeout: Duration,
+    /// Attempts of this kind one process runs at once.
+    pub concurrency: usize,
+    /// How long idempotency keys hold.
+    pub uniqueness: Uniqueness,
+}
+
+impl Policy {
+    /// A policy with the engine's defaults for `queue`: 10 attempts, 5 s x2 backoff capped at 10 min, 5 min
+    /// timeout, 4 at a time.
+    pub fn new(queue: &'static str) -> Self {
+        Self {
+            queue,
+            priority: 0,
+            max_attempts: 10,
+            backoff: Backoff::exponential(Duration::from_secs(5), 2.0, Duration::from_secs(600)),
+            timeout: Duration::from_secs(300),
+            concurrency: 4,
+            uniqueness: Uniqueness::Retained,
+        }
+    }
+}
+
+/// Exponential backoff with jitter and a cap: attempt `n` waits `base * factor^(n-1)`, capped, then spread by
+/// up to `jitter` either way so that a burst of failures does not retry in lockstep.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Backoff {
+    /// Delay after the first failure.
+    pub base: Duration,
+    /// Growth per attempt.
+    pub factor: f64,
+    /// Longest delay.
+    pub cap: Duration,
+    /// Fraction of the delay added or removed at random (0.0-1.0).
+    pub jitter: f64,
+}
+
+impl Backoff {
+    /// Exponential backoff with 20 % jitter.
+    pub fn exponential(base: Duration, factor: f64, cap: Duration) -> Self {
+        Self {
+            base,
+            factor,
+            cap,
+            jitter: 0.2,
+        }
+    }
+
+    /// The delay before the attempt after failed attempt `attempt` (1-based), for a random draw `unit` in [0, 1).
+    pub fn delay(&self, attempt: u32, unit: f64) -> Duration {
+        let exponent = attempt.saturating_sub(1).min(64) as i32;
+        let raw = self.base.as_secs_f64() * self.factor.powi(exponent);
+        let capped = raw.min(self.cap.as_secs_f64());
+        let spread = capped * self.jitter * (2.0 * unit - 1.0);
+        Duration::from_secs_f64((capped + spread).clamp(0.0, self.cap.as_secs_f64()))
+    }
+}
+
+/// Why an attempt failed, and therefore what happens next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobError {
+    /// Retrying cannot help (bad input, unsupported file, missing thing that will not appear): dead-letter now.
+    Permanent {
+        /// Short machine-readable reason (e.g. `parse`, `unsupported_provider`).
+        code: String,
+        /// What happened.
+        message: String,
+    },
+    /// Might work later (network, lock, overloaded dependency): retry with the kind's backoff.
+    Transient {
+        /// Short machine-readable reason, if any.
+        code: Option<String>,
+        /// What happened.
+        message: String,
+    },
+    /// The dependency said when to come back (HTTP 429 Retry-After, a rate limit): retry after that.
+    RetryAfter {
+        /// How long to wait.
+        after: Duration,
+        /// What happened.
+        message: String,
+    },
+}
+
+impl JobError {
+    /// A permanent failure with a reason code.
+    pub fn permanent(code: impl Into<String>, message: impl fmt::Display) -> Self {
+        Self::Permanent {
+            code: code.into(),
+            message: message.to_string(),
+        }
+    }
+
+    /// A transient failure.
+    pub fn transient(message: impl fmt::Display) -> Self {
+        Self::Transient {
+            code: None,
+            message: message.to_string(),
+        }
+    }
+
+    /// A transient failure with a reason code (still dead-lettered with that code when attempts run out).
+    pub fn transient_with_code(code: impl Into<String>, message: impl fmt::Display) -> Self {
+        Self::Transient {
+            code: Some(code.into()),
+            message: message.to_string(),
+        }
+    }
+
+    /// Retry after `after`.
+    pub fn retry_after(after: Duration, message: impl fmt::Display) -> Self {
+        Self::RetryAfter {
+            after,
+            message: message.to_string(),
+        }
+    }
+}
+
+impl fmt::Display for JobError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            JobError::Permanent { code, message } => write!(f, "permanent ({code}): {message}"),
+            JobError::Transient {
+                code: Some(code),
+                message,
+            } => write!(f, "transient ({code}): {message}"),
+            JobError::Transient {
+                code: None,
+                message,
+            } => write!(f, "transient: {message}"),
+            JobError::RetryAfter { after, message } => {
+                write!(f, "retry after {after:?}: {message}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for JobError {}
+
+/// Database trouble inside a job is worth retrying unless the data itself is refused.
+impl From<crate::error::Error> for JobError {
+    fn from(err: crate::error::Error) -> Self {
+        match err {
+            crate::error::Error::Invalid(m) => JobError::permanent("invalid", m),
+            crate::error::Error::NotFound { what, id } => {
+                JobError::permanent("not_found", format!("{what} {id} was not found"))
+            }
+            other => JobError::transient(other),
+        }
+    }
+}
+
+impl From<sqlx::Error> for JobError {
+    fn from(err: sqlx::Error) -> Self {
+        crate::error::Error::from(err).into()
+    }
+}
+
+/// What a handler knows about the attempt it is running.
+#[derive(Debug, Clone)]
+pub struct JobContext<S> {
+    /// The job's id.
+    pub id: JobId,
+    /// This attempt's number (1-based).
+    pub attempt: u32,
+    /// The job's attempt budget.
+    pub max_attempts: u32,
+    /// Shared application state given at registration.
+    pub state: S,
+}
+
+fn new_job<J: Job>(job: &J, run_at: Option<DateTime<Utc>>) -> Result<NewJob> {
+    let policy = J::policy();
+    Ok(NewJob {
+        kind: J::KIND,
+        queue: policy.queue,
+        args: serde_json::to_value(job)
+            .map_err(|e| anyhow::anyhow!("{} arguments do not serialize: {e}", J::KIND))?,
+        priority: policy.priority,
+        max_attempts: i32::try_from(policy.max_attempts).unwrap_or(i32::MAX),
+        run_at,
+        unique_key: job.unique_key(),
+        unique_while_active: policy.uniqueness == Uniqueness::WhileActive,
+        tenant_id: job.tenant_id().map(str::to_owned),
+        provider: job.provider().map(str::to_owned),
+    })
+}
+
+fn count(kind: &str, results: &[Enqueued]) {
+    let inserted = results.iter().filter(|r| r.inserted).count() as u64;
+    metrics()
+        .jobs_enqueued
+        .with_label_values(&[kind])
+        .inc_by(inserted);
+    metrics()
+        .jobs_deduplicated
+        .with_label_values(&[kind])
+        .inc_by(results.len() as u64 - inserted);
+}
+
+/// Enqueues one job in the caller's transaction; it exists if and only if that transaction commits.
+pub async fn enqueue<J: Job>(conn: &mut PgConnection, job: &J) -> Result<Enqueued> {
+    enqueue_at(conn, job, None).await
+}
+
+/// Enqueues one job to run no earlier than `run_at`.
+pub async fn enqueue_at<J: Job>(
+    conn: &mut PgConnection,
+    job: &J,
+    run_at: Option<DateTime<Utc>>,
+) -> Result<Enqueued> {
+    let results = store::insert(conn, &[new_job(job, run_at)?]).await?;
+    count(J::KIND, &results);
+    Ok(results[0])
+}
+
+/// Enqueues many jobs in one statement; duplicates by idempotency key are skipped and reported per item.
+pub async fn enqueue_many<J: Job>(conn: &mut PgConnection, jobs: &[J]) -> Result<Vec<Enqueued>> {
+    let rows = jobs
+        .iter()
+        .map(|job| new_job(job, None))
+        .collect::<Result<Vec<_>>>()?;
+    let results = store::insert(conn, &rows).await?;
+    count(J::KIND, &results);
+    Ok(results)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_by_the_factor_and_stops_at_the_cap() {
+        let backoff = Backoff {
+            jitter: 0.0,
+            ..Backoff::exponential(Duration::from_secs(10), 2.0, Duration::from_secs(300))
+        };
+        let delays: Vec<u64> = (1..=7).map(|n| backoff.delay(n, 0.5).as_secs()).collect();
+        assert_eq!(delays, [10, 20, 40, 80, 160, 300, 300]);
+    }
+
+    #[test]
+    fn backoff_jitter_stays_within_its_fraction_and_under_the_cap() {
+        let backoff = Backoff::exponential(Duration::from_secs(10), 2.0, Duration::from_secs(300));
+        assert_eq!(backoff.delay(1, 0.0), Duration::from_secs(8));
+        assert_eq!(backoff.delay(1, 1.0), Duration::from_secs(12));
+        assert!(backoff.delay(30, 1.0) <= Duration::from_secs(300));
+        assert!(backoff.delay(30, 0.0) >= Duration::from_secs(240));
+    }
+
+    #[test]
+    fn huge_attempt_numbers_do_not_overflow() {
+        let backoff = Backoff::exponential(Duration::from_secs(1), 10.0, Duration::from_secs(60));
+        assert!(backoff.delay(u32::MAX, 0.5) <= Duration::from_secs(60));
+    }
+}

@@ -1,0 +1,22 @@
+//! activekg keeps a knowledge graph in sync with documents in cloud storage. Every step is a durable job in
+//! PostgreSQL, run by apalis workers, behind an OpenAPI-documented admin API.
+//!
+//! The map, top to bottom (dependencies point down only):
+//!
+//! - [`app`]: composition root: database, migrations, and the roles (API, workers, scheduler) of a process.
+//! - [`cli`]: the command line (`serve`, `api`, `worker`, `scheduler`, `migrate`, `openapi`, admin verbs).
+//! - [`api`]: HTTP resources, OpenAPI and Swagger UI, auth, the one JSON error shape.
+//! - [`jobs`]: the durable job engine ([`jobs::engine`]) and one file per job kind.
+//! - [`store`]: all SQL: the pool, migrations, and queries per table family; the embedded database default.
+//! - [`domain`]: pure types: ids, states.
+//! - [`config`], [`error`], [`metrics`]: settings from the environment, the error taxonomy, every metric.
+
+pub mod api;
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod jobs;
+pub mod metrics;
+pub mod store;

@@ -1,0 +1,192 @@
+//! Every Prometheus metric the process exports, declared once, in one registry.
+//!
+//! Names the operations guide uses (`connector_*`, `webhook_*`) keep its spelling; the job engine's own metrics
+//! are prefixed `activekg_job`. Gauges that describe the database (queue depths) are sampled when `/metrics` is
+//! scraped, so every replica reports the same truth and none goes stale.
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// The process's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// HTTP requests by method, matched route and status.
+    pub http_requests: IntCounterVec,
+    /// HTTP request latency by method and matched route.
+    pub http_duration: HistogramVec,
+    /// Jobs inserted, by kind (duplicates skipped by idempotency key are not counted).
+    pub jobs_enqueued: IntCounterVec,
+    /// Jobs skipped at enqueue because one with the same idempotency key exists, by kind.
+    pub jobs_deduplicated: IntCounterVec,
+    /// Attempts started, by kind.
+    pub jobs_started: IntCounterVec,
+    /// Attempts that succeeded, by kind.
+    pub jobs_succeeded: IntCounterVec,
+    /// Attempts that failed, by kind and class (transient, retry_after, permanent, timeout, panic, crash).
+    pub jobs_failed: IntCounterVec,
+    /// Failed attempts rescheduled for another try, by kind.
+    pub jobs_retried: IntCounterVec,
+    /// Jobs dead-lettered, by kind.
+    pub jobs_dead: IntCounterVec,
+    /// Jobs taken back from workers that stopped heartbeating, by kind.
+    pub jobs_rescued: IntCounterVec,
+    /// Attempt duration, by kind.
+    pub job_duration: HistogramVec,
+    /// Seconds from a job becoming due (enqueued, or reaching its run time) to a worker starting it, by kind.
+    pub job_start_latency: HistogramVec,
+    /// Jobs by queue, kind and state (pending, scheduled, running, dead), sampled at scrape.
+    pub queue_depth: IntGaugeVec,
+    /// Age of the oldest pending job, by queue and kind, sampled at scrape.
+    pub queue_oldest_pending_age: IntGaugeVec,
+    /// Pending and scheduled jobs by queue and tenant, sampled at scrape.
+    pub queue_tenant_depth: IntGaugeVec,
+    /// The guide's backlog gauge: pending and scheduled connector jobs by provider and tenant.
+    pub connector_queue_depth: IntGaugeVec,
+    /// Workers that heartbeated within the orphan timeout, sampled at scrape.
+    pub workers_alive: IntGaugeVec,
+    /// Schedule ticks this process fired (each tick is fired by exactly one process), by schedule.
+    pub schedule_ticks_fired: IntCounterVec,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+impl Metrics {
+    fn new() -> prometheus::Result<Self> {
+        let registry = Registry::new();
+        let counter =
+            |name: &str, help: &str, labels: &[&str]| -> prometheus::Result<IntCounterVec> {
+                let metric = IntCounterVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(metric.clone()))?;
+                Ok(metric)
+            };
+        let gauge = |name: &str, help: &str, labels: &[&str]| -> prometheus::Result<IntGaugeVec> {
+            let metric = IntGaugeVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(metric.clone()))?;
+            Ok(metric)
+        };
+        let histogram =
+            |name: &str, help: &str, labels: &[&str]| -> prometheus::Result<HistogramVec> {
+                let metric = HistogramVec::new(
+                    HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+                    labels,
+                )?;
+                registry.register(Box::new(metric.clone()))?;
+                Ok(metric)
+            };
+        Ok(Self {
+            http_requests: counter(
+                "http_requests_total",
+                "HTTP requests by method, route and status.",
+                &["method", "route", "status"],
+            )?,
+            http_duration: histogram(
+                "http_request_duration_seconds",
+                "HTTP request latency by method and route.",
+                &["method", "route"],
+            )?,
+            jobs_enqueued: counter(
+                "activekg_jobs_enqueued_total",
+                "Jobs inserted, by kind.",
+                &["kind"],
+            )?,
+            jobs_deduplicated: counter(
+                "activekg_jobs_deduplicated_total",
+                "Enqueues skipped because a job with the same idempotency key exists, by kind.",
+                &["kind"],
+            )?,
+            jobs_started: counter(
+                "activekg_jobs_started_total",
+                "Job attempts started, by kind.",
+                &["kind"],
+            )?,
+            jobs_succeeded: counter(
+                "activekg_jobs_succeeded_total",
+                "Job attempts that succeeded, by kind.",
+                &["kind"],
+            )?,
+            jobs_failed: counter(
+                "activekg_jobs_failed_total",
+                "Job attempts that failed, by kind and class.",
+                &["kind", "class"],
+            )?,
+            jobs_retried: counter(
+                "activekg_jobs_retried_total",
+                "Failed attempts rescheduled with backoff, by kind.",
+                &["kind"],
+            )?,
+            jobs_dead: counter(
+                "activekg_jobs_dead_total",
+                "Jobs dead-lettered, by kind.",
+                &["kind"],
+            )?,
+            jobs_rescued: counter(
+                "activekg_jobs_rescued_total",
+                "Jobs taken back from workers that stopped heartbeating, by kind.",
+                &["kind"],
+            )?,
+            job_duration: histogram(
+                "activekg_job_duration_seconds",
+                "Job attempt duration, by kind.",
+                &["kind"],
+            )?,
+            job_start_latency: histogram(
+                "activekg_job_start_latency_seconds",
+                "Seconds from a job becoming due to a worker starting it, by kind.",
+                &["kind"],
+            )?,
+            queue_depth: gauge(
+                "activekg_job_queue_depth",
+                "Jobs by queue, kind and state (sampled at scrape).",
+                &["queue", "kind", "state"],
+            )?,
+            queue_oldest_pending_age: gauge(
+                "activekg_job_queue_oldest_pending_age_seconds",
+                "Age of the oldest pending job by queue and kind (sampled at scrape).",
+                &["queue", "kind"],
+            )?,
+            queue_tenant_depth: gauge(
+                "activekg_job_queue_tenant_depth",
+                "Pending and scheduled jobs by queue and tenant (sampled at scrape).",
+                &["queue", "tenant"],
+            )?,
+            connector_queue_depth: gauge(
+                "connector_worker_queue_depth",
+                "Connector backlog (pending and scheduled ingest jobs) by provider and tenant.",
+                &["provider", "tenant"],
+            )?,
+            workers_alive: gauge(
+                "activekg_job_workers_alive",
+                "Worker processes that heartbeated recently, by host (sampled at scrape).",
+                &["host"],
+            )?,
+            schedule_ticks_fired: counter(
+                "activekg_schedule_ticks_fired_total",
+                "Schedule ticks this process fired (one process fires each tick), by schedule.",
+                &["schedule"],
+            )?,
+            registry,
+        })
+    }
+
+    /// All metrics in the Prometheus text exposition format.
+    pub fn encode(&self) -> String {
+        let mut buffer = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed metric families.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buffer);
+        String::from_utf8(buffer).unwrap_or_default()
+    }
+}
+
+static METRICS: LazyLock<Metrics> =
+    LazyLock::new(|| Metrics::new().expect("metric definitions are valid and registered once"));
+
+/// The process-wide metrics.
+pub fn metrics() -> &'static Metrics {
+    &METRICS
+}

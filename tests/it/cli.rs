@@ -1,0 +1,198 @@
+//! The `activekg` binary: usage, exit codes, one-shot commands, and graceful shutdown on SIGTERM.
+
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use crate::helpers::{KEK, TestDb, admin_url, eventually};
+
+const BIN: &str = env!("CARGO_BIN_EXE_activekg");
+
+/// Runs the binary with exactly these environment variables (plus PATH).
+fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(BIN);
+    command
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    command.output().unwrap()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn help_lists_the_roles_and_exits_zero() {
+    let out = run(&["--help"], &[]);
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for word in [
+        "serve",
+        "api",
+        "worker",
+        "scheduler",
+        "migrate",
+        "openapi",
+        "Exit codes",
+    ] {
+        assert!(text.contains(word), "{word} missing from --help:\n{text}");
+    }
+}
+
+#[test]
+fn an_unknown_command_is_a_usage_error() {
+    assert_eq!(run(&["frobnicate"], &[]).status.code(), Some(2));
+}
+
+#[test]
+fn a_bad_variable_exits_78_with_one_message_naming_it() {
+    let out = run(
+        &["migrate"],
+        &[
+            ("ACTIVEKG_POOL_SIZE", "ten"),
+            ("ACTIVEKG_DSN", "postgres://x/y"),
+            ("CONNECTOR_KEK_V1", KEK),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(78));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("ACTIVEKG_POOL_SIZE=\"ten\""), "{stderr}");
+}
+
+#[test]
+fn a_dsn_without_a_key_encryption_key_exits_78() {
+    let out = run(&["serve"], &[("ACTIVEKG_DSN", "postgres://x/y")]);
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("CONNECTOR_KEK_V1 is missing"));
+}
+
+#[test]
+fn migrate_against_an_unreachable_database_exits_69() {
+    let out = run(
+        &["migrate"],
+        &[
+            ("ACTIVEKG_DSN", "postgres://postgres@127.0.0.1:9/nowhere"),
+            ("CONNECTOR_KEK_V1", KEK),
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(69),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn openapi_prints_the_committed_document() {
+    let out = run(&["openapi"], &[]);
+    assert_eq!(out.status.code(), Some(0));
+    let printed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        printed,
+        serde_json::to_value(activekg::api::openapi()).unwrap()
+    );
+}
+
+#[test]
+fn gen_key_prints_a_key_the_configuration_accepts() {
+    let out = run(&["gen-key"], &[]);
+    let key = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert!(
+        activekg::config::Settings::from_vars([
+            ("CONNECTOR_KEK_V1", key.as_str()),
+            ("ACTIVEKG_DSN", "postgres://x/y")
+        ])
+        .is_ok()
+    );
+}
+
+#[tokio::test]
+async fn migrate_creates_the_schema_and_the_jobs_verbs_read_it() {
+    let db = TestDb::new().await;
+    let fresh = format!("{}_empty", db.name);
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {fresh}")))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let url = format!("{}/{fresh}", admin_url().rsplit_once('/').unwrap().0);
+    let env = [("ACTIVEKG_DSN", url.as_str()), ("CONNECTOR_KEK_V1", KEK)];
+    let out = run(&["migrate"], &env);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let again = run(&["migrate"], &env);
+    assert_eq!(again.status.code(), Some(0), "migrating twice is a no-op");
+    let queues = run(&["jobs", "queues"], &env);
+    assert_eq!(queues.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&queues.stdout).contains("QUEUE"));
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE {fresh} WITH (FORCE)"
+    )))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn serve_stops_cleanly_on_sigterm() {
+    let db = TestDb::new().await;
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = tokio::process::Command::new(BIN)
+        .arg("serve")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("ACTIVEKG_DSN", &db.url)
+        .env("CONNECTOR_KEK_V1", KEK)
+        .env("ACTIVEKG_LISTEN", &listen)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let client = reqwest::Client::new();
+    eventually(
+        Duration::from_secs(20),
+        "the server to be ready",
+        || async {
+            let response = client
+                .get(format!("http://{listen}/readyz"))
+                .send()
+                .await
+                .ok()?;
+            (response.status() == 200).then_some(())
+        },
+    )
+    .await;
+    let pid = child.id().unwrap().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("exits within 15 s")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    let workers: i64 = sqlx::query_scalar("SELECT count(*) FROM job_workers")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(workers, 0, "the worker row was removed on the way out");
+    db.drop_db().await;
+}

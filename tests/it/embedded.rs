@@ -1,0 +1,102 @@
+//! The zero-configuration database: a private PostgreSQL cluster started from the machine's binaries when
+//! no server is found. Slow (initdb), so each path runs once.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use activekg::store::embedded;
+
+use crate::helpers::eventually;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test]
+async fn a_private_cluster_starts_is_adopted_by_a_second_process_and_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let cluster = embedded::start_private(dir.path(), port)
+        .await
+        .expect("the private cluster starts");
+    assert!(!cluster.is_adopted());
+    assert!(cluster.data_dir().join("PG_VERSION").exists());
+    let url = cluster.url("activekg");
+    assert!(
+        embedded::can_connect(&url).await,
+        "its activekg database accepts connections"
+    );
+
+    // A second start (a restarted process finding the first one's cluster) adopts it.
+    let adopted = embedded::start_private(dir.path(), port).await.unwrap();
+    assert!(adopted.is_adopted());
+    drop(adopted);
+
+    cluster.stop().await.expect("the cluster stops");
+    assert!(
+        !embedded::can_connect(&url).await,
+        "nothing listens after stop"
+    );
+}
+
+#[tokio::test]
+async fn serve_without_any_configuration_runs_on_a_private_cluster_and_stops_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (api_port, pg_port, dead_port) = (free_port(), free_port(), free_port());
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_activekg"))
+        .arg("serve")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("ACTIVEKG_LISTEN", format!("127.0.0.1:{api_port}"))
+        .env("ACTIVEKG_DATA_DIR", dir.path())
+        // Nothing answers here, standing in for a machine without a running server.
+        .env("ACTIVEKG_LOCAL_PG_PORT", dead_port.to_string())
+        .env("ACTIVEKG_EMBEDDED_PG_PORT", pg_port.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let client = reqwest::Client::new();
+    let health: serde_json::Value = eventually(
+        Duration::from_secs(60),
+        "the service to answer /health",
+        || async {
+            let response = client
+                .get(format!("http://127.0.0.1:{api_port}/health"))
+                .send()
+                .await
+                .ok()?;
+            let body: serde_json::Value = response.json().await.ok()?;
+            (body["database"]["migrated"] == true).then_some(body)
+        },
+    )
+    .await;
+    assert_eq!(health["status"], "ok");
+    let pg_url = format!("postgres://activekg@127.0.0.1:{pg_port}/activekg");
+    assert!(embedded::can_connect(&pg_url).await);
+
+    let pid = child.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    let output = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{log}");
+    assert!(
+        log.contains("private PostgreSQL cluster"),
+        "the log says which database it used:\n{log}"
+    );
+    assert!(
+        !embedded::can_connect(&pg_url).await,
+        "the private cluster was stopped on shutdown"
+    );
+}

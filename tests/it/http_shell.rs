@@ -1,0 +1,301 @@
+//! The HTTP shell: health, readiness, metrics, admin auth, body limits, the JSON error shape, request ids,
+//! OpenAPI and Swagger UI.
+
+use activekg::app::Roles;
+use serde_json::{Value, json};
+
+use crate::helpers::{ADMIN_TOKEN, TestApp, TestDb, assert_error, settings};
+
+#[tokio::test]
+async fn health_reports_version_uptime_and_a_reachable_migrated_database() {
+    let app = TestApp::spawn().await;
+    let response = app.get("/health").await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["status"], "ok");
+    assert_eq!(body["version"], env!("CARGO_PKG_VERSION"));
+    assert!(body["uptime_seconds"].is_u64());
+    assert_eq!(body["database"]["reachable"], true);
+    assert_eq!(body["database"]["migrated"], true);
+    let ready = app.get("/readyz").await;
+    assert_eq!(ready.status(), 200);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn readyz_answers_503_while_the_database_is_unreachable() {
+    let db = TestDb::new().await;
+    let mut unreachable = settings(
+        &db,
+        &[("ACTIVEKG_DSN", "postgres://postgres@127.0.0.1:9/nowhere")],
+    );
+    unreachable.pool_size = 2;
+    let app = TestApp::start(db, unreachable, Roles::all()).await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let message = assert_error(app.get("/readyz").await, 503, "not_ready").await;
+    assert!(message.contains("migrations"), "{message}");
+    let health: Value = app.get("/health").await.json().await.unwrap();
+    assert_eq!(
+        health["status"], "degraded",
+        "health still answers, and says what is wrong: {health}"
+    );
+    assert_eq!(health["database"]["reachable"], false);
+    assert!(health["database"]["error"].is_string());
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn admin_routes_answer_401_without_the_token_or_with_a_wrong_one() {
+    let app = TestApp::spawn().await;
+    let response = app.get("/_admin/jobs").await;
+    assert_eq!(response.headers()["www-authenticate"], "Bearer");
+    assert_error(response, 401, "unauthorized").await;
+    let wrong = app
+        .client
+        .get(app.url("/_admin/jobs"))
+        .bearer_auth("not-the-token-at-all-000")
+        .send()
+        .await
+        .unwrap();
+    assert_error(wrong, 401, "unauthorized").await;
+    let prefix = app
+        .client
+        .get(app.url("/_admin/config"))
+        .bearer_auth(&ADMIN_TOKEN[..ADMIN_TOKEN.len() - 1])
+        .send()
+        .await
+        .unwrap();
+    assert_error(prefix, 401, "unauthorized").await;
+    assert_eq!(app.admin_get("/_admin/jobs").await.status(), 200);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn without_admin_token_admin_routes_refuse_unless_the_dev_flag_opens_them() {
+    let closed = TestApp::spawn_with(&[("ADMIN_TOKEN", "")], Roles::all()).await;
+    let message = assert_error(
+        closed.admin_get("/_admin/config").await,
+        403,
+        "admin_disabled",
+    )
+    .await;
+    assert!(
+        message.contains("ADMIN_TOKEN"),
+        "the refusal says how to fix it: {message}"
+    );
+    closed.stop().await;
+
+    let open = TestApp::spawn_with(
+        &[
+            ("ADMIN_TOKEN", ""),
+            ("ACTIVEKG_ADMIN_AUTH_DISABLED", "true"),
+        ],
+        Roles::all(),
+    )
+    .await;
+    assert_eq!(open.get("/_admin/config").await.status(), 200);
+    open.stop().await;
+}
+
+#[tokio::test]
+async fn a_body_over_the_limit_is_refused_with_413_in_the_json_shape() {
+    let app = TestApp::spawn_with(&[("ACTIVEKG_MAX_BODY_BYTES", "2048")], Roles::all()).await;
+    let big = json!({ "kind": "x".repeat(4096), "all": true });
+    let message = assert_error(
+        app.admin_post("/_admin/jobs/dlq/purge", &big).await,
+        413,
+        "payload_too_large",
+    )
+    .await;
+    assert!(message.contains("larger"), "{message}");
+    let small = json!({ "kind": "nothing-matches" });
+    assert_eq!(
+        app.admin_post("/_admin/jobs/dlq/purge", &small)
+            .await
+            .status(),
+        200
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn every_error_has_the_same_json_shape() {
+    let app = TestApp::spawn().await;
+    let message = assert_error(app.get("/no/such/route").await, 404, "not_found").await;
+    assert!(message.contains("/no/such/route"));
+    let delete = app.client.delete(app.url("/health")).send().await.unwrap();
+    assert_error(delete, 405, "method_not_allowed").await;
+    let unknown_field = app
+        .admin_post(
+            "/_admin/jobs/dlq/replay",
+            &json!({ "kind": "x", "colour": "red" }),
+        )
+        .await;
+    let message = assert_error(unknown_field, 422, "invalid_request").await;
+    assert!(
+        message.contains("colour"),
+        "the error names the unknown field: {message}"
+    );
+    let malformed = app
+        .client
+        .post(app.url("/_admin/jobs/dlq/replay"))
+        .bearer_auth(ADMIN_TOKEN)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_error(malformed, 400, "bad_request").await;
+    let no_type = app
+        .client
+        .post(app.url("/_admin/jobs/dlq/replay"))
+        .bearer_auth(ADMIN_TOKEN)
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_error(no_type, 415, "unsupported_media_type").await;
+    assert_error(
+        app.admin_get("/_admin/jobs/not-a-number").await,
+        400,
+        "bad_request",
+    )
+    .await;
+    let message = assert_error(
+        app.admin_get("/_admin/jobs?limit=0").await,
+        422,
+        "invalid_request",
+    )
+    .await;
+    assert!(message.contains("limit"), "{message}");
+    assert_error(
+        app.admin_get("/_admin/jobs/987654321").await,
+        404,
+        "not_found",
+    )
+    .await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn every_response_carries_a_request_id_and_a_given_one_is_kept() {
+    let app = TestApp::spawn().await;
+    let generated = app.get("/health").await;
+    let id = generated.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(id.len(), 36, "a UUID: {id}");
+    let given = app
+        .client
+        .get(app.url("/health"))
+        .header("x-request-id", "trace-me-123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(given.headers()["x-request-id"], "trace-me-123");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_are_prometheus_text_with_request_counters_and_database_gauges() {
+    let app = TestApp::spawn().await;
+    app.get("/health").await;
+    let response = app.get("/metrics").await;
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain; version=0.0.4")
+    );
+    let text = response.text().await.unwrap();
+    assert!(
+        text.contains(r#"http_requests_total{method="GET",route="/health",status="200"}"#),
+        "{text}"
+    );
+    assert!(
+        text.contains("# TYPE http_request_duration_seconds histogram"),
+        "{text}"
+    );
+    // Sampled from the database at scrape: this app's own worker process is alive.
+    assert!(text.contains("activekg_job_workers_alive{host="), "{text}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_config_endpoint_shows_effective_settings_without_secrets() {
+    let app =
+        TestApp::spawn_with(&[("PUBSUB_VERIFY_SECRET", "shh-very-secret")], Roles::all()).await;
+    let config = app.admin_json("/_admin/config").await;
+    assert_eq!(config["PURGER_RETENTION_DAYS"], "30");
+    assert_eq!(config["PUBSUB_VERIFY_SECRET"], "<set>");
+    assert_eq!(config["CONNECTOR_KEK_VERSIONS"], "V1");
+    let text = config.to_string();
+    for secret in [
+        "shh-very-secret",
+        ADMIN_TOKEN,
+        crate::helpers::KEK,
+        &app.db.name,
+    ] {
+        assert!(!text.contains(secret), "{secret} leaked: {text}");
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_committed_openapi_document_matches_the_code() {
+    let generated = activekg::api::openapi().to_pretty_json().unwrap();
+    let committed =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi/openapi.json"))
+            .unwrap_or_default();
+    assert!(
+        committed.trim_end() == generated.trim_end(),
+        "openapi/openapi.json is out of date with the code. Regenerate it with:\n\n    cargo run -- openapi > openapi/openapi.json\n"
+    );
+    let spec: Value = serde_json::from_str(&generated).unwrap();
+    for path in [
+        "/health",
+        "/readyz",
+        "/metrics",
+        "/_admin/jobs",
+        "/_admin/jobs/{id}",
+        "/_admin/jobs/dlq/replay",
+        "/_admin/queues",
+    ] {
+        assert!(spec["paths"][path].is_object(), "{path} is in the spec");
+    }
+    assert_eq!(
+        spec["components"]["securitySchemes"]["admin_token"]["scheme"],
+        "bearer"
+    );
+    assert!(
+        spec["paths"]["/_admin/jobs"]["get"]["security"].is_array(),
+        "admin routes declare the bearer scheme"
+    );
+}
+
+#[tokio::test]
+async fn swagger_ui_and_the_spec_are_served_without_network_access() {
+    let app = TestApp::spawn().await;
+    let page = app.get("/docs/").await;
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.unwrap().contains("swagger-ui"));
+    let bundle = app.get("/docs/swagger-ui-bundle.js").await;
+    assert_eq!(bundle.status(), 200);
+    assert!(
+        bundle.text().await.unwrap().len() > 100_000,
+        "the bundle is embedded, not fetched from a CDN"
+    );
+    let initializer = app
+        .get("/docs/swagger-initializer.js")
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(initializer.contains("/openapi.json"), "{initializer}");
+    let served: Value = app.get("/openapi.json").await.json().await.unwrap();
+    let generated: Value = serde_json::to_value(activekg::api::openapi()).unwrap();
+    assert_eq!(served, generated);
+    app.stop().await;
+}

@@ -1,0 +1,128 @@
+//! Crash safety with real processes: a worker killed with SIGKILL mid-job, and a job that kills every
+//! worker that runs it.
+
+use std::time::{Duration, Instant};
+
+use activekg::domain::{JobId, JobState};
+use activekg::jobs::engine::{self, Runtime, Scheduler, admin};
+use activekg::jobs::{self, maintenance};
+use tokio_util::sync::CancellationToken;
+
+use crate::helpers::{TestDb, child_ready, eventually, fast_job_settings, spawn_child};
+use crate::kinds::{Behavior, Probe, create_probe_tables, run_probe};
+
+#[tokio::test]
+async fn a_job_whose_worker_is_killed_is_picked_up_again_and_completes() {
+    let db = TestDb::new().await;
+    create_probe_tables(&db.pool).await;
+    let mut conn = db.pool.acquire().await.unwrap();
+    let id = engine::enqueue(&mut conn, &Probe::new("victim", Behavior::HangFirstAttempt))
+        .await
+        .unwrap()
+        .id
+        .unwrap();
+    drop(conn);
+
+    let mut child = spawn_child("worker", &db.url, &[]);
+    let (child_worker, _lines) = child_ready(&mut child).await;
+    eventually(
+        Duration::from_secs(10),
+        "the child to be running the job",
+        || async {
+            let record = admin::get(&db.pool, id).await.unwrap();
+            (record.state == JobState::Running
+                && record.locked_by.as_deref() == Some(child_worker.as_str()))
+            .then_some(())
+        },
+    )
+    .await;
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    let killed_at = Instant::now();
+
+    // A healthy replica: workers for the kind plus the maintenance schedules, as `serve` runs them.
+    let settings = fast_job_settings();
+    let mut runtime = Runtime::new(db.pool.clone(), settings.clone());
+    runtime.register(db.pool.clone(), run_probe);
+    jobs::register(&mut runtime, &db.pool, &settings, None);
+    let workers = runtime.start().await.unwrap();
+    let mut scheduler = Scheduler::new(db.pool.clone());
+    jobs::schedule(&mut scheduler, &settings);
+    let stop = CancellationToken::new();
+    let schedules = scheduler.start(stop.clone()).await.unwrap();
+
+    let done = eventually(
+        Duration::from_secs(30),
+        "the job to complete after the rescue",
+        || async {
+            let record = admin::get(&db.pool, id).await.unwrap();
+            (record.state == JobState::Completed).then_some(record)
+        },
+    )
+    .await;
+    let recovered_in = killed_at.elapsed();
+    stop.cancel();
+    schedules.await.unwrap();
+    workers.shutdown().await;
+
+    assert_eq!(done.attempt, 2, "the killed attempt counted");
+    assert_eq!(done.errors.len(), 1);
+    assert_eq!(done.errors[0].class, "crash");
+    assert_eq!(
+        done.errors[0].worker.as_deref(),
+        Some(child_worker.as_str())
+    );
+    // Orphan timeout 2 s, rescue every second: well inside the 60 s the default settings promise.
+    assert!(
+        recovered_in < Duration::from_secs(10),
+        "recovered after {recovered_in:?}"
+    );
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn a_job_that_kills_every_worker_is_dead_after_its_attempts() {
+    let db = TestDb::new().await;
+    create_probe_tables(&db.pool).await;
+    let mut conn = db.pool.acquire().await.unwrap();
+    let id = engine::enqueue(&mut conn, &Probe::new("killer", Behavior::Abort))
+        .await
+        .unwrap()
+        .id
+        .unwrap();
+    drop(conn);
+    let orphan_timeout = fast_job_settings().orphan_timeout;
+
+    let mut workers_killed = 0;
+    let dead = loop {
+        assert!(
+            workers_killed < 6,
+            "the job was still not dead after killing {workers_killed} workers"
+        );
+        let mut child = spawn_child("worker", &db.url, &[]);
+        let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+            .await
+            .expect("the job kills its worker")
+            .unwrap();
+        assert!(!status.success(), "the worker died");
+        workers_killed += 1;
+        tokio::time::sleep(orphan_timeout + Duration::from_millis(200)).await;
+        maintenance::rescue_orphans(&db.pool, orphan_timeout)
+            .await
+            .unwrap();
+        let record = admin::get(&db.pool, JobId(id.0)).await.unwrap();
+        if record.state == JobState::Dead {
+            break record;
+        }
+        assert_eq!(
+            record.state,
+            JobState::Pending,
+            "a rescued job runs again at once"
+        );
+    };
+    assert_eq!(workers_killed, 3, "max_attempts is 3");
+    assert_eq!(dead.attempt, 3);
+    let classes: Vec<&str> = dead.errors.iter().map(|e| e.class.as_str()).collect();
+    assert_eq!(classes, ["crash", "crash", "crash"]);
+    db.drop_db().await;
+}

@@ -1,0 +1,200 @@
+//! Job kinds that exist only in tests: they record each attempt in `test_events` and behave as told.
+
+use std::time::Duration;
+
+use activekg::jobs::engine::{Backoff, Job, JobContext, JobError, Policy, Uniqueness};
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+
+/// How a probe attempt behaves.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Behavior {
+    /// Succeed at once.
+    Succeed,
+    /// Fail transiently on the first `times` attempts (asking for `retry_after_ms` if given), then succeed.
+    Fail {
+        times: u32,
+        retry_after_ms: Option<u64>,
+    },
+    /// Fail permanently.
+    Permanent,
+    /// Fail permanently until the test marks the label fixed in `test_fixed`, then succeed.
+    FailUntilFixed,
+    /// Sleep, then succeed.
+    Sleep { ms: u64 },
+    /// Block forever on the first attempt; succeed on later ones.
+    HangFirstAttempt,
+    /// Kill the whole process (a worker-killing job).
+    Abort,
+    /// Panic.
+    Panic,
+}
+
+/// The test kind: one slot, three attempts, 1.5 s backoff without jitter.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Probe {
+    pub label: String,
+    pub behavior: Behavior,
+    #[serde(default)]
+    pub key: Option<String>,
+    #[serde(default)]
+    pub tenant: Option<String>,
+}
+
+impl Probe {
+    pub fn new(label: &str, behavior: Behavior) -> Self {
+        Self {
+            label: label.to_owned(),
+            behavior,
+            key: None,
+            tenant: None,
+        }
+    }
+}
+
+impl Job for Probe {
+    const KIND: &'static str = "test_probe";
+
+    fn policy() -> Policy {
+        Policy {
+            max_attempts: 3,
+            backoff: Backoff {
+                jitter: 0.0,
+                ..Backoff::exponential(Duration::from_millis(1500), 2.0, Duration::from_secs(10))
+            },
+            timeout: Duration::from_secs(20),
+            concurrency: 1,
+            uniqueness: Uniqueness::Retained,
+            ..Policy::new("test")
+        }
+    }
+
+    fn unique_key(&self) -> Option<String> {
+        self.key.clone()
+    }
+
+    fn tenant_id(&self) -> Option<&str> {
+        self.tenant.as_deref()
+    }
+}
+
+/// A kind that does nothing, eight at a time (throughput and latency checks).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Noop {
+    pub n: u32,
+}
+
+impl Job for Noop {
+    const KIND: &'static str = "test_noop";
+
+    fn policy() -> Policy {
+        Policy {
+            concurrency: 8,
+            ..Policy::new("test")
+        }
+    }
+}
+
+/// What a scheduled test job carries.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Tick {
+    pub tick: chrono::DateTime<chrono::Utc>,
+}
+
+impl Job for Tick {
+    const KIND: &'static str = "test_tick";
+
+    fn policy() -> Policy {
+        Policy::new("test")
+    }
+}
+
+/// Creates the tables probes write to.
+pub async fn create_probe_tables(pool: &PgPool) {
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS test_events (
+             id bigserial PRIMARY KEY, job_id bigint NOT NULL, label text NOT NULL, attempt int NOT NULL,
+             event text NOT NULL, at timestamptz NOT NULL DEFAULT clock_timestamp())",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    sqlx::query("CREATE TABLE IF NOT EXISTS test_fixed (label text PRIMARY KEY)")
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+async fn record(pool: &PgPool, cx: &JobContext<PgPool>, label: &str, event: &str) {
+    sqlx::query("INSERT INTO test_events (job_id, label, attempt, event) VALUES ($1, $2, $3, $4)")
+        .bind(cx.id.0)
+        .bind(label)
+        .bind(cx.attempt as i32)
+        .bind(event)
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+/// The probe handler.
+pub async fn run_probe(job: Probe, cx: JobContext<PgPool>) -> Result<(), JobError> {
+    let pool = cx.state.clone();
+    record(&pool, &cx, &job.label, "start").await;
+    let result = match job.behavior {
+        Behavior::Succeed => Ok(()),
+        Behavior::Fail {
+            times,
+            retry_after_ms,
+        } if cx.attempt <= times => Err(match retry_after_ms {
+            Some(ms) => JobError::retry_after(
+                Duration::from_millis(ms),
+                format!("failing attempt {}", cx.attempt),
+            ),
+            None => JobError::transient(format!("failing attempt {}", cx.attempt)),
+        }),
+        Behavior::Fail { .. } => Ok(()),
+        Behavior::Permanent => Err(JobError::permanent(
+            "test_permanent",
+            "this input can never work",
+        )),
+        Behavior::FailUntilFixed => {
+            let fixed: bool =
+                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM test_fixed WHERE label = $1)")
+                    .bind(&job.label)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+            if fixed {
+                Ok(())
+            } else {
+                Err(JobError::permanent(
+                    "not_fixed",
+                    "the test has not fixed this yet",
+                ))
+            }
+        }
+        Behavior::Sleep { ms } => {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok(())
+        }
+        Behavior::HangFirstAttempt if cx.attempt == 1 => {
+            std::future::pending::<()>().await;
+            Ok(())
+        }
+        Behavior::HangFirstAttempt => Ok(()),
+        Behavior::Abort => std::process::abort(),
+        Behavior::Panic => panic!("probe {} panicked on purpose", job.label),
+    };
+    record(
+        &pool,
+        &cx,
+        &job.label,
+        if result.is_ok() { "done" } else { "fail" },
+    )
+    .await;
+    result
+}
+
+pub async fn run_noop(_: Noop, _: JobContext<PgPool>) -> Result<(), JobError> {
+    Ok(())
+}

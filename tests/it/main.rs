@@ -1,0 +1,16 @@
+//! The integration tests: one binary, each test on its own database, against the real PostgreSQL.
+
+// Helpers are `pub` for sibling modules; this binary exports nothing.
+#![allow(unreachable_pub)]
+
+mod helpers;
+mod kinds;
+
+mod children;
+mod cli;
+mod embedded;
+mod http_shell;
+mod jobs_admin_api;
+mod jobs_crash;
+mod jobs_engine;
+mod jobs_schedule;
