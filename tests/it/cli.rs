@@ -1,9 +1,9 @@
 //! The `activekg` binary: usage, exit codes, one-shot commands, and graceful shutdown on SIGTERM.
 
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::Duration;
 
-use crate::helpers::{KEK, TestDb, admin_url, eventually};
+use crate::helpers::{KEK, TestDb, admin_url, eventually, free_port, spawn_serve, terminate};
 
 const BIN: &str = env!("CARGO_BIN_EXE_activekg");
 
@@ -18,14 +18,6 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
         command.env(key, value);
     }
     command.output().unwrap()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[test]
@@ -148,20 +140,12 @@ async fn migrate_creates_the_schema_and_the_jobs_verbs_read_it() {
 #[tokio::test]
 async fn serve_stops_cleanly_on_sigterm() {
     let db = TestDb::new().await;
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let mut child = tokio::process::Command::new(BIN)
-        .arg("serve")
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("ACTIVEKG_DSN", &db.url)
-        .env("CONNECTOR_KEK_V1", KEK)
-        .env("ACTIVEKG_LISTEN", &listen)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let child = spawn_serve(&[
+        ("ACTIVEKG_DSN", db.url.clone()),
+        ("CONNECTOR_KEK_V1", KEK.to_owned()),
+        ("ACTIVEKG_LISTEN", listen.clone()),
+    ]);
     let client = reqwest::Client::new();
     eventually(
         Duration::from_secs(20),
@@ -176,19 +160,17 @@ async fn serve_stops_cleanly_on_sigterm() {
         },
     )
     .await;
-    let pid = child.id().unwrap().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+    terminate(&child);
+    let output = tokio::time::timeout(Duration::from_secs(15), child.wait_with_output())
         .await
         .expect("exits within 15 s")
         .unwrap();
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let workers: i64 = sqlx::query_scalar("SELECT count(*) FROM job_workers")
         .fetch_one(&db.pool)
         .await

@@ -1,20 +1,11 @@
 //! The zero-configuration database: a private PostgreSQL cluster started from the machine's binaries when
 //! no server is found. Slow (initdb), so each path runs once.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use activekg::store::embedded;
 
-use crate::helpers::eventually;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use crate::helpers::{eventually, free_port, spawn_serve, terminate};
 
 #[tokio::test]
 async fn a_private_cluster_starts_is_adopted_by_a_second_process_and_stops() {
@@ -47,20 +38,13 @@ async fn a_private_cluster_starts_is_adopted_by_a_second_process_and_stops() {
 async fn serve_without_any_configuration_runs_on_a_private_cluster_and_stops_it() {
     let dir = tempfile::tempdir().unwrap();
     let (api_port, pg_port, dead_port) = (free_port(), free_port(), free_port());
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_activekg"))
-        .arg("serve")
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("ACTIVEKG_LISTEN", format!("127.0.0.1:{api_port}"))
-        .env("ACTIVEKG_DATA_DIR", dir.path())
+    let child = spawn_serve(&[
+        ("ACTIVEKG_LISTEN", format!("127.0.0.1:{api_port}")),
+        ("ACTIVEKG_DATA_DIR", dir.path().display().to_string()),
         // Nothing answers here, standing in for a machine without a running server.
-        .env("ACTIVEKG_LOCAL_PG_PORT", dead_port.to_string())
-        .env("ACTIVEKG_EMBEDDED_PG_PORT", pg_port.to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+        ("ACTIVEKG_LOCAL_PG_PORT", dead_port.to_string()),
+        ("ACTIVEKG_EMBEDDED_PG_PORT", pg_port.to_string()),
+    ]);
     let client = reqwest::Client::new();
     let health: serde_json::Value = eventually(
         Duration::from_secs(60),
@@ -80,11 +64,7 @@ async fn serve_without_any_configuration_runs_on_a_private_cluster_and_stops_it(
     let pg_url = format!("postgres://activekg@127.0.0.1:{pg_port}/activekg");
     assert!(embedded::can_connect(&pg_url).await);
 
-    let pid = child.id().unwrap().to_string();
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
+    terminate(&child);
     let output = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
         .await
         .unwrap()

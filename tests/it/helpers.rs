@@ -386,3 +386,38 @@ pub fn spawn_child(role: &str, db_url: &str, extra_env: &[(&str, &str)]) -> toki
     }
     command.spawn().expect("the test binary can re-run itself")
 }
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `activekg serve` as a child process with exactly `env` (plus PATH); stderr is piped for the test to read.
+pub fn spawn_serve(env: &[(&str, String)]) -> tokio::process::Child {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_activekg"));
+    command
+        .arg("serve")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    command.spawn().expect("the activekg binary starts")
+}
+
+/// Sends SIGTERM to a child process.
+pub fn terminate(child: &tokio::process::Child) {
+    let pid = child.id().expect("the child is running").to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(sent.success(), "SIGTERM was delivered");
+}

@@ -14,3 +14,4 @@ mod jobs_admin_api;
 mod jobs_crash;
 mod jobs_engine;
 mod jobs_schedule;
+mod migrations;
