@@ -16,7 +16,9 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{self, ApiState};
 use crate::cli::{Command, JobsAction};
 use crate::config::{DatabaseSource, Settings};
+use crate::crypto::Keyring;
 use crate::jobs::{self, engine::Runtime, engine::RuntimeHandle, engine::Scheduler};
+use crate::registry::Registry;
 use crate::store::{self, embedded};
 
 /// Which roles a process runs.
@@ -180,13 +182,14 @@ impl Background {
     /// Starts what `roles` asks for; on error, whatever did start is still stopped by [`Background::stop`].
     async fn start(
         &mut self,
-        pool: &PgPool,
+        deps: &jobs::Deps,
         settings: &Settings,
         roles: &Roles,
     ) -> Result<(), AppError> {
+        let pool = &deps.pool;
         if roles.worker {
             let mut runtime = Runtime::new(pool.clone(), settings.jobs.clone());
-            jobs::register(&mut runtime, pool, &settings.jobs, roles.queues.as_deref());
+            jobs::register(&mut runtime, deps, roles.queues.as_deref());
             let handle = runtime
                 .start()
                 .await
@@ -229,7 +232,21 @@ pub async fn run(
     listener: Option<TcpListener>,
     shutdown: CancellationToken,
 ) -> Result<(), AppError> {
-    let state = ApiState::new(pool.clone(), settings.clone());
+    let kek = settings.kek.as_ref().ok_or_else(|| {
+        AppError::Config(
+            "CONNECTOR_KEK_V1 is missing: connector secrets cannot be encrypted".to_owned(),
+        )
+    })?;
+    let keyring = Keyring::new(kek).map_err(AppError::Config)?;
+    let registry = Arc::new(Registry::new(pool.clone(), Arc::new(keyring)));
+    let listener_stop = CancellationToken::new();
+    let config_listener = registry.listen_for_changes(listener_stop.clone());
+    let deps = jobs::Deps {
+        pool: pool.clone(),
+        settings: settings.jobs.clone(),
+        registry: registry.clone(),
+    };
+    let state = ApiState::new(pool.clone(), settings.clone(), registry);
     let server = match (roles.api, listener) {
         (true, Some(listener)) => {
             let addr: Option<SocketAddr> = listener.local_addr().ok();
@@ -259,7 +276,7 @@ pub async fn run(
         Ok(true) => {
             state.migrated.store(true, Ordering::SeqCst);
             tracing::info!("database schema is up to date");
-            background.start(&pool, &settings, &roles).await
+            background.start(&deps, &settings, &roles).await
         }
         Ok(false) => Ok(()),
         Err(err) => Err(err),
@@ -271,6 +288,8 @@ pub async fn run(
     }
     tracing::info!("shutting down");
     background.stop().await;
+    listener_stop.cancel();
+    let _ = config_listener.await;
     if let Some(server) = server {
         match server.await {
             Ok(Ok(())) => {}
@@ -299,6 +318,7 @@ pub async fn run_process(
         None
     };
     let database = open_database(&settings).await?;
+    let settings = with_development_key(settings)?;
     let pool = store::pool(&database.url, settings.pool_size).map_err(|e| {
         AppError::Config(format!("ACTIVEKG_DSN is not a usable PostgreSQL URL: {e}"))
     })?;
@@ -499,6 +519,47 @@ async fn jobs_verb(pool: PgPool, settings: Settings, action: JobsAction) -> Resu
         }
     }
     Ok(())
+}
+
+/// Without any key-encryption key (only the embedded default allows that), uses a development key kept
+/// in the data directory, so the zero-configuration quickstart can store connector secrets.
+fn with_development_key(settings: Arc<Settings>) -> Result<Arc<Settings>, AppError> {
+    let DatabaseSource::Embedded { data_dir, .. } = &settings.database else {
+        return Ok(settings);
+    };
+    if settings.kek.is_some() {
+        return Ok(settings);
+    }
+    let path = data_dir.join("dev-kek");
+    let key = match std::fs::read_to_string(&path) {
+        Ok(key) => key.trim().to_owned(),
+        Err(_) => {
+            let key = crate::config::generate_fernet_key();
+            std::fs::create_dir_all(data_dir)
+                .and_then(|()| std::fs::write(&path, &key))
+                .and_then(|()| {
+                    std::fs::set_permissions(
+                        &path,
+                        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+                    )
+                })
+                .map_err(|e| {
+                    AppError::Unavailable(format!(
+                        "cannot store a development key in {}: {e}",
+                        path.display()
+                    ))
+                })?;
+            key
+        }
+    };
+    tracing::warn!(file = %path.display(),
+        "no CONNECTOR_KEK_V1: encrypting connector secrets with a development key from this file; set CONNECTOR_KEK_V1 in production");
+    let mut settings = (*settings).clone();
+    settings.kek = Some(crate::config::KeyEncryptionKeys {
+        keys: [(1, crate::config::Secret::new(key))].into_iter().collect(),
+        active_version: 1,
+    });
+    Ok(Arc::new(settings))
 }
 
 /// Cancels `token` on SIGINT or SIGTERM; a second signal exits at once.

@@ -12,7 +12,8 @@ use std::time::Duration;
 use base64::Engine as _;
 
 /// A value that must never be printed: `Debug` shows `"<redacted>"` and there is no `Display`.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(transparent)]
 pub struct Secret(String);
 
 impl Secret {

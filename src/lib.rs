@@ -7,16 +7,22 @@
 //! - [`cli`]: the command line (`serve`, `api`, `worker`, `scheduler`, `migrate`, `openapi`, admin verbs).
 //! - [`api`]: HTTP resources, OpenAPI and Swagger UI, auth, the one JSON error shape.
 //! - [`jobs`]: the durable job engine ([`jobs::engine`]) and one file per job kind.
+//! - [`registry`]: tenants' connector configurations: validated, sealed at rest, redacted, cached.
 //! - [`store`]: all SQL: the pool, migrations, and queries per table family; the embedded database default.
-//! - [`domain`]: pure types: ids, states.
+//! - [`connectors`]: per-provider configuration (and the object sources).
+//! - [`crypto`]: the versioned Fernet keyring, sealed fields, rotation as a pure function.
+//! - [`domain`]: pure types: ids, providers, states.
 //! - [`config`], [`error`], [`metrics`]: settings from the environment, the error taxonomy, every metric.
 
 pub mod api;
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod connectors;
+pub mod crypto;
 pub mod domain;
 pub mod error;
 pub mod jobs;
 pub mod metrics;
+pub mod registry;
 pub mod store;

@@ -50,6 +50,12 @@ pub struct Metrics {
     pub workers_alive: IntGaugeVec,
     /// Schedule ticks this process fired (each tick is fired by exactly one process), by schedule.
     pub schedule_ticks_fired: IntCounterVec,
+    /// Key rotation outcomes per connector row: rotated, skipped (nothing to re-encrypt), error.
+    pub rotation: IntCounterVec,
+    /// Connector secrets that did not decrypt, by provider and field.
+    pub config_decrypt_failures: IntCounterVec,
+    /// Reconnects of long-lived listeners (`config_cache`, and the GCS subscriber), by source.
+    pub pubsub_reconnects: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -169,6 +175,21 @@ impl Metrics {
                 "activekg_schedule_ticks_fired_total",
                 "Schedule ticks this process fired (one process fires each tick), by schedule.",
                 &["schedule"],
+            )?,
+            rotation: counter(
+                "connector_rotation_total",
+                "Connector config rows processed by key rotation, by result (rotated, skipped, error).",
+                &["result"],
+            )?,
+            config_decrypt_failures: counter(
+                "connector_config_decrypt_failures_total",
+                "Connector config secrets that did not decrypt, by provider and field.",
+                &["provider", "field"],
+            )?,
+            pubsub_reconnects: counter(
+                "connector_pubsub_reconnect_total",
+                "Reconnects of long-lived subscriptions (config cache listener, GCS subscriber), by source.",
+                &["source"],
             )?,
             registry,
         })

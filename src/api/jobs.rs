@@ -69,6 +69,9 @@ pub struct JobView {
     pub provider: Option<String>,
     /// Its idempotency key, while it holds one.
     pub unique_key: Option<String>,
+    /// What it has done so far (long jobs such as key rotation checkpoint it), or its final result.
+    #[schema(value_type = Option<Object>)]
+    pub progress: Option<serde_json::Value>,
 }
 
 /// One failed or interrupted attempt.
@@ -122,6 +125,7 @@ impl From<JobRecord> for JobView {
             tenant_id: j.tenant_id,
             provider: j.provider,
             unique_key: j.unique_key,
+            progress: j.progress,
         }
     }
 }

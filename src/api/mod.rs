@@ -5,6 +5,7 @@
 //! Only this room imports axum and utoipa. Handlers stay thin: extract, call one domain function, map.
 
 pub mod auth;
+pub mod connectors;
 pub mod error;
 pub mod health;
 pub mod jobs;
@@ -31,6 +32,7 @@ use utoipa_swagger_ui::SwaggerUi;
 use crate::config::Settings;
 use crate::jobs::engine::stats::GaugeSampler;
 use crate::metrics::metrics;
+use crate::registry::Registry;
 use error::ApiError;
 
 /// What handlers share.
@@ -46,14 +48,17 @@ pub struct ApiState {
     pub migrated: Arc<AtomicBool>,
     /// Queue gauges, refreshed on scrape.
     pub gauges: Arc<GaugeSampler>,
+    /// Connector configurations.
+    pub registry: Arc<Registry>,
 }
 
 impl ApiState {
     /// State for a process that has not migrated yet.
-    pub fn new(pool: PgPool, settings: Arc<Settings>) -> Self {
+    pub fn new(pool: PgPool, settings: Arc<Settings>, registry: Arc<Registry>) -> Self {
         Self {
             pool,
             settings,
+            registry,
             started: Instant::now(),
             migrated: Arc::new(AtomicBool::new(false)),
             gauges: Arc::new(GaugeSampler::new(Duration::from_secs(5))),
@@ -72,6 +77,7 @@ impl ApiState {
     tags(
         (name = "system", description = "Health, readiness, metrics and configuration"),
         (name = "jobs", description = "Durable jobs: inspection, retry, cancel, dead-letter queue, queue statistics"),
+        (name = "connectors", description = "Connector configurations (secrets encrypted, never returned) and key rotation"),
     )
 )]
 struct ApiDoc;
@@ -98,6 +104,7 @@ fn resources() -> OpenApiRouter<ApiState> {
         .merge(health::router())
         .merge(settings::router())
         .merge(jobs::router())
+        .merge(connectors::router())
 }
 
 /// The OpenAPI document, generated from the same routers that serve requests.

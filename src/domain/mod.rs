@@ -3,7 +3,9 @@
 //! Nothing here does I/O or knows about HTTP, SQL or apalis.
 
 mod job;
+mod provider;
 mod tenant;
 
 pub use job::{AttemptError, JobId, JobState};
+pub use provider::Provider;
 pub use tenant::TenantId;

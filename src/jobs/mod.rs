@@ -1,29 +1,44 @@
 //! Job kinds, one file each: arguments, policy and handler. The [`engine`] runs them.
 //!
-//! Only `jobs/`, `workflows/` and `app` touch apalis. A kind's handler calls into `store` and the domain
-//! rooms; it never queues work any other way than through [`engine::enqueue`].
+//! Only `jobs/`, `workflows/` and `app` touch apalis. A kind's handler calls into `store`, `registry` and the
+//! domain rooms; it never queues work any other way than through [`engine::enqueue`].
 
 pub mod engine;
 pub mod maintenance;
+pub mod rotate_keys;
+
+use std::sync::Arc;
 
 use sqlx::PgPool;
 
 use crate::config::JobSettings;
+use crate::registry::Registry;
 use engine::{Runtime, Scheduler};
 
 /// The queues this build knows, for `activekg worker --queues`.
 pub const QUEUES: &[&str] = &[maintenance::QUEUE];
 
+/// What job handlers are built from.
+#[derive(Debug, Clone)]
+pub struct Deps {
+    /// The database.
+    pub pool: PgPool,
+    /// Job engine settings.
+    pub settings: JobSettings,
+    /// Connector configurations.
+    pub registry: Arc<Registry>,
+}
+
 /// Registers every kind whose queue is in `queues` (all when `None`).
-pub fn register(
-    runtime: &mut Runtime,
-    pool: &PgPool,
-    settings: &JobSettings,
-    queues: Option<&[String]>,
-) {
+pub fn register(runtime: &mut Runtime, deps: &Deps, queues: Option<&[String]>) {
     let wanted = |queue: &str| queues.is_none_or(|q| q.iter().any(|w| w == queue));
     if wanted(maintenance::QUEUE) {
-        maintenance::register(runtime, pool, settings);
+        maintenance::register(runtime, &deps.pool, &deps.settings);
+        let rotation = rotate_keys::Deps {
+            pool: deps.pool.clone(),
+            registry: deps.registry.clone(),
+        };
+        runtime.register(rotation, rotate_keys::run);
     }
 }
 

@@ -184,6 +184,8 @@ pub struct Claimed {
     pub run_at: DateTime<Utc>,
     /// When this attempt was claimed (database clock).
     pub attempted_at: DateTime<Utc>,
+    /// What earlier attempts checkpointed, if anything.
+    pub progress: Option<Value>,
 }
 
 /// Claims up to `limit` due jobs of `kind` for `worker`, most urgent first, skipping rows other workers hold.
@@ -207,7 +209,7 @@ pub async fn claim<'e>(
         SET state = 'running', attempt = j.attempt + 1, attempted_at = now(), locked_by = $2
         FROM next
         WHERE j.id = next.id
-        RETURNING j.id, j.args, j.attempt, j.max_attempts, j.enqueued_at, j.run_at, j.attempted_at
+        RETURNING j.id, j.args, j.attempt, j.max_attempts, j.enqueued_at, j.run_at, j.attempted_at, j.progress
         "#,
     )
     .bind(kind)
@@ -303,6 +305,28 @@ pub async fn finish<'e>(
     .fetch_all(db)
     .await?;
     Ok(rows.into_iter().map(|(id,)| JobId(id)).collect())
+}
+
+/// Saves a running job's progress in the caller's transaction, so it commits (or not) with the work it
+/// describes. Returns false when `worker` no longer holds this attempt (it was rescued meanwhile): the caller
+/// must stop, since another worker owns the job now.
+pub async fn save_progress(
+    conn: &mut PgConnection,
+    id: JobId,
+    attempt: i32,
+    worker: &str,
+    progress: &Value,
+) -> Result<bool> {
+    let done = sqlx::query(
+        "UPDATE jobs SET progress = $4 WHERE id = $1 AND attempt = $2 AND locked_by = $3 AND state = 'running'",
+    )
+    .bind(id.0)
+    .bind(attempt)
+    .bind(worker)
+    .bind(progress)
+    .execute(&mut *conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
 }
 
 /// Hands running jobs of `worker` back to the queue without using up the attempt: the jobs a worker had
@@ -601,10 +625,13 @@ pub struct JobRecord {
     pub tenant_id: Option<String>,
     /// Provider.
     pub provider: Option<String>,
+    /// What the job has done so far (long jobs checkpoint it), or its final result.
+    pub progress: Option<Value>,
 }
 
 const RECORD_COLUMNS: &str = "j.id, j.kind, j.queue, j.args, j.priority, j.attempt, j.max_attempts, j.errors, \
-    j.enqueued_at, j.run_at, j.attempted_at, j.finished_at, j.locked_by, j.unique_key, j.tenant_id, j.provider";
+    j.enqueued_at, j.run_at, j.attempted_at, j.finished_at, j.locked_by, j.unique_key, j.tenant_id, j.provider, \
+    j.progress";
 
 fn record_from_row(row: &sqlx::postgres::PgRow) -> Result<JobRecord> {
     let state: String = row.try_get("view_state")?;
@@ -629,6 +656,7 @@ fn record_from_row(row: &sqlx::postgres::PgRow) -> Result<JobRecord> {
         unique_key: row.try_get("unique_key")?,
         tenant_id: row.try_get("tenant_id")?,
         provider: row.try_get("provider")?,
+        progress: row.try_get("progress")?,
     })
 }
 

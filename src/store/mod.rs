@@ -2,6 +2,7 @@
 //!
 //! Functions take an executor or a transaction so callers decide what is atomic. No HTTP or apalis here.
 
+pub mod connectors;
 pub mod embedded;
 pub mod jobs;
 

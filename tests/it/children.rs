@@ -52,6 +52,24 @@ async fn child_process_entry() {
                 .get();
             println!("FIRED {fired}");
         }
+        "rotator" => {
+            let registry = std::sync::Arc::new(activekg::registry::Registry::new(
+                pool.clone(),
+                std::sync::Arc::new(crate::helpers::keyring(
+                    &[(1, crate::helpers::KEK), (2, crate::rotation::KEK_V2)],
+                    2,
+                )),
+            ));
+            let mut runtime = Runtime::new(pool.clone(), fast_job_settings());
+            let deps = activekg::jobs::rotate_keys::Deps {
+                pool: pool.clone(),
+                registry,
+            };
+            runtime.register(deps, activekg::jobs::rotate_keys::run);
+            let handle = runtime.start().await.unwrap();
+            println!("READY {}", handle.worker_id());
+            std::future::pending::<()>().await;
+        }
         other => panic!("unknown child role {other}"),
     }
 }

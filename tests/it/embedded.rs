@@ -61,6 +61,21 @@ async fn serve_without_any_configuration_runs_on_a_private_cluster_and_stops_it(
     )
     .await;
     assert_eq!(health["status"], "ok");
+    // With no CONNECTOR_KEK_V1 the quickstart keeps a development key beside its data, readable by us only.
+    let key = dir.path().join("dev-kek");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    assert!(
+        activekg::config::Settings::from_vars([
+            (
+                "CONNECTOR_KEK_V1",
+                std::fs::read_to_string(&key).unwrap().trim()
+            ),
+            ("ACTIVEKG_DSN", "postgres://x/y"),
+        ])
+        .is_ok()
+    );
     let pg_url = format!("postgres://activekg@127.0.0.1:{pg_port}/activekg");
     assert!(embedded::can_connect(&pg_url).await);
 

@@ -145,6 +145,35 @@ fn template_name() -> String {
     format!("activekg_tpl_{hash:016x}")
 }
 
+/// A keyring holding `keys` (version, key) with `active` encrypting.
+pub fn keyring(keys: &[(u32, &str)], active: u32) -> activekg::crypto::Keyring {
+    activekg::crypto::Keyring::new(&activekg::config::KeyEncryptionKeys {
+        keys: keys
+            .iter()
+            .map(|(v, k)| (*v, activekg::config::Secret::new(*k)))
+            .collect(),
+        active_version: active,
+    })
+    .unwrap()
+}
+
+/// A connector registry on `pool` with the test key as version 1.
+pub fn registry(pool: &PgPool) -> std::sync::Arc<activekg::registry::Registry> {
+    std::sync::Arc::new(activekg::registry::Registry::new(
+        pool.clone(),
+        std::sync::Arc::new(keyring(&[(1, KEK)], 1)),
+    ))
+}
+
+/// What job handlers need, for `jobs::register`.
+pub fn job_deps(pool: &PgPool, settings: &JobSettings) -> activekg::jobs::Deps {
+    activekg::jobs::Deps {
+        pool: pool.clone(),
+        settings: settings.clone(),
+        registry: registry(pool),
+    }
+}
+
 /// Job settings suited to tests: fast polling, short timeouts.
 pub fn fast_job_settings() -> JobSettings {
     JobSettings {

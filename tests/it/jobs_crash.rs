@@ -8,7 +8,7 @@ use activekg::jobs::engine::{self, Runtime, Scheduler, admin};
 use activekg::jobs::{self, maintenance};
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::{TestDb, child_ready, eventually, fast_job_settings, spawn_child};
+use crate::helpers::{TestDb, child_ready, eventually, fast_job_settings, job_deps, spawn_child};
 use crate::kinds::{Behavior, Probe, create_probe_tables, run_probe};
 
 #[tokio::test]
@@ -44,7 +44,7 @@ async fn a_job_whose_worker_is_killed_is_picked_up_again_and_completes() {
     let settings = fast_job_settings();
     let mut runtime = Runtime::new(db.pool.clone(), settings.clone());
     runtime.register(db.pool.clone(), run_probe);
-    jobs::register(&mut runtime, &db.pool, &settings, None);
+    jobs::register(&mut runtime, &job_deps(&db.pool, &settings), None);
     let workers = runtime.start().await.unwrap();
     let mut scheduler = Scheduler::new(db.pool.clone());
     jobs::schedule(&mut scheduler, &settings);

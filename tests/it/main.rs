@@ -8,6 +8,7 @@ mod kinds;
 
 mod children;
 mod cli;
+mod connectors_api;
 mod embedded;
 mod http_shell;
 mod jobs_admin_api;
@@ -15,3 +16,4 @@ mod jobs_crash;
 mod jobs_engine;
 mod jobs_schedule;
 mod migrations;
+mod rotation;

@@ -184,6 +184,7 @@ impl<J: Job> PgQueue<J> {
             due_at: row.run_at.max(row.enqueued_at),
             claimed_at: row.attempted_at,
             received: self.received,
+            progress: row.progress,
         };
         match serde_json::from_value::<J>(row.args) {
             Ok(args) => Some(

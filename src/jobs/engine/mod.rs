@@ -244,6 +244,39 @@ pub struct JobContext<S> {
     pub max_attempts: u32,
     /// Shared application state given at registration.
     pub state: S,
+    /// What an earlier attempt checkpointed.
+    pub progress: Option<serde_json::Value>,
+    /// The worker process running the attempt.
+    pub worker: std::sync::Arc<str>,
+}
+
+impl<S> JobContext<S> {
+    /// The checkpoint an earlier attempt saved, if it reads as `P`.
+    pub fn resume<P: DeserializeOwned>(&self) -> Option<P> {
+        self.progress
+            .clone()
+            .and_then(|p| serde_json::from_value(p).ok())
+    }
+
+    /// Saves progress in the caller's transaction, so a retry resumes exactly where committed work ends.
+    /// Fails (transiently) when this attempt no longer owns the job: the caller must roll back and stop.
+    pub async fn checkpoint<P: Serialize>(
+        &self,
+        conn: &mut PgConnection,
+        progress: &P,
+    ) -> Result<(), JobError> {
+        let value =
+            serde_json::to_value(progress).map_err(|e| JobError::permanent("internal", e))?;
+        let attempt = i32::try_from(self.attempt).unwrap_or(i32::MAX);
+        if store::save_progress(conn, self.id, attempt, &self.worker, &value).await? {
+            Ok(())
+        } else {
+            Err(JobError::transient_with_code(
+                "lost_claim",
+                "this attempt no longer owns the job (it was taken back as an orphan); stopping",
+            ))
+        }
+    }
 }
 
 fn new_job<J: Job>(job: &J, run_at: Option<DateTime<Utc>>) -> Result<NewJob> {

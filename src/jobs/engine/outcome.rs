@@ -40,6 +40,8 @@ pub struct Claim {
     pub claimed_at: DateTime<Utc>,
     /// When this process received the claimed row.
     pub received: Instant,
+    /// What earlier attempts checkpointed.
+    pub progress: Option<serde_json::Value>,
 }
 
 /// What the layer needs from the process: where results go and who is running.
@@ -375,6 +377,7 @@ mod tests {
             due_at: Utc::now(),
             claimed_at: Utc::now(),
             received: Instant::now(),
+            progress: None,
         }
     }
 

@@ -72,12 +72,14 @@ impl Runtime {
         };
         let starter: Starter = Box::new(move |reporter, signal| {
             let context = WorkerContext::new(&format!("{}/{}", reporter.worker_id, J::KIND));
+            let worker_id = reporter.worker_id.clone();
             let backend = PgQueue::<J>::new(pool, reporter, signal, settings);
             let worker = WorkerBuilder::new(&context)
                 .backend(backend)
                 .build(HandlerService {
                     handler,
                     state,
+                    worker: worker_id,
                     _job: PhantomData,
                 });
             let run = async move {
@@ -318,6 +320,7 @@ async fn heartbeat(
 struct HandlerService<J, S, H> {
     handler: H,
     state: S,
+    worker: Arc<str>,
     _job: PhantomData<fn() -> J>,
 }
 
@@ -349,6 +352,8 @@ where
             attempt: claim.attempt,
             max_attempts: claim.max_attempts,
             state: self.state.clone(),
+            progress: claim.progress,
+            worker: self.worker.clone(),
         };
         (self.handler)(task.args, context).boxed()
     }

@@ -1,0 +1,334 @@
+//! `/_admin/connectors`: register, read (secrets redacted), merge-patch, delete, enable/disable connector
+//! configurations, and start key rotation. Every route needs the admin token.
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::ApiState;
+use super::auth::Admin;
+use super::error::{ApiError, ErrorBody};
+use crate::domain::{Provider, TenantId};
+use crate::jobs::engine;
+use crate::jobs::rotate_keys::RotateKeys;
+use crate::registry::ConnectorSummary;
+use crate::store::connectors::RotationScope;
+
+pub(super) fn router() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_connectors))
+        .routes(routes!(rotate_keys))
+        .routes(routes!(get_connector))
+        .routes(routes!(register_connector))
+        .routes(routes!(patch_connector, delete_connector))
+        .routes(routes!(enable_connector))
+        .routes(routes!(disable_connector))
+}
+
+fn provider(raw: &str) -> Result<Provider, ApiError> {
+    raw.parse().map_err(ApiError::invalid)
+}
+
+fn tenant(raw: &str) -> Result<TenantId, ApiError> {
+    TenantId::parse(raw).map_err(ApiError::invalid)
+}
+
+/// A connector as the API shows it: secret fields are always `"<redacted>"`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ConnectorView {
+    /// Tenant.
+    pub tenant_id: String,
+    /// Provider: s3, gcs or local.
+    #[schema(value_type = String, example = "gcs")]
+    pub provider: Provider,
+    /// Configuration, secrets redacted.
+    #[schema(value_type = Object)]
+    pub config: serde_json::Map<String, serde_json::Value>,
+    /// Whether ingestion runs for it.
+    pub enabled: bool,
+    /// Key version its secrets are encrypted with.
+    pub key_version: u32,
+    /// Created.
+    pub created_at: DateTime<Utc>,
+    /// Last changed.
+    pub updated_at: DateTime<Utc>,
+}
+
+impl From<ConnectorSummary> for ConnectorView {
+    fn from(c: ConnectorSummary) -> Self {
+        Self {
+            tenant_id: c.tenant_id,
+            provider: c.provider,
+            config: c.config,
+            enabled: c.enabled,
+            key_version: c.key_version,
+            created_at: c.created_at,
+            updated_at: c.updated_at,
+        }
+    }
+}
+
+/// A tenant's configuration for one provider.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigRequest {
+    /// Tenant.
+    pub tenant_id: String,
+    /// Provider-specific configuration. s3: bucket, prefix, region, endpoint, force_path_style,
+    /// access_key_id, secret_access_key, session_token; gcs: bucket, prefix, project, credentials_json,
+    /// credentials_path, hmac_secret, endpoint, subscription; local: path, prefix; all: topic_allowlist,
+    /// poll_interval_seconds, enabled. Unknown fields are refused. For PATCH, given keys replace stored
+    /// ones and `null` removes one.
+    #[schema(value_type = Object)]
+    pub config: serde_json::Value,
+}
+
+/// Names a tenant.
+#[derive(Debug, Deserialize, ToSchema, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct TenantQuery {
+    /// Tenant.
+    pub tenant_id: String,
+}
+
+/// Optional filters for listing.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListQuery {
+    /// Only this tenant.
+    pub tenant_id: Option<String>,
+    /// Only this provider.
+    pub provider: Option<String>,
+}
+
+/// Connectors.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ConnectorList {
+    /// Connectors, by tenant then provider.
+    pub connectors: Vec<ConnectorView>,
+}
+
+/// List connectors, secrets redacted.
+#[utoipa::path(get, path = "/_admin/connectors", tag = "connectors", params(ListQuery), security(("admin_token" = [])),
+    responses((status = 200, body = ConnectorList), (status = 401, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn list_connectors(
+    _: Admin,
+    State(state): State<ApiState>,
+    Query(query): Query<ListQuery>,
+) -> Result<Json<ConnectorList>, ApiError> {
+    let tenant = query.tenant_id.as_deref().map(tenant).transpose()?;
+    let provider = query.provider.as_deref().map(provider).transpose()?;
+    let connectors = state.registry.summaries(tenant.as_ref(), provider).await?;
+    Ok(Json(ConnectorList {
+        connectors: connectors.into_iter().map(ConnectorView::from).collect(),
+    }))
+}
+
+/// One tenant's connector for a provider, secrets redacted.
+#[utoipa::path(get, path = "/_admin/connectors/{provider}", tag = "connectors",
+    params(("provider" = String, Path, description = "s3, gcs or local"), TenantQuery), security(("admin_token" = [])),
+    responses((status = 200, body = ConnectorView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 422, body = ErrorBody)))]
+async fn get_connector(
+    _: Admin,
+    State(state): State<ApiState>,
+    Path(raw): Path<String>,
+    Query(query): Query<TenantQuery>,
+) -> Result<Json<ConnectorView>, ApiError> {
+    let summary = state
+        .registry
+        .summary(&tenant(&query.tenant_id)?, provider(&raw)?)
+        .await?;
+    Ok(Json(summary.into()))
+}
+
+/// Register a tenant's connector: the configuration is validated, secrets are encrypted with the active key.
+#[utoipa::path(post, path = "/_admin/connectors/{provider}/register", tag = "connectors",
+    params(("provider" = String, Path, description = "s3, gcs or local")), request_body = ConfigRequest,
+    security(("admin_token" = [])),
+    responses((status = 201, body = ConnectorView), (status = 401, body = ErrorBody),
+        (status = 409, description = "The tenant already has a connector for this provider", body = ErrorBody),
+        (status = 422, description = "Unknown provider, unknown field or invalid value", body = ErrorBody)))]
+async fn register_connector(
+    _: Admin,
+    State(state): State<ApiState>,
+    Path(raw): Path<String>,
+    Json(body): Json<ConfigRequest>,
+) -> Result<(StatusCode, Json<ConnectorView>), ApiError> {
+    let summary = state
+        .registry
+        .register(&tenant(&body.tenant_id)?, provider(&raw)?, body.config)
+        .await?;
+    Ok((StatusCode::CREATED, Json(summary.into())))
+}
+
+/// Merge changes into a connector's configuration (e.g. only `topic_allowlist`); `null` removes a field.
+#[utoipa::path(patch, path = "/_admin/connectors/{provider}/config", tag = "connectors",
+    params(("provider" = String, Path, description = "s3, gcs or local")), request_body = ConfigRequest,
+    security(("admin_token" = [])),
+    responses((status = 200, body = ConnectorView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, description = "A stored secret does not decrypt; send a new value for it", body = ErrorBody),
+        (status = 422, body = ErrorBody)))]
+async fn patch_connector(
+    _: Admin,
+    State(state): State<ApiState>,
+    Path(raw): Path<String>,
+    Json(body): Json<ConfigRequest>,
+) -> Result<Json<ConnectorView>, ApiError> {
+    let summary = state
+        .registry
+        .patch(&tenant(&body.tenant_id)?, provider(&raw)?, body.config)
+        .await?;
+    Ok(Json(summary.into()))
+}
+
+/// Delete a connector's configuration.
+#[utoipa::path(delete, path = "/_admin/connectors/{provider}/config", tag = "connectors",
+    params(("provider" = String, Path, description = "s3, gcs or local"), TenantQuery), security(("admin_token" = [])),
+    responses((status = 204, description = "Deleted"), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 422, body = ErrorBody)))]
+async fn delete_connector(
+    _: Admin,
+    State(state): State<ApiState>,
+    Path(raw): Path<String>,
+    Query(query): Query<TenantQuery>,
+) -> Result<StatusCode, ApiError> {
+    state
+        .registry
+        .delete(&tenant(&query.tenant_id)?, provider(&raw)?)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Turn ingestion for a connector on.
+#[utoipa::path(post, path = "/_admin/connectors/{provider}/enable", tag = "connectors",
+    params(("provider" = String, Path, description = "s3, gcs or local")), request_body = TenantQuery,
+    security(("admin_token" = [])),
+    responses((status = 200, body = ConnectorView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 422, body = ErrorBody)))]
+async fn enable_connector(
+    _: Admin,
+    State(state): State<ApiState>,
+    Path(raw): Path<String>,
+    Json(body): Json<TenantQuery>,
+) -> Result<Json<ConnectorView>, ApiError> {
+    let summary = state
+        .registry
+        .set_enabled(&tenant(&body.tenant_id)?, provider(&raw)?, true)
+        .await?;
+    Ok(Json(summary.into()))
+}
+
+/// Turn ingestion for a connector off (its configuration is kept).
+#[utoipa::path(post, path = "/_admin/connectors/{provider}/disable", tag = "connectors",
+    params(("provider" = String, Path, description = "s3, gcs or local")), request_body = TenantQuery,
+    security(("admin_token" = [])),
+    responses((status = 200, body = ConnectorView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 422, body = ErrorBody)))]
+async fn disable_connector(
+    _: Admin,
+    State(state): State<ApiState>,
+    Path(raw): Path<String>,
+    Json(body): Json<TenantQuery>,
+) -> Result<Json<ConnectorView>, ApiError> {
+    let summary = state
+        .registry
+        .set_enabled(&tenant(&body.tenant_id)?, provider(&raw)?, false)
+        .await?;
+    Ok(Json(summary.into()))
+}
+
+fn default_batch_size() -> u32 {
+    100
+}
+
+/// Which connector configurations to re-encrypt with the active key.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RotateRequest {
+    /// Only this tenant (all when absent or null).
+    pub tenant_id: Option<String>,
+    /// Only this provider.
+    pub provider: Option<String>,
+    /// Rows per batch, each batch its own transaction (1-10000, default 100).
+    #[serde(default = "default_batch_size")]
+    pub batch_size: u32,
+    /// Only count the rows that would be rotated.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// A rotation run, or what one would do.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct RotateResponse {
+    /// Whether this was a dry run.
+    pub dry_run: bool,
+    /// The key version rows move to.
+    pub active_version: u32,
+    /// Rows in scope not at the active version (exact; not capped by the batch size).
+    pub rows_behind: u64,
+    /// The run's job; follow it at `GET /_admin/jobs/{job_id}` (its `progress` holds counts and failures).
+    pub job_id: Option<i64>,
+    /// True when a run was already active: `job_id` is that run.
+    pub already_running: bool,
+}
+
+/// Re-encrypt connector secrets with the active key: starts (or reports) a durable, resumable rotation run.
+#[utoipa::path(post, path = "/_admin/connectors/rotate_keys", tag = "connectors", request_body = RotateRequest,
+    security(("admin_token" = [])),
+    responses((status = 200, description = "Dry run, or a run already active", body = RotateResponse),
+        (status = 202, description = "Rotation started", body = RotateResponse),
+        (status = 401, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn rotate_keys(
+    _: Admin,
+    State(state): State<ApiState>,
+    Json(body): Json<RotateRequest>,
+) -> Result<(StatusCode, Json<RotateResponse>), ApiError> {
+    if !(1..=10_000).contains(&body.batch_size) {
+        return Err(ApiError::invalid("batch_size must be from 1 to 10000"));
+    }
+    let scope = RotationScope {
+        tenant_id: body
+            .tenant_id
+            .as_deref()
+            .map(tenant)
+            .transpose()?
+            .map(|t| t.to_string()),
+        provider: body.provider.as_deref().map(provider).transpose()?,
+    };
+    let rows_behind = state.registry.count_behind(&scope).await?;
+    let mut response = RotateResponse {
+        dry_run: body.dry_run,
+        active_version: state.registry.active_key_version(),
+        rows_behind,
+        job_id: None,
+        already_running: false,
+    };
+    if body.dry_run {
+        return Ok((StatusCode::OK, Json(response)));
+    }
+    let mut conn = state
+        .pool
+        .acquire()
+        .await
+        .map_err(crate::error::Error::from)?;
+    let run = RotateKeys {
+        scope,
+        batch_size: body.batch_size,
+    };
+    let enqueued = engine::enqueue(&mut conn, &run).await?;
+    response.job_id = enqueued.id.map(|id| id.0);
+    response.already_running = !enqueued.inserted;
+    let status = if enqueued.inserted {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(response)))
+}
