@@ -245,6 +245,8 @@ pub async fn run(
         pool: pool.clone(),
         settings: settings.jobs.clone(),
         registry: registry.clone(),
+        sources: Arc::default(),
+        max_file_bytes: settings.max_file_size_bytes,
     };
     let state = ApiState::new(pool.clone(), settings.clone(), registry);
     let server = match (roles.api, listener) {

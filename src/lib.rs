@@ -9,7 +9,8 @@
 //! - [`jobs`]: the durable job engine ([`jobs::engine`]) and one file per job kind.
 //! - [`registry`]: tenants' connector configurations: validated, sealed at rest, redacted, cached.
 //! - [`store`]: all SQL: the pool, migrations, and queries per table family; the embedded database default.
-//! - [`connectors`]: per-provider configuration (and the object sources).
+//! - [`connectors`]: per-provider configuration and the object sources (S3, GCS, local folder).
+//! - [`extract`]: text from PDF, DOCX, HTML, Markdown, text, JSON, CSV; chunks sized to the model's window.
 //! - [`crypto`]: the versioned Fernet keyring, sealed fields, rotation as a pure function.
 //! - [`domain`]: pure types: ids, providers, states.
 //! - [`config`], [`error`], [`metrics`]: settings from the environment, the error taxonomy, every metric.
@@ -22,6 +23,7 @@ pub mod connectors;
 pub mod crypto;
 pub mod domain;
 pub mod error;
+pub mod extract;
 pub mod jobs;
 pub mod metrics;
 pub mod registry;

@@ -56,6 +56,14 @@ pub struct Metrics {
     pub config_decrypt_failures: IntCounterVec,
     /// Reconnects of long-lived listeners (`config_cache`, and the GCS subscriber), by source.
     pub pubsub_reconnects: IntCounterVec,
+    /// Objects ingested (created, updated, unchanged, deleted), by provider and tenant.
+    pub ingest: IntCounterVec,
+    /// Failed ingest attempts, by provider and tenant.
+    pub ingest_errors: IntCounterVec,
+    /// Failed ingest attempts by the guide's error types: no_config, parse, processing, unsupported_provider.
+    pub worker_errors: IntCounterVec,
+    /// Ingest duration (stat to commit), by provider.
+    pub ingest_duration: HistogramVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -190,6 +198,26 @@ impl Metrics {
                 "connector_pubsub_reconnect_total",
                 "Reconnects of long-lived subscriptions (config cache listener, GCS subscriber), by source.",
                 &["source"],
+            )?,
+            ingest: counter(
+                "connector_ingest_total",
+                "Objects ingested successfully, by provider, tenant and result (created, updated, unchanged, deleted).",
+                &["provider", "tenant", "result"],
+            )?,
+            ingest_errors: counter(
+                "connector_ingest_errors_total",
+                "Failed ingest attempts, by provider and tenant.",
+                &["provider", "tenant"],
+            )?,
+            worker_errors: counter(
+                "connector_worker_errors_total",
+                "Failed ingest attempts by error type (no_config, parse, processing, unsupported_provider).",
+                &["error_type"],
+            )?,
+            ingest_duration: histogram(
+                "connector_ingest_duration_seconds",
+                "Time to ingest one object (stat, fetch, extract, chunk, write), by provider.",
+                &["provider"],
             )?,
             registry,
         })

@@ -14,6 +14,7 @@ use super::ApiState;
 use super::auth::Admin;
 use super::error::{ApiError, ErrorBody};
 use crate::domain::{Provider, TenantId};
+use crate::jobs::backfill_page;
 use crate::jobs::engine;
 use crate::jobs::rotate_keys::RotateKeys;
 use crate::registry::ConnectorSummary;
@@ -28,6 +29,8 @@ pub(super) fn router() -> OpenApiRouter<ApiState> {
         .routes(routes!(patch_connector, delete_connector))
         .routes(routes!(enable_connector))
         .routes(routes!(disable_connector))
+        .routes(routes!(start_backfill))
+        .routes(routes!(backfill_status))
 }
 
 fn provider(raw: &str) -> Result<Provider, ApiError> {
@@ -331,4 +334,114 @@ async fn rotate_keys(
         StatusCode::OK
     };
     Ok((status, Json(response)))
+}
+
+/// What to backfill.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BackfillRequest {
+    /// Tenant.
+    pub tenant_id: String,
+    /// Most objects to queue (all when absent).
+    pub limit: Option<i64>,
+    /// Key prefix to list (the connector's prefix when absent; must lie within it).
+    pub prefix: Option<String>,
+}
+
+/// A started backfill.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct BackfillStarted {
+    /// Follow it at `GET /_admin/connectors/backfills/{run_id}`.
+    pub run_id: uuid::Uuid,
+    /// The first page's job.
+    pub job_id: i64,
+}
+
+/// A backfill run's progress.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct BackfillRunView {
+    /// Run id.
+    pub run_id: uuid::Uuid,
+    /// Tenant.
+    pub tenant_id: String,
+    /// Provider.
+    pub provider: String,
+    /// Prefix listed.
+    pub prefix: String,
+    /// Most objects to queue, if limited.
+    pub limit: Option<i64>,
+    /// `running`, `completed` or `failed`.
+    pub state: String,
+    /// Pages listed.
+    pub pages: i64,
+    /// Objects listed.
+    pub seen: i64,
+    /// Ingest jobs queued.
+    pub enqueued: i64,
+    /// Objects whose same version was already queued.
+    pub skipped: i64,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// Started.
+    pub created_at: DateTime<Utc>,
+    /// Finished.
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// Queue every object under a prefix for ingestion, one listing page per durable job.
+#[utoipa::path(post, path = "/_admin/connectors/{provider}/backfill", tag = "connectors",
+    params(("provider" = String, Path, description = "s3, gcs or local")), request_body = BackfillRequest,
+    security(("admin_token" = [])),
+    responses((status = 202, body = BackfillStarted), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, description = "The connector is disabled or unreadable", body = ErrorBody),
+        (status = 422, body = ErrorBody)))]
+async fn start_backfill(
+    _: Admin,
+    State(state): State<ApiState>,
+    Path(raw): Path<String>,
+    Json(body): Json<BackfillRequest>,
+) -> Result<(StatusCode, Json<BackfillStarted>), ApiError> {
+    let (run_id, job) = backfill_page::start(
+        &state.pool,
+        &state.registry,
+        &tenant(&body.tenant_id)?,
+        provider(&raw)?,
+        body.prefix,
+        body.limit,
+    )
+    .await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(BackfillStarted {
+            run_id,
+            job_id: job.0,
+        }),
+    ))
+}
+
+/// A backfill run's progress: pages, objects seen, queued and skipped.
+#[utoipa::path(get, path = "/_admin/connectors/backfills/{run_id}", tag = "connectors",
+    params(("run_id" = uuid::Uuid, Path, description = "Run id")), security(("admin_token" = [])),
+    responses((status = 200, body = BackfillRunView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn backfill_status(
+    _: Admin,
+    State(state): State<ApiState>,
+    Path(run_id): Path<uuid::Uuid>,
+) -> Result<Json<BackfillRunView>, ApiError> {
+    let run = backfill_page::status(&state.pool, run_id).await?;
+    Ok(Json(BackfillRunView {
+        run_id: run.id,
+        tenant_id: run.tenant_id,
+        provider: run.provider,
+        prefix: run.prefix,
+        limit: run.max_objects,
+        state: run.state,
+        pages: run.pages,
+        seen: run.seen,
+        enqueued: run.enqueued,
+        skipped: run.skipped,
+        error: run.error,
+        created_at: run.created_at,
+        finished_at: run.finished_at,
+    }))
 }

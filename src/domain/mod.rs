@@ -3,9 +3,11 @@
 //! Nothing here does I/O or knows about HTTP, SQL or apalis.
 
 mod job;
+mod node;
 mod provider;
 mod tenant;
 
 pub use job::{AttemptError, JobId, JobState};
+pub use node::{ChangeOp, NodeId};
 pub use provider::Provider;
 pub use tenant::TenantId;

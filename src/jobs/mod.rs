@@ -1,9 +1,12 @@
 //! Job kinds, one file each: arguments, policy and handler. The [`engine`] runs them.
 //!
-//! Only `jobs/`, `workflows/` and `app` touch apalis. A kind's handler calls into `store`, `registry` and the
-//! domain rooms; it never queues work any other way than through [`engine::enqueue`].
+//! Only `jobs/`, `workflows/` and `app` touch apalis. A kind's handler calls into `store`, `registry`,
+//! `connectors` and `extract`; it never queues work any other way than through [`engine::enqueue`].
 
+pub mod backfill_page;
+pub mod embed_node;
 pub mod engine;
+pub mod ingest_object;
 pub mod maintenance;
 pub mod rotate_keys;
 
@@ -12,11 +15,12 @@ use std::sync::Arc;
 use sqlx::PgPool;
 
 use crate::config::JobSettings;
+use crate::connectors::Sources;
 use crate::registry::Registry;
 use engine::{Runtime, Scheduler};
 
 /// The queues this build knows, for `activekg worker --queues`.
-pub const QUEUES: &[&str] = &[maintenance::QUEUE];
+pub const QUEUES: &[&str] = &[ingest_object::QUEUE, embed_node::QUEUE, maintenance::QUEUE];
 
 /// What job handlers are built from.
 #[derive(Debug, Clone)]
@@ -27,11 +31,30 @@ pub struct Deps {
     pub settings: JobSettings,
     /// Connector configurations.
     pub registry: Arc<Registry>,
+    /// Storage backends, shared by every connector job of the process.
+    pub sources: Arc<Sources>,
+    /// `CONNECTOR_MAX_FILE_SIZE_MB`, in bytes.
+    pub max_file_bytes: u64,
 }
 
 /// Registers every kind whose queue is in `queues` (all when `None`).
 pub fn register(runtime: &mut Runtime, deps: &Deps, queues: Option<&[String]>) {
     let wanted = |queue: &str| queues.is_none_or(|q| q.iter().any(|w| w == queue));
+    if wanted(ingest_object::QUEUE) {
+        let ingest = ingest_object::Deps {
+            pool: deps.pool.clone(),
+            registry: deps.registry.clone(),
+            sources: deps.sources.clone(),
+            max_file_bytes: deps.max_file_bytes,
+        };
+        runtime.register(ingest, ingest_object::run);
+        let pages = backfill_page::Deps {
+            pool: deps.pool.clone(),
+            registry: deps.registry.clone(),
+            sources: deps.sources.clone(),
+        };
+        runtime.register(pages, backfill_page::run);
+    }
     if wanted(maintenance::QUEUE) {
         maintenance::register(runtime, &deps.pool, &deps.settings);
         let rotation = rotate_keys::Deps {

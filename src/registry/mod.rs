@@ -30,8 +30,9 @@ pub struct Connector {
     pub tenant_id: TenantId,
     /// Provider.
     pub provider: Provider,
-    /// Its configuration, secrets in the clear (typed so they never print).
-    pub config: ConnectorConfig,
+    /// Its configuration, secrets in the clear (typed so they never print). Shared, so backends built
+    /// from it can be reused until it changes.
+    pub config: Arc<ConnectorConfig>,
     /// Whether ingestion runs for it.
     pub enabled: bool,
 }
@@ -350,7 +351,7 @@ impl Registry {
         Ok(Connector {
             tenant_id: tenant.clone(),
             provider,
-            config,
+            config: Arc::new(config),
             enabled: row.enabled,
         })
     }

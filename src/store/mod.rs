@@ -2,8 +2,10 @@
 //!
 //! Functions take an executor or a transaction so callers decide what is atomic. No HTTP or apalis here.
 
+pub mod backfill;
 pub mod connectors;
 pub mod embedded;
+pub mod graph;
 pub mod jobs;
 
 use std::str::FromStr;

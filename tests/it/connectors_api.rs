@@ -81,7 +81,7 @@ async fn a_registered_connector_is_stored_encrypted_and_read_back_redacted() {
         .await
         .unwrap()
         .unwrap();
-    match &connector.config {
+    match connector.config.as_ref() {
         activekg::connectors::ConnectorConfig::S3(s3) => {
             assert_eq!(s3.secret_access_key.as_ref().unwrap().expose(), SECRET_KEY);
             assert_eq!(s3.access_key_id.as_ref().unwrap().expose(), ACCESS_KEY);
@@ -126,7 +126,7 @@ async fn patch_merges_given_fields_and_null_removes_one() {
         .await
         .unwrap()
         .unwrap();
-    let activekg::connectors::ConnectorConfig::S3(s3) = &connector.config else {
+    let activekg::connectors::ConnectorConfig::S3(s3) = connector.config.as_ref() else {
         panic!()
     };
     assert_eq!(
@@ -357,4 +357,80 @@ async fn no_secret_appears_in_any_response_log_line_or_debug_output() {
             assert!(!text.contains(secret), "{secret} appeared in {what}");
         }
     }
+}
+
+#[tokio::test]
+async fn a_backfill_is_started_and_followed_through_the_api() {
+    let app = TestApp::spawn().await;
+    let dir = tempfile::tempdir().unwrap();
+    for i in 0..5 {
+        std::fs::write(
+            dir.path().join(format!("note-{i}.txt")),
+            format!("Note number {i}."),
+        )
+        .unwrap();
+    }
+    register(
+        &app,
+        "local",
+        "acme",
+        json!({"path": dir.path().display().to_string()}),
+    )
+    .await;
+    let refused = app
+        .admin_post(
+            "/_admin/connectors/local/backfill",
+            &json!({"tenant_id": "acme", "limit": 0}),
+        )
+        .await;
+    assert_error(refused, 422, "invalid_request").await;
+    assert_error(
+        app.admin_post(
+            "/_admin/connectors/s3/backfill",
+            &json!({"tenant_id": "acme"}),
+        )
+        .await,
+        404,
+        "not_found",
+    )
+    .await;
+
+    let started = app
+        .admin_post(
+            "/_admin/connectors/local/backfill",
+            &json!({"tenant_id": "acme", "limit": 3}),
+        )
+        .await;
+    assert_eq!(started.status(), 202);
+    let started: Value = started.json().await.unwrap();
+    let run = crate::helpers::eventually(
+        std::time::Duration::from_secs(15),
+        "the backfill to complete",
+        || async {
+            let run = app
+                .admin_json(&format!(
+                    "/_admin/connectors/backfills/{}",
+                    started["run_id"].as_str().unwrap()
+                ))
+                .await;
+            (run["state"] == "completed").then_some(run)
+        },
+    )
+    .await;
+    assert_eq!(
+        (
+            run["seen"].as_i64(),
+            run["enqueued"].as_i64(),
+            run["limit"].as_i64()
+        ),
+        (Some(5), Some(3), Some(3)),
+        "{run}"
+    );
+    let ingests = app.admin_json("/_admin/jobs?kind=ingest_object").await;
+    assert_eq!(
+        ingests["jobs"].as_array().unwrap().len(),
+        3,
+        "the limit caps what is queued"
+    );
+    app.stop().await;
 }

@@ -171,6 +171,8 @@ pub fn job_deps(pool: &PgPool, settings: &JobSettings) -> activekg::jobs::Deps {
         pool: pool.clone(),
         settings: settings.clone(),
         registry: registry(pool),
+        sources: std::sync::Arc::default(),
+        max_file_bytes: 10 * 1024 * 1024,
     }
 }
 

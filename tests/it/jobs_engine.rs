@@ -607,3 +607,64 @@ async fn many_jobs_all_complete_exactly_once_across_two_worker_processes() {
     assert_eq!(rerun, 0, "every job ran exactly one attempt");
     db.drop_db().await;
 }
+
+#[tokio::test]
+async fn a_tenants_backlog_does_not_delay_another_tenants_first_job() {
+    use crate::kinds::{FairProbe, run_fair};
+    let db = fixture().await;
+    let backlog: Vec<FairProbe> = (0..10_000)
+        .map(|n| FairProbe {
+            tenant: "busy".into(),
+            n,
+        })
+        .collect();
+    let mut conn = db.pool.acquire().await.unwrap();
+    for chunk in backlog.chunks(5000) {
+        engine::enqueue_many(&mut conn, chunk).await.unwrap();
+    }
+    drop(conn);
+    let mut runtime = Runtime::new(db.pool.clone(), fast_job_settings());
+    runtime.register(db.pool.clone(), run_fair);
+    let workers = runtime.start().await.unwrap();
+    // Let the busy tenant's backlog (about 25 s of work at 4 x 10 ms) get going.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut conn = db.pool.acquire().await.unwrap();
+    let newcomer = engine::enqueue(
+        &mut conn,
+        &FairProbe {
+            tenant: "newcomer".into(),
+            n: 0,
+        },
+    )
+    .await
+    .unwrap()
+    .id
+    .unwrap();
+    drop(conn);
+    let started = wait_for_state(
+        &db.pool,
+        newcomer,
+        JobState::Completed,
+        Duration::from_secs(10),
+    )
+    .await;
+    let waited = (started.attempted_at.unwrap() - started.enqueued_at)
+        .to_std()
+        .unwrap();
+    let busy_left: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM jobs WHERE tenant_id = 'busy' AND state = 'available'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    workers.shutdown().await;
+    assert!(
+        busy_left > 5000,
+        "the busy tenant still had a backlog ({busy_left})"
+    );
+    assert!(
+        waited < Duration::from_secs(2),
+        "the newcomer's first job waited {waited:?}"
+    );
+    db.drop_db().await;
+}

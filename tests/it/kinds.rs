@@ -198,3 +198,31 @@ pub async fn run_probe(job: Probe, cx: JobContext<PgPool>) -> Result<(), JobErro
 pub async fn run_noop(_: Noop, _: JobContext<PgPool>) -> Result<(), JobError> {
     Ok(())
 }
+
+/// A kind shared fairly between tenants: each attempt takes 10 ms, four at a time.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FairProbe {
+    pub tenant: String,
+    pub n: u32,
+}
+
+impl Job for FairProbe {
+    const KIND: &'static str = "test_fair";
+
+    fn policy() -> Policy {
+        Policy {
+            concurrency: 4,
+            fair: true,
+            ..Policy::new("test")
+        }
+    }
+
+    fn tenant_id(&self) -> Option<&str> {
+        Some(&self.tenant)
+    }
+}
+
+pub async fn run_fair(_: FairProbe, _: JobContext<PgPool>) -> Result<(), JobError> {
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    Ok(())
+}

@@ -98,6 +98,8 @@ pub struct BackendSettings {
     pub poll_interval: Duration,
     /// Attempts running at once.
     pub concurrency: usize,
+    /// Claim fairly between tenants (see [`super::Policy::fair`]).
+    pub fair: bool,
 }
 
 /// See the module docs.
@@ -117,6 +119,8 @@ pub struct PgQueue<J> {
     last_limit: usize,
     /// When the rows in `buffer` arrived.
     received: std::time::Instant,
+    /// Where the next fair claim starts its walk over tenants (shared with the fetch future).
+    fair_cursor: Arc<std::sync::Mutex<String>>,
     fetch_failures: u32,
     _job: PhantomData<fn() -> J>,
 }
@@ -153,6 +157,7 @@ impl<J: Job> PgQueue<J> {
             more: false,
             last_limit: 0,
             received: std::time::Instant::now(),
+            fair_cursor: Arc::default(),
             fetch_failures: 0,
             _job: PhantomData,
         }
@@ -166,8 +171,19 @@ impl<J: Job> PgQueue<J> {
                 .claim_limit(free, self.settings.concurrency, self.settings.batch_size);
         let pool = self.pool.clone();
         let worker = self.reporter.worker_id.clone();
-        self.fetching =
-            Some(async move { store::claim(&pool, J::KIND, &worker, limit as i64).await }.boxed());
+        self.fetching = Some(if self.settings.fair {
+            let cursor = self.fair_cursor.clone();
+            async move {
+                let after = cursor.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                let (rows, resume) =
+                    store::claim_fair(&pool, J::KIND, &worker, limit as i64, &after).await?;
+                *cursor.lock().unwrap_or_else(|e| e.into_inner()) = resume;
+                Ok(rows)
+            }
+            .boxed()
+        } else {
+            async move { store::claim(&pool, J::KIND, &worker, limit as i64).await }.boxed()
+        });
         self.more = false;
         self.last_limit = limit;
         self.timer

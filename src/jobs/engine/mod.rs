@@ -80,6 +80,9 @@ pub struct Policy {
     pub concurrency: usize,
     /// How long idempotency keys hold.
     pub uniqueness: Uniqueness,
+    /// Share workers between tenants: each fetch takes the next due job of each tenant in turn, so one
+    /// tenant's backlog cannot delay another tenant's first job.
+    pub fair: bool,
 }
 
 impl Policy {
@@ -94,6 +97,7 @@ impl Policy {
             timeout: Duration::from_secs(300),
             concurrency: 4,
             uniqueness: Uniqueness::Retained,
+            fair: false,
         }
     }
 }

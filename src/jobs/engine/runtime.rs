@@ -69,6 +69,7 @@ impl Runtime {
             batch_size: self.settings.batch_size as usize,
             poll_interval: self.settings.poll_interval,
             concurrency: policy.concurrency,
+            fair: policy.fair,
         };
         let starter: Starter = Box::new(move |reporter, signal| {
             let context = WorkerContext::new(&format!("{}/{}", reporter.worker_id, J::KIND));

@@ -1,0 +1,374 @@
+//! `ingest_object`: one job per object change. Loads the tenant's connector, then either soft-deletes the
+//! object's document or fetches, extracts, chunks and writes it (document, chunks, edges and the chunks'
+//! embedding jobs in one transaction). Re-running it for the same object version changes nothing.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sqlx::PgPool;
+
+use super::embed_node::{EmbedAction, EmbedNode};
+use super::engine::{self, Backoff, Job, JobContext, JobError, Policy, Uniqueness};
+use crate::connectors::{ObjectMeta, ObjectSource, SourceError, Sources};
+use crate::domain::{ChangeOp, NodeId, Provider, TenantId};
+use crate::extract::{self, ChunkPolicy, Extracted, tokens::WordPiece};
+use crate::metrics::metrics;
+use crate::registry::{LoadError, Registry};
+use crate::store::graph::{self, ChunkWrite};
+
+/// Queue of connector jobs.
+pub const QUEUE: &str = "connector";
+
+/// One change to one object.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IngestObject {
+    /// The tenant whose connector the object belongs to.
+    pub tenant_id: String,
+    /// The provider, as the event named it (checked when the job runs: an unknown one is dead-lettered).
+    pub provider: String,
+    /// The object key.
+    pub key: String,
+    /// What happened.
+    pub op: ChangeOp,
+    /// The object version the event saw (ETag or generation), when known.
+    pub version: Option<String>,
+    /// When the store says it happened.
+    pub event_time: Option<DateTime<Utc>>,
+    /// Where the change was heard: `webhook:s3`, `webhook:gcs`, `backfill:<run>`, `poller`, `pubsub`.
+    pub source: String,
+}
+
+impl Job for IngestObject {
+    const KIND: &'static str = "ingest_object";
+
+    fn policy() -> Policy {
+        Policy {
+            max_attempts: 8,
+            backoff: Backoff::exponential(Duration::from_secs(5), 2.0, Duration::from_secs(600)),
+            timeout: Duration::from_secs(300),
+            concurrency: 4,
+            uniqueness: Uniqueness::Retained,
+            fair: true,
+            ..Policy::new(QUEUE)
+        }
+    }
+
+    /// The same change to the same object version is queued once, however often it is announced.
+    fn unique_key(&self) -> Option<String> {
+        let version = self.version.as_deref()?;
+        let key = format!(
+            "{}:{}:{}:{}@{version}",
+            self.tenant_id, self.provider, self.op, self.key
+        );
+        // Object keys can be long; keep the index entry well inside PostgreSQL's limit.
+        Some(if key.len() > 512 {
+            format!("sha256:{}", extract::hash_text(&key))
+        } else {
+            key
+        })
+    }
+
+    fn tenant_id(&self) -> Option<&str> {
+        Some(&self.tenant_id)
+    }
+
+    fn provider(&self) -> Option<&str> {
+        Some(&self.provider)
+    }
+}
+
+/// What ingest handlers need.
+#[derive(Debug, Clone)]
+pub struct Deps {
+    /// The database.
+    pub pool: PgPool,
+    /// Connector configurations.
+    pub registry: Arc<Registry>,
+    /// Storage backends, reused across jobs.
+    pub sources: Arc<Sources>,
+    /// `CONNECTOR_MAX_FILE_SIZE_MB`, in bytes.
+    pub max_file_bytes: u64,
+}
+
+/// What an ingest did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Created,
+    Updated,
+    Unchanged,
+    Deleted,
+}
+
+impl Outcome {
+    fn label(self) -> &'static str {
+        match self {
+            Outcome::Created => "created",
+            Outcome::Updated => "updated",
+            Outcome::Unchanged => "unchanged",
+            Outcome::Deleted => "deleted",
+        }
+    }
+}
+
+/// The guide's error types for `connector_worker_errors_total`.
+fn error_type(err: &JobError) -> &'static str {
+    let code = match err {
+        JobError::Permanent { code, .. } => Some(code.as_str()),
+        JobError::Transient { code, .. } => code.as_deref(),
+        JobError::RetryAfter { .. } => None,
+    };
+    match code {
+        Some("no_config" | "config_unreadable") => "no_config",
+        Some("parse") => "parse",
+        Some("unsupported_provider") => "unsupported_provider",
+        _ => "processing",
+    }
+}
+
+/// Runs one ingest and records its metrics.
+pub async fn run(job: IngestObject, cx: JobContext<Deps>) -> Result<(), JobError> {
+    let started = Instant::now();
+    let result = ingest(&job, &cx.state).await;
+    let m = metrics();
+    match &result {
+        Ok(outcome) => {
+            m.ingest
+                .with_label_values(&[&job.provider, &job.tenant_id, outcome.label()])
+                .inc();
+            m.ingest_duration
+                .with_label_values(&[&job.provider])
+                .observe(started.elapsed().as_secs_f64());
+            tracing::debug!(tenant = %job.tenant_id, provider = %job.provider, key = %job.key, outcome = outcome.label(), "ingested");
+        }
+        Err(err) => {
+            m.ingest_errors
+                .with_label_values(&[&job.provider, &job.tenant_id])
+                .inc();
+            m.worker_errors.with_label_values(&[error_type(err)]).inc();
+        }
+    }
+    result.map(|_| ())
+}
+
+fn source_error(err: SourceError) -> JobError {
+    match err {
+        SourceError::Unavailable(m) => JobError::transient_with_code("processing", m),
+        SourceError::TooLarge { .. } => JobError::permanent("too_large", err),
+        SourceError::Denied(_) => JobError::permanent("access_denied", err),
+        SourceError::NotFound(_) => JobError::permanent("not_found", err),
+        SourceError::Invalid(_) => JobError::permanent("invalid", err),
+    }
+}
+
+async fn ingest(job: &IngestObject, deps: &Deps) -> Result<Outcome, JobError> {
+    let provider: Provider = job
+        .provider
+        .parse()
+        .map_err(|e: String| JobError::permanent("unsupported_provider", e))?;
+    let tenant = TenantId::parse(&job.tenant_id).map_err(|e| JobError::permanent("invalid", e))?;
+    let connector = match deps.registry.load(&tenant, provider).await {
+        Ok(Some(connector)) if connector.enabled => connector,
+        Ok(Some(_)) => {
+            return Err(JobError::transient_with_code(
+                "no_config",
+                format!(
+                    "the {provider} connector of tenant {tenant} is disabled; enable it or the change is dropped when retries run out"
+                ),
+            ));
+        }
+        Ok(None) => {
+            return Err(JobError::transient_with_code(
+                "no_config",
+                format!(
+                    "tenant {tenant} has no {provider} connector; register one or the change is dropped when retries run out"
+                ),
+            ));
+        }
+        Err(LoadError::Database(e)) => return Err(e.into()),
+        Err(e) => return Err(JobError::transient_with_code("config_unreadable", e)),
+    };
+    let source = deps
+        .sources
+        .get(&format!("{provider}:{tenant}"), &connector.config)
+        .await
+        .map_err(source_error)?;
+    let document = NodeId::document(&tenant, provider, &job.key);
+    let payload_ref = match connector.config.bucket() {
+        Some(bucket) => format!(
+            "{}://{bucket}/{}",
+            if provider == Provider::Gcs {
+                "gs"
+            } else {
+                "s3"
+            },
+            job.key
+        ),
+        None => format!("file://{}", job.key),
+    };
+
+    // Whatever the event said, the store's current state decides: events can arrive late or out of order.
+    let current = source.stat(&job.key).await.map_err(source_error)?;
+    let Some(meta) = current else {
+        return soft_delete(deps, document).await;
+    };
+    if job.op == ChangeOp::Delete {
+        tracing::info!(tenant = %tenant, key = %job.key, "delete event for an object that exists again; keeping it");
+        return Ok(Outcome::Unchanged);
+    }
+
+    let mut conn = deps.pool.acquire().await?;
+    let stored = graph::lock_document(&mut conn, document).await?;
+    drop(conn);
+    if let Some(stored) = &stored
+        && !stored.deleted
+        && stored.version.as_deref() == Some(meta.version.as_str())
+    {
+        return Ok(Outcome::Unchanged);
+    }
+    if meta.size > deps.max_file_bytes {
+        return Err(JobError::permanent(
+            "too_large",
+            SourceError::TooLarge {
+                size: meta.size,
+                limit: deps.max_file_bytes,
+            },
+        ));
+    }
+    let bytes = source
+        .fetch(&job.key, deps.max_file_bytes)
+        .await
+        .map_err(|e| match e {
+            SourceError::NotFound(_) => JobError::transient_with_code(
+                "processing",
+                "the object vanished while being fetched",
+            ),
+            other => source_error(other),
+        })?;
+    let key = job.key.clone();
+    let content_type = meta.content_type.clone();
+    let (extracted, chunks) = tokio::task::spawn_blocking(move || {
+        let extracted = extract::extract(&bytes, content_type.as_deref(), &key)?;
+        let chunks = extract::chunk(&extracted.text, ChunkPolicy::default(), WordPiece::minilm());
+        Ok::<_, extract::ExtractError>((extracted, chunks))
+    })
+    .await
+    .map_err(|e| JobError::transient_with_code("processing", format!("extraction crashed: {e}")))?
+    .map_err(|e| JobError::permanent("parse", e))?;
+
+    write(
+        deps,
+        job,
+        &tenant,
+        document,
+        &payload_ref,
+        &meta,
+        &extracted,
+        &chunks,
+        stored,
+    )
+    .await
+}
+
+async fn soft_delete(deps: &Deps, document: NodeId) -> Result<Outcome, JobError> {
+    let mut tx = deps.pool.begin().await?;
+    graph::soft_delete_document(&mut tx, document).await?;
+    tx.commit().await?;
+    Ok(Outcome::Deleted)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn write(
+    deps: &Deps,
+    job: &IngestObject,
+    tenant: &TenantId,
+    document: NodeId,
+    payload_ref: &str,
+    meta: &ObjectMeta,
+    extracted: &Extracted,
+    chunks: &[extract::Chunk],
+    before: Option<graph::DocumentState>,
+) -> Result<Outcome, JobError> {
+    let content_hash = extracted.content_hash();
+    let mut tx = deps.pool.begin().await?;
+    // Lock again inside the transaction: another attempt may have written since we looked.
+    let stored = graph::lock_document(&mut tx, document).await?;
+    let version = json!({
+        "version": meta.version,
+        "size": meta.size,
+        "updated": meta.updated,
+        "ingested_at": Utc::now(),
+        "event_time": job.event_time,
+        "source": job.source,
+    });
+    if let Some(stored) = &stored
+        && !stored.deleted
+        && stored.content_hash.as_deref() == Some(content_hash.as_str())
+    {
+        // Same text under a new version: record the version, keep chunks and embeddings.
+        graph::merge_props(&mut tx, document, &version).await?;
+        tx.commit().await?;
+        return Ok(Outcome::Unchanged);
+    }
+    let mut props = json!({
+        "title": extracted.title.clone().unwrap_or_else(|| job.key.rsplit('/').next().unwrap_or(&job.key).to_owned()),
+        "uri": payload_ref,
+        "key": job.key,
+        "provider": job.provider,
+        "content_hash": content_hash,
+        "mime_type": extracted.format.mime(),
+        "content_type": meta.content_type,
+        "chunk_count": chunks.len(),
+    });
+    if let (Some(props), Some(version)) = (props.as_object_mut(), version.as_object()) {
+        props.extend(version.clone());
+    }
+    graph::upsert_document(&mut tx, document, tenant.as_str(), &props, payload_ref).await?;
+
+    let existing = graph::chunks_of(&mut tx, document).await?;
+    let mut writes = Vec::with_capacity(chunks.len());
+    let mut to_embed = Vec::new();
+    for chunk in chunks {
+        let id = NodeId::chunk(document, chunk.index);
+        let text_hash = extract::hash_text(&chunk.text);
+        let unchanged = existing
+            .iter()
+            .any(|c| c.id == id.0 && c.text_hash.as_deref() == Some(text_hash.as_str()));
+        if !unchanged {
+            to_embed.push(EmbedNode {
+                node_id: id,
+                tenant_id: tenant.to_string(),
+                action: EmbedAction::Embed,
+            });
+        }
+        writes.push(ChunkWrite {
+            id,
+            embed: !unchanged,
+            props: json!({
+                "text": chunk.text,
+                "index": chunk.index,
+                "char_start": chunk.char_start,
+                "char_end": chunk.char_end,
+                "tokens": chunk.tokens,
+                "text_hash": text_hash,
+                "document_id": document,
+            }),
+        });
+    }
+    graph::write_chunks(&mut tx, document, tenant.as_str(), payload_ref, &writes).await?;
+    let keep: Vec<uuid::Uuid> = writes.iter().map(|w| w.id.0).collect();
+    let gone: Vec<uuid::Uuid> = existing
+        .iter()
+        .map(|c| c.id)
+        .filter(|id| !keep.contains(id))
+        .collect();
+    graph::remove_nodes(&mut tx, &gone).await?;
+    engine::enqueue_many(&mut tx, &to_embed).await?;
+    tx.commit().await?;
+    Ok(match before.or(stored) {
+        None => Outcome::Created,
+        Some(_) => Outcome::Updated,
+    })
+}

@@ -1,0 +1,108 @@
+//! SQL for backfill runs: one row per run, advanced by each page job in the transaction that enqueues the
+//! page's objects, so the counters always match the jobs that exist.
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, PgExecutor};
+use uuid::Uuid;
+
+use crate::error::Result;
+
+/// A backfill run.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct BackfillRun {
+    /// Run id.
+    pub id: Uuid,
+    /// Tenant.
+    pub tenant_id: String,
+    /// Provider.
+    pub provider: String,
+    /// Key prefix listed.
+    pub prefix: String,
+    /// Most objects to enqueue, if limited.
+    pub max_objects: Option<i64>,
+    /// Pages listed.
+    pub pages: i64,
+    /// Objects listed.
+    pub seen: i64,
+    /// Ingest jobs enqueued.
+    pub enqueued: i64,
+    /// Objects skipped because the same version was already queued.
+    pub skipped: i64,
+    /// running, completed or failed.
+    pub state: String,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// Started.
+    pub created_at: DateTime<Utc>,
+    /// Finished.
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// Records a new run.
+pub async fn create(
+    conn: &mut PgConnection,
+    id: Uuid,
+    tenant_id: &str,
+    provider: &str,
+    prefix: &str,
+    max_objects: Option<i64>,
+) -> Result<()> {
+    sqlx::query("INSERT INTO backfill_runs (id, tenant_id, provider, prefix, max_objects) VALUES ($1, $2, $3, $4, $5)")
+        .bind(id)
+        .bind(tenant_id)
+        .bind(provider)
+        .bind(prefix)
+        .bind(max_objects)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// A run, locked for update when `lock`.
+pub async fn get(conn: &mut PgConnection, id: Uuid, lock: bool) -> Result<Option<BackfillRun>> {
+    let sql = if lock {
+        "SELECT * FROM backfill_runs WHERE id = $1 FOR UPDATE"
+    } else {
+        "SELECT * FROM backfill_runs WHERE id = $1"
+    };
+    Ok(sqlx::query_as::<_, BackfillRun>(sql)
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await?)
+}
+
+/// Adds one page's counts; `finished` closes the run as completed.
+pub async fn advance(
+    conn: &mut PgConnection,
+    id: Uuid,
+    seen: i64,
+    enqueued: i64,
+    skipped: i64,
+    finished: bool,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE backfill_runs
+         SET pages = pages + 1, seen = seen + $2, enqueued = enqueued + $3, skipped = skipped + $4,
+             state = CASE WHEN $5 THEN 'completed' ELSE state END,
+             finished_at = CASE WHEN $5 THEN now() ELSE finished_at END
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(seen)
+    .bind(enqueued)
+    .bind(skipped)
+    .bind(finished)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Marks a run failed (its page job was dead-lettered).
+pub async fn fail<'e>(db: impl PgExecutor<'e>, id: Uuid, error: &str) -> Result<()> {
+    sqlx::query("UPDATE backfill_runs SET state = 'failed', error = $2, finished_at = now() WHERE id = $1 AND state = 'running'")
+        .bind(id)
+        .bind(error)
+        .execute(db)
+        .await?;
+    Ok(())
+}
