@@ -247,6 +247,9 @@ pub async fn run(
         registry: registry.clone(),
         sources: Arc::default(),
         max_file_bytes: settings.max_file_size_bytes,
+        sns: Arc::new(crate::webhooks::sns::CertFetcher::new(
+            settings.sns_cert_base_url.clone(),
+        )),
     };
     let state = ApiState::new(pool.clone(), settings.clone(), registry);
     let server = match (roles.api, listener) {

@@ -112,6 +112,15 @@ pub struct Settings {
     pub pubsub_oidc_audience: Option<String>,
     /// `PUBSUB_TCP_KEEPALIVE`: keepalive for the streaming subscriber.
     pub pubsub_tcp_keepalive: Duration,
+    /// `PUBSUB_OIDC_JWKS_URL`: where Google's token-signing keys are (tests point it elsewhere).
+    pub pubsub_oidc_jwks_url: String,
+    /// `PUBSUB_OIDC_EMAIL`: the service account pushes must come from, when set.
+    pub pubsub_oidc_email: Option<String>,
+    /// `ACTIVEKG_SNS_VERIFY`: check SNS signatures (on unless explicitly turned off).
+    pub sns_verify: bool,
+    /// `ACTIVEKG_SNS_CERT_BASE_URL`: fetch SNS certificates and confirmation URLs from this base instead of
+    /// AWS (for emulators; the URLs in messages are still checked against AWS's rules).
+    pub sns_cert_base_url: Option<String>,
     /// `CONNECTOR_KEK_V1..Vn` and `CONNECTOR_KEK_ACTIVE_VERSION`; `None` when no key is configured.
     pub kek: Option<KeyEncryptionKeys>,
     /// `CONNECTOR_MAX_FILE_SIZE_MB`, in bytes.
@@ -197,6 +206,20 @@ impl Settings {
                 .unwrap_or_else(|| "<unset>".to_owned()),
         );
         out.insert("PUBSUB_TCP_KEEPALIVE", seconds(self.pubsub_tcp_keepalive));
+        out.insert("PUBSUB_OIDC_JWKS_URL", self.pubsub_oidc_jwks_url.clone());
+        out.insert(
+            "PUBSUB_OIDC_EMAIL",
+            self.pubsub_oidc_email
+                .clone()
+                .unwrap_or_else(|| "<unset>".to_owned()),
+        );
+        out.insert("ACTIVEKG_SNS_VERIFY", self.sns_verify.to_string());
+        out.insert(
+            "ACTIVEKG_SNS_CERT_BASE_URL",
+            self.sns_cert_base_url
+                .clone()
+                .unwrap_or_else(|| "<unset: certificates come from AWS>".to_owned()),
+        );
         out.insert(
             "CONNECTOR_KEK_VERSIONS",
             self.kek.as_ref().map_or_else(
@@ -435,6 +458,28 @@ impl Env {
         let pubsub_verify_oidc = self.flag("PUBSUB_VERIFY_OIDC", false);
         let pubsub_oidc_audience = self.text("PUBSUB_OIDC_AUDIENCE");
         let pubsub_tcp_keepalive = self.seconds("PUBSUB_TCP_KEEPALIVE", 60.0, 1.0, 3600.0);
+        if pubsub_verify_oidc && pubsub_oidc_audience.is_none() {
+            self.problems.push(
+                "PUBSUB_OIDC_AUDIENCE is missing: PUBSUB_VERIFY_OIDC=true needs the audience your push subscription sets".to_owned(),
+            );
+        }
+        let pubsub_oidc_jwks_url = self
+            .text("PUBSUB_OIDC_JWKS_URL")
+            .unwrap_or_else(|| "https://www.googleapis.com/oauth2/v3/certs".to_owned());
+        let pubsub_oidc_email = self.text("PUBSUB_OIDC_EMAIL");
+        let sns_verify = self.flag("ACTIVEKG_SNS_VERIFY", true);
+        let sns_cert_base_url = self.text("ACTIVEKG_SNS_CERT_BASE_URL");
+        for (name, url) in [
+            ("PUBSUB_OIDC_JWKS_URL", Some(&pubsub_oidc_jwks_url)),
+            ("ACTIVEKG_SNS_CERT_BASE_URL", sns_cert_base_url.as_ref()),
+        ] {
+            if let Some(url) = url
+                && !(url.starts_with("https://") || url.starts_with("http://"))
+            {
+                self.problems
+                    .push(format!("{name}={url:?} is not an http(s) URL"));
+            }
+        }
         let kek = self.keys();
         let max_file_size_mb = self.number("CONNECTOR_MAX_FILE_SIZE_MB", 10, 1, 100_000);
         let embedding_tenant_max_pending =
@@ -494,6 +539,10 @@ impl Env {
             pubsub_verify_oidc,
             pubsub_oidc_audience,
             pubsub_tcp_keepalive,
+            pubsub_oidc_jwks_url,
+            pubsub_oidc_email,
+            sns_verify,
+            sns_cert_base_url,
             kek,
             max_file_size_bytes: u64::from(max_file_size_mb) * 1024 * 1024,
             embedding_tenant_max_pending,
@@ -634,6 +683,20 @@ mod tests {
             assert!(!debug.contains(secret), "{secret} leaked in {debug}");
         }
         assert!(debug.contains("<redacted>"));
+    }
+
+    #[test]
+    fn oidc_verification_needs_an_audience() {
+        let err = Settings::from_vars(production(&[("PUBSUB_VERIFY_OIDC", "true")])).unwrap_err();
+        assert!(
+            err.problems[0].starts_with("PUBSUB_OIDC_AUDIENCE is missing"),
+            "{err}"
+        );
+        let ok = Settings::from_vars(production(&[
+            ("PUBSUB_VERIFY_OIDC", "true"),
+            ("PUBSUB_OIDC_AUDIENCE", "https://kg.example/_webhooks/gcs"),
+        ]));
+        assert!(ok.is_ok());
     }
 
     #[test]

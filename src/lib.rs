@@ -6,11 +6,13 @@
 //! - [`app`]: composition root: database, migrations, and the roles (API, workers, scheduler) of a process.
 //! - [`cli`]: the command line (`serve`, `api`, `worker`, `scheduler`, `migrate`, `openapi`, admin verbs).
 //! - [`api`]: HTTP resources, OpenAPI and Swagger UI, auth, the one JSON error shape.
+//! - [`workflows`]: flows across rooms: verified storage events to committed ingest jobs.
 //! - [`jobs`]: the durable job engine ([`jobs::engine`]) and one file per job kind.
 //! - [`registry`]: tenants' connector configurations: validated, sealed at rest, redacted, cached.
 //! - [`store`]: all SQL: the pool, migrations, and queries per table family; the embedded database default.
 //! - [`connectors`]: per-provider configuration and the object sources (S3, GCS, local folder).
 //! - [`extract`]: text from PDF, DOCX, HTML, Markdown, text, JSON, CSV; chunks sized to the model's window.
+//! - [`webhooks`]: SNS and Pub/Sub push parsing and verification (signatures, tokens, OIDC).
 //! - [`crypto`]: the versioned Fernet keyring, sealed fields, rotation as a pure function.
 //! - [`domain`]: pure types: ids, providers, states.
 //! - [`config`], [`error`], [`metrics`]: settings from the environment, the error taxonomy, every metric.
@@ -28,3 +30,5 @@ pub mod jobs;
 pub mod metrics;
 pub mod registry;
 pub mod store;
+pub mod webhooks;
+pub mod workflows;

@@ -64,6 +64,14 @@ pub struct Metrics {
     pub worker_errors: IntCounterVec,
     /// Ingest duration (stat to commit), by provider.
     pub ingest_duration: HistogramVec,
+    /// Webhook authentication results, by provider and result (secret_ok, oidc_ok, signature_ok, skipped,
+    /// signature_invalid, token_missing, token_invalid, cert_url_invalid, cert_unavailable, keys_unavailable).
+    pub webhook_verify: IntCounterVec,
+    /// Webhook deliveries refused because the tenant's topic allowlist does not name the topic.
+    pub webhook_topic_rejected: IntCounterVec,
+    /// Webhook deliveries by provider and outcome (accepted, duplicate, ignored, no_connector, malformed,
+    /// rejected, test_event, subscription_confirmation).
+    pub webhook_events: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -218,6 +226,21 @@ impl Metrics {
                 "connector_ingest_duration_seconds",
                 "Time to ingest one object (stat, fetch, extract, chunk, write), by provider.",
                 &["provider"],
+            )?,
+            webhook_verify: counter(
+                "webhook_pubsub_verify_total",
+                "Webhook authentication results, by provider and result.",
+                &["provider", "result"],
+            )?,
+            webhook_topic_rejected: counter(
+                "webhook_topic_rejected_total",
+                "Webhook deliveries refused by a tenant's topic allowlist, by provider and tenant.",
+                &["provider", "tenant"],
+            )?,
+            webhook_events: counter(
+                "webhook_events_total",
+                "Webhook deliveries by provider and outcome.",
+                &["provider", "result"],
             )?,
             registry,
         })

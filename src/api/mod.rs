@@ -10,6 +10,7 @@ pub mod error;
 pub mod health;
 pub mod jobs;
 pub mod settings;
+pub mod webhooks;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -50,6 +51,8 @@ pub struct ApiState {
     pub gauges: Arc<GaugeSampler>,
     /// Connector configurations.
     pub registry: Arc<Registry>,
+    /// Webhook signature and token verification (with their key caches).
+    pub verifiers: Arc<webhooks::Verifiers>,
 }
 
 impl ApiState {
@@ -57,11 +60,12 @@ impl ApiState {
     pub fn new(pool: PgPool, settings: Arc<Settings>, registry: Arc<Registry>) -> Self {
         Self {
             pool,
-            settings,
             registry,
             started: Instant::now(),
             migrated: Arc::new(AtomicBool::new(false)),
             gauges: Arc::new(GaugeSampler::new(Duration::from_secs(5))),
+            verifiers: Arc::new(webhooks::Verifiers::new(&settings)),
+            settings,
         }
     }
 }
@@ -78,6 +82,7 @@ impl ApiState {
         (name = "system", description = "Health, readiness, metrics and configuration"),
         (name = "jobs", description = "Durable jobs: inspection, retry, cancel, dead-letter queue, queue statistics"),
         (name = "connectors", description = "Connector configurations (secrets encrypted, never returned) and key rotation"),
+        (name = "webhooks", description = "Storage events: S3 via SNS, GCS via Pub/Sub push"),
     )
 )]
 struct ApiDoc;
@@ -105,6 +110,7 @@ fn resources() -> OpenApiRouter<ApiState> {
         .merge(settings::router())
         .merge(jobs::router())
         .merge(connectors::router())
+        .merge(webhooks::router())
 }
 
 /// The OpenAPI document, generated from the same routers that serve requests.

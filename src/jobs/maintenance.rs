@@ -96,7 +96,8 @@ pub async fn rescue_orphans(
     }
 }
 
-/// Prunes finished jobs past retention, a batch (and a short statement) at a time. Returns how many went.
+/// Prunes finished jobs past retention, and webhook delivery ids older than a week, a batch (and a short
+/// statement) at a time. Returns how many jobs went.
 pub async fn prune_jobs(pool: &PgPool, settings: &JobSettings) -> crate::error::Result<u64> {
     let mut total = 0;
     loop {
@@ -104,9 +105,15 @@ pub async fn prune_jobs(pool: &PgPool, settings: &JobSettings) -> crate::error::
             store::prune(pool, settings.keep_completed, settings.keep_dead, BATCH).await?;
         total += deleted;
         if (deleted as i64) < BATCH {
-            return Ok(total);
+            break;
         }
     }
+    // Redeliveries come within hours; a week of delivery ids is ample.
+    while crate::store::webhooks::prune_deliveries(pool, Duration::from_secs(7 * 86_400), BATCH)
+        .await? as i64
+        >= BATCH
+    {}
+    Ok(total)
 }
 
 async fn run_rescue(_: RescueOrphans, cx: JobContext<Upkeep>) -> Result<(), JobError> {

@@ -4,6 +4,7 @@
 //! `connectors` and `extract`; it never queues work any other way than through [`engine::enqueue`].
 
 pub mod backfill_page;
+pub mod confirm_sns_subscription;
 pub mod embed_node;
 pub mod engine;
 pub mod ingest_object;
@@ -35,6 +36,8 @@ pub struct Deps {
     pub sources: Arc<Sources>,
     /// `CONNECTOR_MAX_FILE_SIZE_MB`, in bytes.
     pub max_file_bytes: u64,
+    /// Where SNS confirmations are sent from (redirected for emulators).
+    pub sns: Arc<crate::webhooks::sns::CertFetcher>,
 }
 
 /// Registers every kind whose queue is in `queues` (all when `None`).
@@ -54,6 +57,7 @@ pub fn register(runtime: &mut Runtime, deps: &Deps, queues: Option<&[String]>) {
             sources: deps.sources.clone(),
         };
         runtime.register(pages, backfill_page::run);
+        runtime.register(deps.sns.clone(), confirm_sns_subscription::run);
     }
     if wanted(maintenance::QUEUE) {
         maintenance::register(runtime, &deps.pool, &deps.settings);

@@ -84,6 +84,17 @@ pub enum LoadError {
     Database(#[from] Error),
 }
 
+/// A tenant whose connector reads a bucket, as event routing sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BucketSubscriber {
+    /// Tenant.
+    pub tenant_id: String,
+    /// Only keys under this prefix are the tenant's.
+    pub prefix: String,
+    /// Topics allowed to deliver (empty: any).
+    pub topic_allowlist: Vec<String>,
+}
+
 /// A row a rotation could not re-encrypt (left untouched).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RotationFailure {
@@ -300,6 +311,40 @@ impl Registry {
             .into_iter()
             .map(|row| self.summarize(row))
             .collect()
+    }
+
+    /// Every tenant whose `provider` connector reads `bucket`, with what event routing needs (prefix and
+    /// topic allowlist: no secrets, so nothing is decrypted).
+    pub async fn bucket_subscribers(
+        &self,
+        provider: Provider,
+        bucket: &str,
+    ) -> Result<Vec<BucketSubscriber>> {
+        Ok(store::by_bucket(&self.pool, provider, bucket)
+            .await?
+            .into_iter()
+            .map(|row| BucketSubscriber {
+                prefix: row
+                    .config
+                    .get("prefix")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned(),
+                topic_allowlist: row
+                    .config
+                    .get("topic_allowlist")
+                    .and_then(Value::as_array)
+                    .map(|topics| {
+                        topics
+                            .iter()
+                            .filter_map(Value::as_str)
+                            .map(str::to_owned)
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                tenant_id: row.tenant_id,
+            })
+            .collect())
     }
 
     /// A connector decrypted and typed, through the cache; `None` when the tenant has none.

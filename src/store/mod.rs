@@ -7,6 +7,7 @@ pub mod connectors;
 pub mod embedded;
 pub mod graph;
 pub mod jobs;
+pub mod webhooks;
 
 use std::str::FromStr;
 use std::time::{Duration, Instant};

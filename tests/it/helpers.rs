@@ -173,6 +173,7 @@ pub fn job_deps(pool: &PgPool, settings: &JobSettings) -> activekg::jobs::Deps {
         registry: registry(pool),
         sources: std::sync::Arc::default(),
         max_file_bytes: 10 * 1024 * 1024,
+        sns: std::sync::Arc::new(activekg::webhooks::sns::CertFetcher::new(None)),
     }
 }
 

@@ -22,3 +22,4 @@ mod jobs_engine;
 mod jobs_schedule;
 mod migrations;
 mod rotation;
+mod webhooks;

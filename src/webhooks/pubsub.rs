@@ -1,0 +1,204 @@
+//! Google Cloud Pub/Sub push deliveries of GCS object notifications: the envelope, the event types, and the
+//! shared-token check. (OIDC tokens are checked in [`super::oidc`].)
+
+use std::collections::HashMap;
+
+use base64::Engine as _;
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use subtle::ConstantTimeEq;
+
+use super::ObjectChange;
+use crate::domain::ChangeOp;
+
+#[derive(Debug, Deserialize)]
+struct Envelope {
+    message: PushMessage,
+    subscription: String,
+}
+
+/// Pub/Sub sends both spellings of some fields (`messageId` and `message_id`); serde aliases would call that
+/// a duplicate, so each spelling has its own field.
+#[derive(Debug, Deserialize)]
+struct PushMessage {
+    #[serde(default)]
+    data: Option<String>,
+    #[serde(default)]
+    attributes: HashMap<String, String>,
+    #[serde(rename = "messageId", default)]
+    message_id: Option<String>,
+    #[serde(rename = "message_id", default)]
+    message_id_snake: Option<String>,
+    #[serde(rename = "publishTime", default)]
+    publish_time: Option<DateTime<Utc>>,
+}
+
+/// A push delivery.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Push {
+    /// The subscription that pushed it (`projects/<p>/subscriptions/<s>`).
+    pub subscription: String,
+    /// Unique per message; redeliveries repeat it.
+    pub message_id: String,
+    /// The change it announces, or `None` for events that do not change content.
+    pub change: Option<ObjectChange>,
+    /// The event type as sent.
+    pub event_type: String,
+}
+
+/// Parses a push body into the change it announces.
+pub fn parse(body: &[u8]) -> Result<Push, String> {
+    let envelope: Envelope =
+        serde_json::from_slice(body).map_err(|e| format!("not a Pub/Sub push envelope: {e}"))?;
+    let message = envelope.message;
+    let message_id = message
+        .message_id
+        .clone()
+        .or_else(|| message.message_id_snake.clone())
+        .filter(|id| !id.is_empty() && id.len() <= 256)
+        .ok_or("messageId is missing, empty or too long")?;
+    if let Some(data) = &message.data {
+        // The payload (object metadata JSON) is optional; when present it must at least be base64.
+        base64::engine::general_purpose::STANDARD
+            .decode(data)
+            .map_err(|_| "message.data is not base64".to_owned())?;
+    }
+    let attribute = |name: &str| {
+        message
+            .attributes
+            .get(name)
+            .filter(|v| !v.is_empty())
+            .cloned()
+            .ok_or_else(|| format!("message.attributes.{name} is missing: not a GCS notification"))
+    };
+    let event_type = attribute("eventType")?;
+    let op = match event_type.as_str() {
+        "OBJECT_FINALIZE" | "OBJECT_METADATA_UPDATE" => Some(ChangeOp::Upsert),
+        "OBJECT_DELETE" | "OBJECT_ARCHIVE" => Some(ChangeOp::Delete),
+        _ => None,
+    };
+    let change = match op {
+        None => None,
+        Some(op) => {
+            let generation = message.attributes.get("objectGeneration").cloned();
+            if let Some(g) = &generation
+                && g.parse::<i64>().is_err()
+            {
+                return Err(format!("objectGeneration {g:?} is not a number"));
+            }
+            Some(ObjectChange {
+                bucket: attribute("bucketId")?,
+                key: attribute("objectId")?,
+                op,
+                // A delete of generation G and the upload of G are different changes.
+                version: generation.map(|g| {
+                    if op == ChangeOp::Delete {
+                        format!("{g}-deleted")
+                    } else {
+                        g
+                    }
+                }),
+                event_time: message
+                    .attributes
+                    .get("eventTime")
+                    .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+                    .map(|t| t.with_timezone(&Utc))
+                    .or(message.publish_time),
+            })
+        }
+    };
+    Ok(Push {
+        subscription: envelope.subscription,
+        message_id,
+        change,
+        event_type,
+    })
+}
+
+/// Constant-time comparison of a presented shared token with the configured one.
+pub fn token_matches(presented: &str, expected: &str) -> bool {
+    bool::from(presented.as_bytes().ct_eq(expected.as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shape the Pub/Sub emulator pushes for a fake-gcs-server upload.
+    fn push(event: &str, generation: &str) -> String {
+        format!(
+            r#"{{"message":{{"data":"eyJraW5kIjoic3RvcmFnZSNvYmplY3QifQ==","attributes":{{"bucketId":"acme-docs",
+            "objectId":"kb/a b.md","eventType":"{event}","objectGeneration":"{generation}",
+            "eventTime":"2026-11-29T12:00:00.000000Z","payloadFormat":"JSON_API_V1"}},"messageId":"1234",
+            "publishTime":"2026-11-29T12:00:01Z"}},"subscription":"projects/test-proj/subscriptions/push-sub"}}"#
+        )
+    }
+
+    #[test]
+    fn finalize_and_metadata_updates_are_upserts_of_that_generation() {
+        for event in ["OBJECT_FINALIZE", "OBJECT_METADATA_UPDATE"] {
+            let parsed = parse(push(event, "1717").as_bytes()).unwrap();
+            let change = parsed.change.unwrap();
+            assert_eq!(
+                (change.op, change.key.as_str(), change.version.as_deref()),
+                (ChangeOp::Upsert, "kb/a b.md", Some("1717"))
+            );
+            assert_eq!(
+                parsed.subscription,
+                "projects/test-proj/subscriptions/push-sub"
+            );
+        }
+    }
+
+    /// Recorded from the Pub/Sub emulator pushing a fake-gcs-server upload (note both id spellings).
+    const RECORDED: &str = r#"{"subscription":"projects\/test-proj\/subscriptions\/manual-sub","message":{"publishTime":"2026-11-29T14:22:20.954Z","data":"eyJraW5kIjoic3RvcmFnZSNvYmplY3QifQ==","publish_time":"2026-11-29T14:22:20.954Z","messageId":"1","attributes":{"objectGeneration":"1795962140935445","eventTime":"2026-11-29T14:22:20Z","bucketId":"evbucket","eventType":"OBJECT_FINALIZE","payloadFormat":"JSON_API_V1","objectId":"docs\/a b.txt"},"message_id":"1"}}"#;
+
+    #[test]
+    fn a_recorded_emulator_push_parses() {
+        let parsed = parse(RECORDED.as_bytes()).unwrap();
+        assert_eq!(parsed.message_id, "1");
+        let change = parsed.change.unwrap();
+        assert_eq!(
+            (change.bucket.as_str(), change.key.as_str()),
+            ("evbucket", "docs/a b.txt")
+        );
+        assert_eq!(change.version.as_deref(), Some("1795962140935445"));
+    }
+
+    #[test]
+    fn deletes_and_archives_are_deletes() {
+        for event in ["OBJECT_DELETE", "OBJECT_ARCHIVE"] {
+            let change = parse(push(event, "9").as_bytes()).unwrap().change.unwrap();
+            assert_eq!(
+                (change.op, change.version.as_deref()),
+                (ChangeOp::Delete, Some("9-deleted"))
+            );
+        }
+    }
+
+    #[test]
+    fn malformed_envelopes_say_what_is_missing() {
+        assert!(parse(b"{}").unwrap_err().contains("push envelope"));
+        let no_bucket = r#"{"message":{"attributes":{"eventType":"OBJECT_FINALIZE","objectId":"x"},"messageId":"1"},"subscription":"s"}"#;
+        assert!(
+            parse(no_bucket.as_bytes())
+                .unwrap_err()
+                .contains("bucketId")
+        );
+        let bad_generation = push("OBJECT_FINALIZE", "abc");
+        assert!(
+            parse(bad_generation.as_bytes())
+                .unwrap_err()
+                .contains("objectGeneration")
+        );
+        let bad_data = r#"{"message":{"data":"%%%","attributes":{"eventType":"OBJECT_FINALIZE"},"messageId":"1"},"subscription":"s"}"#;
+        assert!(parse(bad_data.as_bytes()).unwrap_err().contains("base64"));
+    }
+
+    #[test]
+    fn tokens_compare_exactly() {
+        assert!(token_matches("s3cret", "s3cret"));
+        assert!(!token_matches("s3cre", "s3cret"));
+        assert!(!token_matches("", "s3cret"));
+    }
+}
