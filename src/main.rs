@@ -7,7 +7,11 @@ use activekg::cli::{Cli, Command};
 use activekg::config::Settings;
 use clap::Parser;
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
+    single_threaded_model_calls();
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Serve);
     let settings = match Settings::from_env() {
@@ -35,6 +39,18 @@ fn main() -> ExitCode {
             eprintln!("activekg: {err}");
             ExitCode::from(err.exit_code())
         }
+    }
+}
+
+/// The local embedding model runs one single-threaded call per inference thread (see `embedding::local`);
+/// candle takes its thread count from RAYON_NUM_THREADS, read once when first used. An operator's own value
+/// wins.
+#[allow(unsafe_code)]
+fn single_threaded_model_calls() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        // SAFETY: called first thing in main, before the runtime or any other thread exists, so nothing can
+        // read or write the environment concurrently.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", "1") };
     }
 }
 

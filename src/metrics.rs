@@ -7,7 +7,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// The process's metrics.
@@ -32,6 +33,8 @@ pub struct Metrics {
     pub jobs_retried: IntCounterVec,
     /// Jobs dead-lettered, by kind.
     pub jobs_dead: IntCounterVec,
+    /// Jobs that waited for back-pressure without using an attempt, by kind.
+    pub jobs_snoozed: IntCounterVec,
     /// Jobs taken back from workers that stopped heartbeating, by kind.
     pub jobs_rescued: IntCounterVec,
     /// Attempt duration, by kind.
@@ -72,6 +75,14 @@ pub struct Metrics {
     /// Webhook deliveries by provider and outcome (accepted, duplicate, ignored, no_connector, malformed,
     /// rejected, test_event, subscription_confirmation).
     pub webhook_events: IntCounterVec,
+    /// Texts per embedding model call.
+    pub embedding_batch_size: Histogram,
+    /// Duration of one embedding model call (a whole batch).
+    pub embedding_call_duration: Histogram,
+    /// Texts embedded, by result (ok, rejected, unavailable, rate_limited).
+    pub embedding_texts: IntCounterVec,
+    /// Nodes embedded, by tenant and result (ready, skipped, failed).
+    pub embedding_nodes: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -101,6 +112,11 @@ impl Metrics {
                 registry.register(Box::new(metric.clone()))?;
                 Ok(metric)
             };
+        let single = |opts: HistogramOpts| -> prometheus::Result<Histogram> {
+            let metric = Histogram::with_opts(opts)?;
+            registry.register(Box::new(metric.clone()))?;
+            Ok(metric)
+        };
         Ok(Self {
             http_requests: counter(
                 "http_requests_total",
@@ -140,6 +156,11 @@ impl Metrics {
             jobs_retried: counter(
                 "activekg_jobs_retried_total",
                 "Failed attempts rescheduled with backoff, by kind.",
+                &["kind"],
+            )?,
+            jobs_snoozed: counter(
+                "activekg_jobs_snoozed_total",
+                "Jobs that could not start yet (back-pressure) and wait without using an attempt, by kind.",
                 &["kind"],
             )?,
             jobs_dead: counter(
@@ -241,6 +262,29 @@ impl Metrics {
                 "webhook_events_total",
                 "Webhook deliveries by provider and outcome.",
                 &["provider", "result"],
+            )?,
+            embedding_batch_size: single(
+                HistogramOpts::new("embedding_batch_size", "Texts per embedding model call.")
+                    .buckets(vec![
+                        1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0,
+                    ]),
+            )?,
+            embedding_call_duration: single(
+                HistogramOpts::new(
+                    "embedding_call_duration_seconds",
+                    "Duration of one embedding model call (a whole batch).",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+            )?,
+            embedding_texts: counter(
+                "embedding_texts_total",
+                "Texts embedded, by result (ok, rejected, unavailable, rate_limited).",
+                &["result"],
+            )?,
+            embedding_nodes: counter(
+                "embedding_nodes_total",
+                "Nodes whose embedding request ended, by tenant and result (ready, skipped, failed).",
+                &["tenant", "result"],
             )?,
             registry,
         })

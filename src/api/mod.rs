@@ -6,9 +6,11 @@
 
 pub mod auth;
 pub mod connectors;
+pub mod embedding;
 pub mod error;
 pub mod health;
 pub mod jobs;
+pub mod nodes;
 pub mod settings;
 pub mod webhooks;
 
@@ -53,12 +55,23 @@ pub struct ApiState {
     pub registry: Arc<Registry>,
     /// Webhook signature and token verification (with their key caches).
     pub verifiers: Arc<webhooks::Verifiers>,
+    /// The embedder (loaded on first search).
+    pub embeddings: Arc<crate::embedding::Service>,
+    /// How search finds neighbours; set once migrations are applied.
+    pub vector_index: Arc<std::sync::OnceLock<crate::store::embeddings::VectorIndex>>,
 }
 
 impl ApiState {
     /// State for a process that has not migrated yet.
-    pub fn new(pool: PgPool, settings: Arc<Settings>, registry: Arc<Registry>) -> Self {
+    pub fn new(
+        pool: PgPool,
+        settings: Arc<Settings>,
+        registry: Arc<Registry>,
+        embeddings: Arc<crate::embedding::Service>,
+    ) -> Self {
         Self {
+            embeddings,
+            vector_index: Arc::default(),
             pool,
             registry,
             started: Instant::now(),
@@ -74,8 +87,8 @@ impl ApiState {
 #[openapi(
     info(
         title = "activekg",
-        description = "Keeps a knowledge graph in sync with documents in cloud storage. Admin routes \
-                       (`/_admin/*`) need `Authorization: Bearer $ADMIN_TOKEN`."
+        description = "Keeps a knowledge graph in sync with documents in cloud storage. Admin and data routes \
+                       (`/_admin/*`, `/admin/*`, `/nodes`, `/search`) need `Authorization: Bearer $ADMIN_TOKEN`."
     ),
     modifiers(&BearerAuth),
     tags(
@@ -83,6 +96,8 @@ impl ApiState {
         (name = "jobs", description = "Durable jobs: inspection, retry, cancel, dead-letter queue, queue statistics"),
         (name = "connectors", description = "Connector configurations (secrets encrypted, never returned) and key rotation"),
         (name = "webhooks", description = "Storage events: S3 via SNS, GCS via Pub/Sub push"),
+        (name = "nodes", description = "Graph nodes with their embedding status, and similarity search"),
+        (name = "embedding", description = "The embedding pipeline: status and requeue"),
     )
 )]
 struct ApiDoc;
@@ -111,6 +126,8 @@ fn resources() -> OpenApiRouter<ApiState> {
         .merge(jobs::router())
         .merge(connectors::router())
         .merge(webhooks::router())
+        .merge(nodes::router())
+        .merge(embedding::router())
 }
 
 /// The OpenAPI document, generated from the same routers that serve requests.

@@ -8,6 +8,6 @@ mod provider;
 mod tenant;
 
 pub use job::{AttemptError, JobId, JobState};
-pub use node::{ChangeOp, NodeId};
+pub use node::{ChangeOp, EmbeddingStatus, NodeId};
 pub use provider::Provider;
 pub use tenant::TenantId;

@@ -52,6 +52,67 @@ impl fmt::Display for ChangeOp {
     }
 }
 
+/// Where a node's embedding is: `queued` -> `processing` -> `ready`; `failed` once its retries are spent;
+/// `skipped` when it has no text to embed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EmbeddingStatus {
+    /// Waiting for a worker (or for a retry).
+    Queued,
+    /// A worker has it.
+    Processing,
+    /// Its vector is stored.
+    Ready,
+    /// Its attempts ran out, or it was refused; `embedding_error` says why.
+    Failed,
+    /// Nothing to embed.
+    Skipped,
+}
+
+impl EmbeddingStatus {
+    /// Every status, in lifecycle order.
+    pub const ALL: [EmbeddingStatus; 5] = [
+        EmbeddingStatus::Queued,
+        EmbeddingStatus::Processing,
+        EmbeddingStatus::Ready,
+        EmbeddingStatus::Failed,
+        EmbeddingStatus::Skipped,
+    ];
+
+    /// Its name as stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EmbeddingStatus::Queued => "queued",
+            EmbeddingStatus::Processing => "processing",
+            EmbeddingStatus::Ready => "ready",
+            EmbeddingStatus::Failed => "failed",
+            EmbeddingStatus::Skipped => "skipped",
+        }
+    }
+}
+
+impl fmt::Display for EmbeddingStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for EmbeddingStatus {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        EmbeddingStatus::ALL
+            .into_iter()
+            .find(|status| status.as_str() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown embedding status {s:?}: expected one of {}",
+                    EmbeddingStatus::ALL.map(EmbeddingStatus::as_str).join(", ")
+                )
+            })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

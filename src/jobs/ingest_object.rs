@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sqlx::PgPool;
 
-use super::embed_node::{EmbedAction, EmbedNode};
+use super::embed_node::{Caps, EmbedAction, EmbedNode, Room};
 use super::engine::{self, Backoff, Job, JobContext, JobError, Policy, Uniqueness};
 use crate::connectors::{ObjectMeta, ObjectSource, SourceError, Sources};
 use crate::domain::{ChangeOp, NodeId, Provider, TenantId};
@@ -91,7 +91,12 @@ pub struct Deps {
     pub sources: Arc<Sources>,
     /// `CONNECTOR_MAX_FILE_SIZE_MB`, in bytes.
     pub max_file_bytes: u64,
+    /// Pending-embedding caps: over them, ingest waits (without using attempts) rather than queue more.
+    pub embedding_caps: Caps,
 }
+
+/// How long an ingest waits before looking at the embedding backlog again.
+const BACKLOG_WAIT: Duration = Duration::from_secs(15);
 
 /// What an ingest did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,7 +123,7 @@ fn error_type(err: &JobError) -> &'static str {
     let code = match err {
         JobError::Permanent { code, .. } => Some(code.as_str()),
         JobError::Transient { code, .. } => code.as_deref(),
-        JobError::RetryAfter { .. } => None,
+        JobError::RetryAfter { .. } | JobError::Snooze { .. } => None,
     };
     match code {
         Some("no_config" | "config_unreadable") => "no_config",
@@ -143,6 +148,8 @@ pub async fn run(job: IngestObject, cx: JobContext<Deps>) -> Result<(), JobError
                 .observe(started.elapsed().as_secs_f64());
             tracing::debug!(tenant = %job.tenant_id, provider = %job.provider, key = %job.key, outcome = outcome.label(), "ingested");
         }
+        // Waiting for the embedding backlog to drain is not an ingest failure.
+        Err(JobError::Snooze { .. }) => {}
         Err(err) => {
             m.ingest_errors
                 .with_label_values(&[&job.provider, &job.tenant_id])
@@ -228,6 +235,14 @@ async fn ingest(job: &IngestObject, deps: &Deps) -> Result<Outcome, JobError> {
     {
         return Ok(Outcome::Unchanged);
     }
+    let mut conn = deps.pool.acquire().await?;
+    if let Room::Limited(0, why) = deps.embedding_caps.room(&mut conn, tenant.as_str()).await? {
+        return Err(JobError::snooze(
+            BACKLOG_WAIT,
+            format!("waiting for the embedding backlog: {why}"),
+        ));
+    }
+    drop(conn);
     if meta.size > deps.max_file_bytes {
         return Err(JobError::permanent(
             "too_large",

@@ -1,7 +1,7 @@
 //! Job kinds, one file each: arguments, policy and handler. The [`engine`] runs them.
 //!
 //! Only `jobs/`, `workflows/` and `app` touch apalis. A kind's handler calls into `store`, `registry`,
-//! `connectors` and `extract`; it never queues work any other way than through [`engine::enqueue`].
+//! `connectors`, `extract` and `embedding`; it never queues work any other way than through [`engine::enqueue`].
 
 pub mod backfill_page;
 pub mod confirm_sns_subscription;
@@ -38,6 +38,10 @@ pub struct Deps {
     pub max_file_bytes: u64,
     /// Where SNS confirmations are sent from (redirected for emulators).
     pub sns: Arc<crate::webhooks::sns::CertFetcher>,
+    /// The embedder.
+    pub embeddings: Arc<crate::embedding::Service>,
+    /// Pending-embedding caps.
+    pub embedding_caps: embed_node::Caps,
 }
 
 /// Registers every kind whose queue is in `queues` (all when `None`).
@@ -49,6 +53,7 @@ pub fn register(runtime: &mut Runtime, deps: &Deps, queues: Option<&[String]>) {
             registry: deps.registry.clone(),
             sources: deps.sources.clone(),
             max_file_bytes: deps.max_file_bytes,
+            embedding_caps: deps.embedding_caps,
         };
         runtime.register(ingest, ingest_object::run);
         let pages = backfill_page::Deps {
@@ -58,6 +63,13 @@ pub fn register(runtime: &mut Runtime, deps: &Deps, queues: Option<&[String]>) {
         };
         runtime.register(pages, backfill_page::run);
         runtime.register(deps.sns.clone(), confirm_sns_subscription::run);
+    }
+    if wanted(embed_node::QUEUE) {
+        let embed = embed_node::Deps {
+            pool: deps.pool.clone(),
+            embeddings: deps.embeddings.clone(),
+        };
+        runtime.register(embed, embed_node::run);
     }
     if wanted(maintenance::QUEUE) {
         maintenance::register(runtime, &deps.pool, &deps.settings);

@@ -35,6 +35,8 @@ pub struct NewJob {
     pub unique_key: Option<String>,
     /// Whether the key is released when the job finishes (true) or kept while the row exists (false).
     pub unique_while_active: bool,
+    /// Whether the key is released as soon as a worker claims the job (implies `unique_while_active`).
+    pub unique_while_pending: bool,
     /// The tenant the job works for, when it has one.
     pub tenant_id: Option<String>,
     /// The storage provider the job works on, when it has one.
@@ -66,6 +68,7 @@ pub async fn insert(conn: &mut PgConnection, jobs: &[NewJob]) -> Result<Vec<Enqu
     let mut run_ats = Vec::with_capacity(jobs.len());
     let mut keys = Vec::with_capacity(jobs.len());
     let mut while_active = Vec::with_capacity(jobs.len());
+    let mut while_pending = Vec::with_capacity(jobs.len());
     let mut tenants = Vec::with_capacity(jobs.len());
     let mut providers = Vec::with_capacity(jobs.len());
     for job in jobs {
@@ -76,7 +79,8 @@ pub async fn insert(conn: &mut PgConnection, jobs: &[NewJob]) -> Result<Vec<Enqu
         max_attempts.push(job.max_attempts);
         run_ats.push(job.run_at);
         keys.push(job.unique_key.as_deref());
-        while_active.push(job.unique_while_active);
+        while_active.push(job.unique_while_active || job.unique_while_pending);
+        while_pending.push(job.unique_while_pending);
         tenants.push(job.tenant_id.as_deref());
         providers.push(job.provider.as_deref());
     }
@@ -87,15 +91,15 @@ pub async fn insert(conn: &mut PgConnection, jobs: &[NewJob]) -> Result<Vec<Enqu
         WITH input AS (
             SELECT t.*, nextval(pg_get_serial_sequence('jobs', 'id')) AS id
             FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::int2[], $5::int4[], $6::timestamptz[],
-                        $7::text[], $8::bool[], $9::text[], $10::text[])
+                        $7::text[], $8::bool[], $9::text[], $10::text[], $12::bool[])
                  WITH ORDINALITY AS t(kind, queue, args, priority, max_attempts, run_at, unique_key,
-                                      unique_while_active, tenant_id, provider, ord)
+                                      unique_while_active, tenant_id, provider, unique_while_pending, ord)
         ),
         inserted AS (
             INSERT INTO jobs (id, kind, queue, args, priority, max_attempts, run_at, unique_key,
-                              unique_while_active, tenant_id, provider)
+                              unique_while_active, tenant_id, provider, unique_while_pending)
             SELECT id, kind, queue, args, priority, max_attempts, COALESCE(run_at, now()), unique_key,
-                   unique_while_active, tenant_id, provider
+                   unique_while_active, tenant_id, provider, unique_while_pending
             FROM input
             ORDER BY ord
             ON CONFLICT (kind, unique_key) WHERE unique_key IS NOT NULL DO NOTHING
@@ -121,6 +125,7 @@ pub async fn insert(conn: &mut PgConnection, jobs: &[NewJob]) -> Result<Vec<Enqu
     .bind(&tenants)
     .bind(&providers)
     .bind(NOTIFY_CHANNEL)
+    .bind(&while_pending)
     .fetch_all(&mut *conn)
     .await?;
 
@@ -206,7 +211,8 @@ pub async fn claim<'e>(
             FOR UPDATE SKIP LOCKED
         )
         UPDATE jobs j
-        SET state = 'running', attempt = j.attempt + 1, attempted_at = now(), locked_by = $2
+        SET state = 'running', attempt = j.attempt + 1, attempted_at = now(), locked_by = $2,
+                unique_key = CASE WHEN j.unique_while_pending THEN NULL ELSE j.unique_key END
         FROM next
         WHERE j.id = next.id
         RETURNING j.id, j.args, j.attempt, j.max_attempts, j.enqueued_at, j.run_at, j.attempted_at, j.progress
@@ -262,7 +268,8 @@ pub async fn claim_fair<'e>(
         ),
         claimed AS (
             UPDATE jobs j
-            SET state = 'running', attempt = j.attempt + 1, attempted_at = now(), locked_by = $2
+            SET state = 'running', attempt = j.attempt + 1, attempted_at = now(), locked_by = $2,
+                unique_key = CASE WHEN j.unique_while_pending THEN NULL ELSE j.unique_key END
             FROM next
             WHERE j.id = next.id
             RETURNING j.id, j.args, j.attempt, j.max_attempts, j.enqueued_at, j.run_at, j.attempted_at, j.progress
@@ -318,6 +325,11 @@ pub enum Finish {
         /// What went wrong.
         error: AttemptError,
     },
+    /// Could not start yet: run again after `delay`, with the attempt given back.
+    Snooze {
+        /// How long to wait.
+        delay: std::time::Duration,
+    },
 }
 
 /// One attempt's result, applied by [`finish`].
@@ -344,6 +356,7 @@ pub async fn finish<'e>(
     let mut states = Vec::with_capacity(completions.len());
     let mut delays: Vec<Option<f64>> = Vec::with_capacity(completions.len());
     let mut errors: Vec<Option<Value>> = Vec::with_capacity(completions.len());
+    let mut give_back = Vec::with_capacity(completions.len());
     for c in completions {
         ids.push(c.id.0);
         attempts.push(c.attempt);
@@ -351,7 +364,9 @@ pub async fn finish<'e>(
             Finish::Completed => ("completed", None, None),
             Finish::Retry { delay, error } => ("available", Some(delay.as_secs_f64()), Some(error)),
             Finish::Dead { error } => ("dead", None, Some(error)),
+            Finish::Snooze { delay } => ("available", Some(delay.as_secs_f64()), None),
         };
+        give_back.push(matches!(c.finish, Finish::Snooze { .. }));
         states.push(state);
         delays.push(delay);
         errors.push(error.map(|e| serde_json::to_value(e).unwrap_or(Value::Null)));
@@ -362,11 +377,12 @@ pub async fn finish<'e>(
     let rows: Vec<(i64,)> = sqlx::query_as(
         r#"
         WITH c AS (
-            SELECT * FROM unnest($1::int8[], $2::int4[], $3::text[], $4::float8[], $5::jsonb[])
-                AS c(id, attempt, state, delay, error)
+            SELECT * FROM unnest($1::int8[], $2::int4[], $3::text[], $4::float8[], $5::jsonb[], $7::bool[])
+                AS c(id, attempt, state, delay, error, give_back)
         )
         UPDATE jobs j
         SET state = c.state,
+            attempt = CASE WHEN c.give_back THEN j.attempt - 1 ELSE j.attempt END,
             run_at = CASE WHEN c.delay IS NULL THEN j.run_at ELSE now() + make_interval(secs => c.delay) END,
             finished_at = CASE WHEN c.state = 'available' THEN NULL ELSE now() END,
             locked_by = NULL,
@@ -383,6 +399,7 @@ pub async fn finish<'e>(
     .bind(&delays)
     .bind(&errors)
     .bind(worker)
+    .bind(&give_back)
     .persistent(false)
     .fetch_all(db)
     .await?;

@@ -5,8 +5,10 @@
 pub mod backfill;
 pub mod connectors;
 pub mod embedded;
+pub mod embeddings;
 pub mod graph;
 pub mod jobs;
+pub mod nodes;
 pub mod webhooks;
 
 use std::str::FromStr;

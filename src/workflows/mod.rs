@@ -1,4 +1,7 @@
-//! Multi-step flows built from jobs and the rooms below them. Today: [`intake`], which turns verified
-//! storage events into `ingest_object` jobs.
+//! Multi-step flows built from jobs and the rooms below them: [`intake`] turns verified storage events into
+//! `ingest_object` jobs; [`nodes`] creates nodes with their embedding jobs under the pending caps;
+//! [`embeddings`] reports on, requeues and searches the embeddings.
 
+pub mod embeddings;
 pub mod intake;
+pub mod nodes;

@@ -89,6 +89,8 @@ impl TestDb {
             store::migrate(&pool)
                 .await
                 .expect("migrations apply to a fresh database");
+            // What start-up adds when the server has pgvector, so clones have it without an app.
+            store::embeddings::prepare(&pool).await;
             pool.close().await;
             sqlx::query(AssertSqlSafe(format!(
                 "ALTER DATABASE {building} RENAME TO {template}"
@@ -174,7 +176,30 @@ pub fn job_deps(pool: &PgPool, settings: &JobSettings) -> activekg::jobs::Deps {
         sources: std::sync::Arc::default(),
         max_file_bytes: 10 * 1024 * 1024,
         sns: std::sync::Arc::new(activekg::webhooks::sns::CertFetcher::new(None)),
+        embeddings: std::sync::Arc::new(activekg::embedding::Service::new(hash_embedding())),
+        embedding_caps: activekg::jobs::embed_node::Caps {
+            tenant: 0,
+            total: 0,
+        },
     }
+}
+
+/// Embedding settings for the model-free `hash` embedder.
+pub fn hash_embedding() -> activekg::config::EmbeddingSettings {
+    settings_from(&[("EMBEDDING_BACKEND", "hash")]).embedding
+}
+
+/// Settings parsed from `vars` on top of a production-like base (no database needed).
+pub fn settings_from(vars: &[(&str, &str)]) -> Settings {
+    let mut all: Vec<(String, String)> = vec![
+        (
+            "ACTIVEKG_DSN".into(),
+            "postgres://unused@127.0.0.1:1/unused".into(),
+        ),
+        ("CONNECTOR_KEK_V1".into(), KEK.into()),
+    ];
+    all.extend(vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+    Settings::from_vars(all).expect("valid settings")
 }
 
 /// Job settings suited to tests: fast polling, short timeouts.
@@ -198,6 +223,8 @@ pub fn settings(db: &TestDb, extra: &[(&str, &str)]) -> Settings {
         ("ACTIVEKG_LISTEN".into(), "127.0.0.1:0".into()),
         ("CONNECTOR_WORKER_POLL_INTERVAL".into(), "0.2".into()),
         ("ACTIVEKG_JOBS_ORPHAN_TIMEOUT_SECONDS".into(), "3".into()),
+        // Model-free by default; tests of the real model ask for EMBEDDING_BACKEND=local.
+        ("EMBEDDING_BACKEND".into(), "hash".into()),
     ];
     vars.extend(
         extra

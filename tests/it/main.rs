@@ -11,6 +11,7 @@ mod cli;
 mod connectors_api;
 mod connectors_conformance;
 mod embedded;
+mod embeddings;
 mod emulators;
 mod extract;
 mod fixtures;

@@ -59,8 +59,13 @@ pub trait Job: Serialize + DeserializeOwned + Send + Sync + Unpin + 'static {
 pub enum Uniqueness {
     /// For as long as the job row exists (until pruned): "this exact change was already queued".
     Retained,
-    /// Only while the job is pending, scheduled or running: "one pending job per node".
+    /// Only while the job is pending, scheduled or running: "one at a time".
     WhileActive,
+    /// Only until a worker claims it: "one pending job per node". A request made while the job runs
+    /// queues a new one, so a change that lands during a run is never lost (the running attempt may have
+    /// read the old state). A job that is retried does not take its key back, so a retry and a newer
+    /// request may both be pending; handlers of such kinds must be idempotent.
+    WhilePending,
 }
 
 /// A kind's execution policy.
@@ -161,6 +166,14 @@ pub enum JobError {
         /// What happened.
         message: String,
     },
+    /// Not a failure: the job cannot start yet (back-pressure from a downstream queue). It runs again after
+    /// `after` and the attempt is given back, so waiting never exhausts the attempt budget.
+    Snooze {
+        /// How long to wait.
+        after: Duration,
+        /// Why it waits.
+        reason: String,
+    },
 }
 
 impl JobError {
@@ -195,6 +208,14 @@ impl JobError {
             message: message.to_string(),
         }
     }
+
+    /// Wait `after` without using up an attempt.
+    pub fn snooze(after: Duration, reason: impl fmt::Display) -> Self {
+        Self::Snooze {
+            after,
+            reason: reason.to_string(),
+        }
+    }
 }
 
 impl fmt::Display for JobError {
@@ -212,6 +233,7 @@ impl fmt::Display for JobError {
             JobError::RetryAfter { after, message } => {
                 write!(f, "retry after {after:?}: {message}")
             }
+            JobError::Snooze { after, reason } => write!(f, "waiting {after:?}: {reason}"),
         }
     }
 }
@@ -295,6 +317,7 @@ fn new_job<J: Job>(job: &J, run_at: Option<DateTime<Utc>>) -> Result<NewJob> {
         run_at,
         unique_key: job.unique_key(),
         unique_while_active: policy.uniqueness == Uniqueness::WhileActive,
+        unique_while_pending: policy.uniqueness == Uniqueness::WhilePending,
         tenant_id: job.tenant_id().map(str::to_owned),
         provider: job.provider().map(str::to_owned),
     })

@@ -187,7 +187,23 @@ where
 
             let failure = match result {
                 Ok(Ok(Ok(_))) => None,
-                Ok(Ok(Err(err))) => Some(classify(err.into())),
+                Ok(Ok(Err(err))) => match classify(err.into()) {
+                    Classified::Snooze { after, reason } => {
+                        metrics().jobs_snoozed.with_label_values(&[J::KIND]).inc();
+                        tracing::debug!(kind = J::KIND, id = %claim.id, wait = ?after, %reason, "job snoozed");
+                        reporter
+                            .completer
+                            .send(Completion {
+                                id: claim.id,
+                                attempt: i32::try_from(claim.attempt).unwrap_or(i32::MAX),
+                                finish: Finish::Snooze { delay: after },
+                            })
+                            .await;
+                        drop(permit);
+                        return Ok(());
+                    }
+                    Classified::Failure(failure) => Some(failure),
+                },
                 Ok(Err(panic)) => Some(Failure {
                     class: "panic",
                     code: None,
@@ -246,10 +262,20 @@ pub(crate) struct Failure {
     pub(crate) retry_after: Option<Duration>,
 }
 
+/// What a handler's error means for the job.
+#[derive(Debug)]
+pub(crate) enum Classified {
+    /// A failed attempt.
+    Failure(Failure),
+    /// Not a failure: run again later with the attempt given back.
+    Snooze { after: Duration, reason: String },
+}
+
 /// Reads a handler's error: our [`JobError`] says what it is; anything else is assumed transient.
-pub(crate) fn classify(err: BoxDynError) -> Failure {
-    match err.downcast::<JobError>() {
+pub(crate) fn classify(err: BoxDynError) -> Classified {
+    let failure = match err.downcast::<JobError>() {
         Ok(job_error) => match *job_error {
+            JobError::Snooze { after, reason } => return Classified::Snooze { after, reason },
             JobError::Permanent { code, message } => Failure {
                 class: "permanent",
                 code: Some(code),
@@ -279,7 +305,8 @@ pub(crate) fn classify(err: BoxDynError) -> Failure {
             permanent: false,
             retry_after: None,
         },
-    }
+    };
+    Classified::Failure(failure)
 }
 
 /// Applies the policy: dead letter for a permanent failure or the last attempt, else retry after the
@@ -382,7 +409,7 @@ mod tests {
     }
 
     fn failure(err: JobError) -> Failure {
-        classify(Box::new(err))
+        failure_of(Box::new(err))
     }
 
     #[test]
@@ -439,8 +466,26 @@ mod tests {
 
     #[test]
     fn foreign_errors_count_as_transient() {
-        let f = classify("connection reset".into());
+        let f = failure_of("connection reset".into());
         assert_eq!((f.class, f.permanent), ("transient", false));
+    }
+
+    fn failure_of(err: BoxDynError) -> Failure {
+        match classify(err) {
+            Classified::Failure(failure) => failure,
+            other => panic!("expected a failure, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_snooze_is_not_a_failure() {
+        let classified = classify(Box::new(JobError::snooze(
+            Duration::from_secs(5),
+            "downstream is full",
+        )));
+        assert!(
+            matches!(classified, Classified::Snooze { after, .. } if after == Duration::from_secs(5))
+        );
     }
 
     #[test]

@@ -126,6 +126,7 @@ impl Scheduler {
             let mut job = new_job(&make(tick), None)?;
             job.unique_key = Some(format!("{schedule_name}@{}", tick.to_rfc3339()));
             job.unique_while_active = false;
+            job.unique_while_pending = false;
             Ok(job)
         });
         self.entries.push(Entry {
