@@ -209,7 +209,7 @@ impl Background {
         }
         if roles.scheduler && settings.run_scheduler {
             let mut schedules = Scheduler::new(pool.clone());
-            jobs::schedule(&mut schedules, &settings.jobs);
+            jobs::schedule(&mut schedules, settings);
             tracing::info!(schedules = ?schedules.schedules(), "scheduler running");
             let running = schedules
                 .start(self.schedule_stop.clone())

@@ -180,6 +180,8 @@ pub struct Settings {
     pub purger_batch_size: u32,
     /// `PURGER_RETENTION_DAYS`.
     pub purger_retention_days: u32,
+    /// `PURGER_SCHEDULE`: when the purger runs (cron, UTC; default `0 2 * * *`).
+    pub purger_schedule: crate::domain::CronExpr,
     /// Job engine settings.
     pub jobs: JobSettings,
     /// `ACTIVEKG_LOG_FORMAT`: `text` or `json`.
@@ -311,6 +313,7 @@ impl Settings {
             "PURGER_RETENTION_DAYS",
             self.purger_retention_days.to_string(),
         );
+        out.insert("PURGER_SCHEDULE", self.purger_schedule.source().to_owned());
         out.insert(
             "CONNECTOR_WORKER_BATCH_SIZE",
             self.jobs.batch_size.to_string(),
@@ -616,6 +619,14 @@ impl Env {
         let embedding = self.embedding(&data_dir);
         let purger_batch_size = self.number("PURGER_BATCH_SIZE", 500, 1, 100_000);
         let purger_retention_days = self.number("PURGER_RETENTION_DAYS", 30, 0, 36_500);
+        let purger_schedule = match self.text("PURGER_SCHEDULE").as_deref().map(str::parse) {
+            None => "0 2 * * *".parse().expect("the default schedule is valid"),
+            Some(Ok(cron)) => cron,
+            Some(Err(e)) => {
+                self.problems.push(format!("PURGER_SCHEDULE: {e}"));
+                "0 2 * * *".parse().expect("the default schedule is valid")
+            }
+        };
         let jobs = JobSettings {
             batch_size: self.number("CONNECTOR_WORKER_BATCH_SIZE", 10, 1, 1000),
             poll_interval: self.seconds("CONNECTOR_WORKER_POLL_INTERVAL", 1.0, 0.01, 3600.0),
@@ -678,6 +689,7 @@ impl Env {
             embedding,
             purger_batch_size,
             purger_retention_days,
+            purger_schedule,
             jobs,
             log_json,
         })
@@ -731,6 +743,7 @@ mod tests {
         assert_eq!(s.jobs.poll_interval, Duration::from_secs(1));
         assert_eq!(s.purger_batch_size, 500);
         assert_eq!(s.purger_retention_days, 30);
+        assert_eq!(s.purger_schedule.source(), "0 2 * * *");
         assert_eq!(s.max_file_size_bytes, 10 * 1024 * 1024);
         assert_eq!(s.embedding.tenant_max_pending, 2000);
         assert_eq!(s.embedding.backend, EmbeddingBackend::Local);
@@ -787,11 +800,13 @@ mod tests {
             ("PURGER_BATCH_SIZE", "0"),
             ("RUN_SCHEDULER", "maybe"),
             ("CONNECTOR_WORKER_POLL_INTERVAL", "-1"),
+            ("PURGER_SCHEDULE", "at two"),
         ]))
         .unwrap_err();
         let text = err.to_string();
         for name in [
             "PURGER_BATCH_SIZE",
+            "PURGER_SCHEDULE",
             "RUN_SCHEDULER",
             "CONNECTOR_WORKER_POLL_INTERVAL",
         ] {

@@ -83,6 +83,16 @@ pub struct Metrics {
     pub embedding_texts: IntCounterVec,
     /// Nodes embedded, by tenant and result (ready, skipped, failed).
     pub embedding_nodes: IntCounterVec,
+    /// Purger executions, by result (success, error, dry_run).
+    pub purger: IntCounterVec,
+    /// Duration of a purge run (an attempt, from start or resume to its end).
+    pub purger_duration: Histogram,
+    /// Rows hard-deleted by the purger, by kind (document, chunk, edge).
+    pub purged: IntCounterVec,
+    /// Pub/Sub messages the GCS subscriber handled, by result (acked, nacked, ignored).
+    pub pubsub_messages: IntCounterVec,
+    /// Poll passes over buckets without notifications, by provider and result (started, completed, failed).
+    pub poller_runs: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -285,6 +295,33 @@ impl Metrics {
                 "embedding_nodes_total",
                 "Nodes whose embedding request ended, by tenant and result (ready, skipped, failed).",
                 &["tenant", "result"],
+            )?,
+            purger: counter(
+                "connector_purger_total",
+                "Purger executions, by result (success, error, dry_run).",
+                &["result"],
+            )?,
+            purger_duration: single(
+                HistogramOpts::new(
+                    "connector_purger_duration_seconds",
+                    "Duration of a purge run.",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+            )?,
+            purged: counter(
+                "connector_purger_deleted_total",
+                "Rows hard-deleted by the purger, by kind (document, chunk, edge).",
+                &["kind"],
+            )?,
+            pubsub_messages: counter(
+                "connector_pubsub_messages_total",
+                "Pub/Sub messages the GCS subscriber handled, by result (acked, nacked, ignored).",
+                &["result"],
+            )?,
+            poller_runs: counter(
+                "connector_poller_runs_total",
+                "Poll passes over buckets without notifications, by provider and result (started, completed, failed).",
+                &["provider", "result"],
             )?,
             registry,
         })

@@ -16,6 +16,7 @@ use super::error::{ApiError, ErrorBody};
 use crate::domain::{Provider, TenantId};
 use crate::jobs::backfill_page;
 use crate::jobs::engine;
+use crate::jobs::purge_deleted::{self, PurgeDeleted};
 use crate::jobs::rotate_keys::RotateKeys;
 use crate::registry::ConnectorSummary;
 use crate::store::connectors::RotationScope;
@@ -24,6 +25,7 @@ pub(super) fn router() -> OpenApiRouter<ApiState> {
     OpenApiRouter::new()
         .routes(routes!(list_connectors))
         .routes(routes!(rotate_keys))
+        .routes(routes!(purge_deleted))
         .routes(routes!(get_connector))
         .routes(routes!(register_connector))
         .routes(routes!(patch_connector, delete_connector))
@@ -324,6 +326,115 @@ async fn rotate_keys(
     let run = RotateKeys {
         scope,
         batch_size: body.batch_size,
+    };
+    let enqueued = engine::enqueue(&mut conn, &run).await?;
+    response.job_id = enqueued.id.map(|id| id.0);
+    response.already_running = !enqueued.inserted;
+    let status = if enqueued.inserted {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(response)))
+}
+
+/// What to purge.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PurgeRequest {
+    /// Only count what would go.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Only this tenant's documents (all tenants when absent or null).
+    pub tenant_id: Option<String>,
+    /// Documents per batch, each batch its own transaction (1-100000; default `PURGER_BATCH_SIZE`).
+    pub batch_size: Option<u32>,
+}
+
+/// Rows a purge removes.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PurgeCountsView {
+    /// Soft-deleted documents past retention.
+    pub documents: i64,
+    /// Their chunks.
+    pub chunks: i64,
+    /// Edges touching either.
+    pub edges: i64,
+}
+
+/// A purge run, or what one would remove.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PurgeResponse {
+    /// Whether this was a dry run.
+    pub dry_run: bool,
+    /// The tenant in scope (null: all).
+    pub tenant_id: Option<String>,
+    /// `PURGER_RETENTION_DAYS`.
+    pub retention_days: u32,
+    /// Dry run: documents soft-deleted before this instant are counted.
+    pub cutoff: Option<DateTime<Utc>>,
+    /// Dry run: exactly what a run started now would remove.
+    pub would_delete: Option<PurgeCountsView>,
+    /// The run's job. Wait for its result with `GET /_admin/jobs/{job_id}?wait_seconds=60`; its `progress`
+    /// holds the counts removed, batch by batch.
+    pub job_id: Option<i64>,
+    /// True when a run over the same scope was already active: `job_id` is that run.
+    pub already_running: bool,
+}
+
+/// Hard-delete documents soft-deleted more than `PURGER_RETENTION_DAYS` ago, with their chunks and edges
+/// (what the 02:00 UTC schedule runs), or count them with `dry_run`.
+#[utoipa::path(post, path = "/_admin/connectors/purge_deleted", tag = "connectors", request_body = PurgeRequest,
+    security(("admin_token" = [])),
+    responses((status = 200, description = "Dry run, or a run already active", body = PurgeResponse),
+        (status = 202, description = "Purge started", body = PurgeResponse),
+        (status = 401, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn purge_deleted(
+    _: Admin,
+    State(state): State<ApiState>,
+    Json(body): Json<PurgeRequest>,
+) -> Result<(StatusCode, Json<PurgeResponse>), ApiError> {
+    let batch_size = body.batch_size.unwrap_or(state.settings.purger_batch_size);
+    if !(1..=100_000).contains(&batch_size) {
+        return Err(ApiError::invalid("batch_size must be from 1 to 100000"));
+    }
+    let tenant_id = body
+        .tenant_id
+        .as_deref()
+        .map(tenant)
+        .transpose()?
+        .map(|t| t.to_string());
+    let retention_days = state.settings.purger_retention_days;
+    let mut response = PurgeResponse {
+        dry_run: body.dry_run,
+        tenant_id: tenant_id.clone(),
+        retention_days,
+        cutoff: None,
+        would_delete: None,
+        job_id: None,
+        already_running: false,
+    };
+    if body.dry_run {
+        let cutoff = purge_deleted::cutoff(Utc::now(), retention_days);
+        let counts = purge_deleted::dry_run(&state.pool, tenant_id.as_deref(), cutoff).await?;
+        response.cutoff = Some(cutoff);
+        response.would_delete = Some(PurgeCountsView {
+            documents: counts.documents,
+            chunks: counts.chunks,
+            edges: counts.edges,
+        });
+        return Ok((StatusCode::OK, Json(response)));
+    }
+    let mut conn = state
+        .pool
+        .acquire()
+        .await
+        .map_err(crate::error::Error::from)?;
+    let run = PurgeDeleted {
+        tenant_id,
+        batch_size,
+        retention_days,
+        tick: None,
     };
     let enqueued = engine::enqueue(&mut conn, &run).await?;
     response.job_id = enqueued.id.map(|id| id.0);

@@ -228,16 +228,34 @@ async fn list_dead_jobs(
     page(&state, query, Some(JobState::Dead)).await
 }
 
+/// Waiting for a job.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct WaitQuery {
+    /// Hold the request until the job has finished (completed, dead or cancelled), at most this many
+    /// seconds (0-120, default 0: answer at once). The answer is the job as it is then.
+    #[serde(default)]
+    pub wait_seconds: u32,
+}
+
 /// One job, with its arguments, every attempt's error and its timestamps.
-#[utoipa::path(get, path = "/_admin/jobs/{id}", tag = "jobs", params(("id" = i64, Path, description = "Job id")),
+#[utoipa::path(get, path = "/_admin/jobs/{id}", tag = "jobs", params(("id" = i64, Path, description = "Job id"), WaitQuery),
     security(("admin_token" = [])),
-    responses((status = 200, body = JobView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = JobView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 422, body = ErrorBody)))]
 async fn get_job(
     _: Admin,
     State(state): State<ApiState>,
     Path(id): Path<i64>,
+    Query(wait): Query<WaitQuery>,
 ) -> Result<Json<JobView>, ApiError> {
-    Ok(Json(admin::get(&state.pool, JobId(id)).await?.into()))
+    if wait.wait_seconds > 120 {
+        return Err(ApiError::invalid("wait_seconds must be from 0 to 120"));
+    }
+    let timeout = std::time::Duration::from_secs(u64::from(wait.wait_seconds));
+    Ok(Json(
+        admin::wait(&state.pool, JobId(id), timeout).await?.into(),
+    ))
 }
 
 /// Run a pending or scheduled job now, or replay a dead or cancelled one with a fresh set of attempts.

@@ -2,11 +2,13 @@
 //!
 //! Nothing here does I/O or knows about HTTP, SQL or apalis.
 
+mod cron;
 mod job;
 mod node;
 mod provider;
 mod tenant;
 
+pub use cron::CronExpr;
 pub use job::{AttemptError, JobId, JobState};
 pub use node::{ChangeOp, EmbeddingStatus, NodeId};
 pub use provider::Provider;

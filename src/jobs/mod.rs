@@ -9,6 +9,7 @@ pub mod embed_node;
 pub mod engine;
 pub mod ingest_object;
 pub mod maintenance;
+pub mod purge_deleted;
 pub mod rotate_keys;
 
 use std::sync::Arc;
@@ -78,10 +79,22 @@ pub fn register(runtime: &mut Runtime, deps: &Deps, queues: Option<&[String]>) {
             registry: deps.registry.clone(),
         };
         runtime.register(rotation, rotate_keys::run);
+        runtime.register(deps.pool.clone(), purge_deleted::run);
     }
 }
 
 /// Adds every built-in schedule.
-pub fn schedule(scheduler: &mut Scheduler, settings: &JobSettings) {
-    maintenance::schedule(scheduler, settings);
+pub fn schedule(scheduler: &mut Scheduler, settings: &crate::config::Settings) {
+    maintenance::schedule(scheduler, &settings.jobs);
+    let (batch_size, retention_days) = (settings.purger_batch_size, settings.purger_retention_days);
+    scheduler.add(
+        "connectors.purge_deleted",
+        settings.purger_schedule.clone(),
+        move |tick| purge_deleted::PurgeDeleted {
+            tenant_id: None,
+            batch_size,
+            retention_days,
+            tick: Some(tick),
+        },
+    );
 }

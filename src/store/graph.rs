@@ -1,6 +1,7 @@
 //! SQL for the graph: documents, their chunks, and the edges between them. The ingest job calls these in one
 //! transaction per object, holding the document row's lock, so concurrent ingests of one object serialize.
 
+use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::PgConnection;
 use uuid::Uuid;
@@ -174,4 +175,86 @@ pub async fn soft_delete_document(conn: &mut PgConnection, document: NodeId) -> 
     .execute(&mut *conn)
     .await?;
     Ok(done.rows_affected())
+}
+
+/// What a purge removes (or, dry, would remove).
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, sqlx::FromRow, serde::Serialize, serde::Deserialize,
+)]
+pub struct PurgeCounts {
+    /// Soft-deleted documents.
+    pub documents: i64,
+    /// Their chunks.
+    pub chunks: i64,
+    /// Edges touching either.
+    pub edges: i64,
+}
+
+impl std::ops::AddAssign for PurgeCounts {
+    fn add_assign(&mut self, other: Self) {
+        self.documents += other.documents;
+        self.chunks += other.chunks;
+        self.edges += other.edges;
+    }
+}
+
+// The documents past retention ($1 tenant or all, $2 cutoff), their soft-deleted chunks, and every edge that
+// touches one of them. Shared by the dry count and the delete, so the two cannot disagree.
+const PURGEABLE: &str = "
+    chunks AS (
+        SELECT DISTINCT e.src AS id FROM edges e JOIN docs d ON e.dst = d.id JOIN nodes c ON c.id = e.src
+         WHERE e.rel = 'DERIVED_FROM' AND c.deleted_at IS NOT NULL),
+    doomed AS (SELECT id FROM docs UNION SELECT id FROM chunks),
+    touching AS (
+        SELECT count(*) AS n FROM edges
+         WHERE src IN (SELECT id FROM doomed) OR dst IN (SELECT id FROM doomed))";
+
+const EXPIRED_DOCS: &str = "SELECT id FROM nodes
+     WHERE entity_type = 'Document' AND deleted_at < $2 AND ($1::text IS NULL OR tenant_id = $1)";
+
+/// Counts what a purge of documents soft-deleted before `cutoff` would remove.
+pub async fn count_purgeable(
+    conn: &mut PgConnection,
+    tenant: Option<&str>,
+    cutoff: DateTime<Utc>,
+) -> Result<PurgeCounts> {
+    let sql = format!(
+        "WITH docs AS ({EXPIRED_DOCS}), {PURGEABLE}
+         SELECT (SELECT count(*) FROM docs) AS documents, (SELECT count(*) FROM chunks) AS chunks,
+                (SELECT n FROM touching) AS edges"
+    );
+    // Built only from the constants above.
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(tenant)
+        .bind(cutoff)
+        .fetch_one(&mut *conn)
+        .await?)
+}
+
+/// Hard-deletes up to `limit` documents soft-deleted before `cutoff`, oldest first, with their chunks and
+/// every edge touching them (embeddings go by cascade). Rows another purger holds are skipped, not waited for.
+pub async fn purge_batch(
+    conn: &mut PgConnection,
+    tenant: Option<&str>,
+    cutoff: DateTime<Utc>,
+    limit: i64,
+) -> Result<PurgeCounts> {
+    let sql = format!(
+        "WITH docs AS ({EXPIRED_DOCS} ORDER BY deleted_at, id LIMIT $3 FOR UPDATE SKIP LOCKED), {PURGEABLE},
+         gone AS (DELETE FROM nodes WHERE id IN (SELECT id FROM doomed) RETURNING id)
+         SELECT (SELECT count(*) FROM docs) AS documents, (SELECT count(*) FROM chunks) AS chunks,
+                (SELECT n FROM touching) AS edges, (SELECT count(*) FROM gone) AS deleted"
+    );
+    let (documents, chunks, edges, _deleted): (i64, i64, i64, i64) =
+        sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(tenant)
+            .bind(cutoff)
+            .bind(limit)
+            .fetch_one(&mut *conn)
+            .await?;
+    Ok(PurgeCounts {
+        documents,
+        chunks,
+        edges,
+    })
 }

@@ -47,7 +47,9 @@ async fn a_job_whose_worker_is_killed_is_picked_up_again_and_completes() {
     jobs::register(&mut runtime, &job_deps(&db.pool, &settings), None);
     let workers = runtime.start().await.unwrap();
     let mut scheduler = Scheduler::new(db.pool.clone());
-    jobs::schedule(&mut scheduler, &settings);
+    let mut all = crate::helpers::settings(&db, &[]);
+    all.jobs = settings.clone();
+    jobs::schedule(&mut scheduler, &all);
     let stop = CancellationToken::new();
     let schedules = scheduler.start(stop.clone()).await.unwrap();
 

@@ -22,5 +22,6 @@ mod jobs_crash;
 mod jobs_engine;
 mod jobs_schedule;
 mod migrations;
+mod purger;
 mod rotation;
 mod webhooks;

@@ -261,7 +261,9 @@ async fn a_rotation_whose_worker_is_killed_resumes_and_finishes_without_double_e
     jobs::register(&mut runtime, &deps, None);
     let workers = runtime.start().await.unwrap();
     let mut scheduler = Scheduler::new(db.pool.clone());
-    jobs::schedule(&mut scheduler, &settings);
+    let mut all = crate::helpers::settings(&db, &[]);
+    all.jobs = settings.clone();
+    jobs::schedule(&mut scheduler, &all);
     let stop = CancellationToken::new();
     let schedules = scheduler.start(stop.clone()).await.unwrap();
 

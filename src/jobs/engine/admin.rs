@@ -36,6 +36,25 @@ pub async fn get(pool: &PgPool, id: JobId) -> Result<JobRecord> {
     })
 }
 
+/// The job once it has finished (completed, dead or cancelled), or as it is when `timeout` runs out.
+pub async fn wait(pool: &PgPool, id: JobId, timeout: std::time::Duration) -> Result<JobRecord> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let job = get(pool, id).await?;
+        let finished = matches!(
+            job.state,
+            JobState::Completed | JobState::Dead | JobState::Cancelled
+        );
+        if finished || tokio::time::Instant::now() >= deadline {
+            return Ok(job);
+        }
+        tokio::time::sleep_until(
+            deadline.min(tokio::time::Instant::now() + std::time::Duration::from_millis(100)),
+        )
+        .await;
+    }
+}
+
 /// Runs a pending or scheduled job now, or replays a dead or cancelled one.
 pub async fn retry(pool: &PgPool, id: JobId) -> Result<JobRecord> {
     let mut tx = pool.begin().await?;

@@ -4,7 +4,6 @@
 //! schedule's `last_tick` row and enqueuing the tick's job in one transaction, so only the first process to
 //! get there fires it. Ticks missed while every scheduler was down collapse into one catch-up fire at start.
 
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,61 +16,12 @@ use sqlx::PgPool;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+pub use crate::domain::CronExpr;
+
 use super::{Job, new_job};
 use crate::error::{Error, Result};
 use crate::metrics::metrics;
 use crate::store::jobs as store;
-
-/// A parsed cron expression, evaluated in UTC. Accepts the classic five fields (`0 2 * * *`) or the
-/// six/seven-field form with seconds (and years).
-#[derive(Debug, Clone)]
-pub struct CronExpr {
-    source: String,
-    schedule: cron::Schedule,
-}
-
-impl FromStr for CronExpr {
-    type Err = String;
-
-    fn from_str(expr: &str) -> std::result::Result<Self, Self::Err> {
-        let fields = expr.split_whitespace().count();
-        let full = match fields {
-            5 => format!("0 {expr}"),
-            6 | 7 => expr.to_owned(),
-            _ => {
-                return Err(format!(
-                    "cron expression {expr:?} has {fields} fields: expected 5 (minute hour day month weekday), or 6-7 with seconds first"
-                ));
-            }
-        };
-        let schedule = cron::Schedule::from_str(&full)
-            .map_err(|e| format!("cron expression {expr:?} is invalid: {e}"))?;
-        Ok(Self {
-            source: expr.to_owned(),
-            schedule,
-        })
-    }
-}
-
-impl CronExpr {
-    /// The expression as written.
-    pub fn source(&self) -> &str {
-        &self.source
-    }
-
-    /// The latest tick at or before `now`.
-    pub fn latest_tick(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        // `after` is exclusive, so start just past `now` to include a tick exactly at `now`.
-        self.schedule
-            .after(&(now + chrono::Duration::milliseconds(1)))
-            .next_back()
-    }
-
-    /// The first tick after `now`.
-    pub fn next_tick(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        self.schedule.after(&now).next()
-    }
-}
 
 impl apalis_cron::Schedule<CronUtc> for CronExpr {
     fn next_tick(&mut self, _: &CronUtc) -> Option<Tick<CronUtc>> {
