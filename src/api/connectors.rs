@@ -33,6 +33,7 @@ pub(super) fn router() -> OpenApiRouter<ApiState> {
         .routes(routes!(disable_connector))
         .routes(routes!(start_backfill))
         .routes(routes!(backfill_status))
+        .routes(routes!(list_polls))
 }
 
 fn provider(raw: &str) -> Result<Provider, ApiError> {
@@ -491,6 +492,10 @@ pub struct BackfillRunView {
     pub enqueued: i64,
     /// Objects whose same version was already queued.
     pub skipped: i64,
+    /// `api` (a backfill) or `poll` (a poller's pass).
+    pub started_by: String,
+    /// A poller's pass queues only objects changed at or after this.
+    pub changed_since: Option<DateTime<Utc>>,
     /// Why it failed.
     pub error: Option<String>,
     /// Started.
@@ -551,8 +556,57 @@ async fn backfill_status(
         seen: run.seen,
         enqueued: run.enqueued,
         skipped: run.skipped,
+        started_by: run.started_by,
+        changed_since: run.changed_since,
         error: run.error,
         created_at: run.created_at,
         finished_at: run.finished_at,
     }))
+}
+
+/// A polling connector's cursor and schedule.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PollView {
+    /// Tenant.
+    pub tenant_id: String,
+    /// Provider.
+    pub provider: String,
+    /// The newest object change the last completed pass saw; the next pass queues changes from 10 minutes
+    /// before it.
+    pub watermark: Option<DateTime<Utc>>,
+    /// The pass in flight (a backfill run: `GET /_admin/connectors/backfills/{run_id}`).
+    pub current_run: Option<uuid::Uuid>,
+    /// When the next pass may start.
+    pub next_poll_at: DateTime<Utc>,
+    /// Passes started.
+    pub passes: i64,
+    /// When the last pass completed.
+    pub last_completed_at: Option<DateTime<Utc>>,
+    /// Why the last pass failed.
+    pub last_error: Option<String>,
+}
+
+/// Connectors with `poll_interval_seconds`: their cursors and the pass in flight.
+#[utoipa::path(get, path = "/_admin/connectors/polls", tag = "connectors", security(("admin_token" = [])),
+    responses((status = 200, body = Vec<PollView>), (status = 401, body = ErrorBody)))]
+async fn list_polls(
+    _: Admin,
+    State(state): State<ApiState>,
+) -> Result<Json<Vec<PollView>>, ApiError> {
+    let polls = crate::store::polls::list(&state.pool).await?;
+    Ok(Json(
+        polls
+            .into_iter()
+            .map(|p| PollView {
+                tenant_id: p.tenant_id,
+                provider: p.provider,
+                watermark: p.watermark,
+                current_run: p.current_run,
+                next_poll_at: p.next_poll_at,
+                passes: p.passes,
+                last_completed_at: p.last_completed_at,
+                last_error: p.last_error,
+            })
+            .collect(),
+    ))
 }

@@ -14,8 +14,10 @@ use super::engine::{self, Backoff, Job, JobContext, JobError, Policy, Uniqueness
 use super::ingest_object::{IngestObject, QUEUE};
 use crate::connectors::{ObjectSource, SourceError, Sources};
 use crate::domain::{ChangeOp, Provider, TenantId};
+use crate::metrics::metrics;
 use crate::registry::{LoadError, Registry};
-use crate::store::backfill;
+use crate::store::backfill::{self, Origin, PageCounts};
+use crate::store::polls;
 
 /// Objects listed per page.
 pub const PAGE_SIZE: u32 = 100;
@@ -82,8 +84,17 @@ pub async fn run(page: BackfillPage, cx: JobContext<Deps>) -> Result<(), JobErro
     if let Err(err) = &result
         && (matches!(err, JobError::Permanent { .. }) || cx.attempt >= cx.max_attempts)
     {
-        // The page is about to be dead-lettered: the run stops here, and says why.
-        backfill::fail(&cx.state.pool, page.run_id, &err.to_string()).await?;
+        // The page is about to be dead-lettered: the run stops here, and says why. A poller's pass frees
+        // its connector for the next pass, which covers the same changes again.
+        let mut tx = cx.state.pool.begin().await?;
+        backfill::fail(&mut *tx, page.run_id, &err.to_string()).await?;
+        if polls::fail(&mut *tx, page.run_id, &err.to_string()).await? {
+            metrics()
+                .poller_runs
+                .with_label_values(&[page.provider.as_str(), "failed"])
+                .inc();
+        }
+        tx.commit().await?;
     }
     result
 }
@@ -126,9 +137,16 @@ async fn list_and_enqueue(page: &BackfillPage, deps: &Deps) -> Result<(), JobErr
     let remaining = run
         .max_objects
         .map_or(i64::MAX, |max| (max - run.enqueued).max(0));
+    // A poller's pass queues only what changed since its watermark (objects without a change time always).
+    let changed =
+        |object: &&crate::connectors::ObjectMeta| match (run.changed_since, object.updated) {
+            (Some(since), Some(updated)) => updated >= since,
+            _ => true,
+        };
     let jobs: Vec<IngestObject> = listed
         .objects
         .iter()
+        .filter(changed)
         .take(usize::try_from(remaining).unwrap_or(usize::MAX))
         .map(|object| IngestObject {
             tenant_id: tenant.to_string(),
@@ -145,15 +163,20 @@ async fn list_and_enqueue(page: &BackfillPage, deps: &Deps) -> Result<(), JobErr
     let skipped = results.len() as i64 - enqueued;
     let budget_left = remaining - enqueued > 0;
     let next = listed.next_token.filter(|_| budget_left);
-    backfill::advance(
-        &mut tx,
-        page.run_id,
-        listed.objects.len() as i64,
+    let counts = PageCounts {
+        seen: listed.objects.len() as i64,
         enqueued,
         skipped,
-        next.is_none(),
-    )
-    .await?;
+        newest_change: listed.objects.iter().filter_map(|o| o.updated).max(),
+    };
+    backfill::advance(&mut tx, page.run_id, counts, next.is_none()).await?;
+    if next.is_none() && run.started_by == "poll" {
+        polls::complete(&mut tx, page.run_id).await?;
+        metrics()
+            .poller_runs
+            .with_label_values(&[page.provider.as_str(), "completed"])
+            .inc();
+    }
     if let Some(token) = next {
         let following = BackfillPage {
             page: page.page + 1,
@@ -220,6 +243,7 @@ pub async fn start(
         provider.as_str(),
         &prefix,
         max_objects,
+        Origin::Api,
     )
     .await?;
     let first = engine::enqueue(

@@ -9,6 +9,7 @@ pub mod embed_node;
 pub mod engine;
 pub mod ingest_object;
 pub mod maintenance;
+pub mod poll_connectors;
 pub mod purge_deleted;
 pub mod rotate_keys;
 
@@ -80,12 +81,20 @@ pub fn register(runtime: &mut Runtime, deps: &Deps, queues: Option<&[String]>) {
         };
         runtime.register(rotation, rotate_keys::run);
         runtime.register(deps.pool.clone(), purge_deleted::run);
+        runtime.register(deps.pool.clone(), poll_connectors::run);
     }
 }
 
 /// Adds every built-in schedule.
 pub fn schedule(scheduler: &mut Scheduler, settings: &crate::config::Settings) {
     maintenance::schedule(scheduler, &settings.jobs);
+    scheduler.add(
+        "connectors.poll",
+        poll_connectors::EVERY
+            .parse()
+            .expect("a fixed, valid cron expression"),
+        |tick| poll_connectors::PollConnectors { tick },
+    );
     let (batch_size, retention_days) = (settings.purger_batch_size, settings.purger_retention_days);
     scheduler.add(
         "connectors.purge_deleted",

@@ -36,6 +36,21 @@ pub struct BackfillRun {
     pub created_at: DateTime<Utc>,
     /// Finished.
     pub finished_at: Option<DateTime<Utc>>,
+    /// `api` (an operator's backfill) or `poll` (a poller's pass).
+    pub started_by: String,
+    /// Only objects changed at or after this are queued.
+    pub changed_since: Option<DateTime<Utc>>,
+    /// The newest change time among the objects listed so far.
+    pub newest_change: Option<DateTime<Utc>>,
+}
+
+/// Who starts a run, and what it queues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// An operator's backfill: every object.
+    Api,
+    /// A poller's pass: objects changed at or after the instant.
+    Poll(Option<DateTime<Utc>>),
 }
 
 /// Records a new run.
@@ -46,13 +61,23 @@ pub async fn create(
     provider: &str,
     prefix: &str,
     max_objects: Option<i64>,
+    origin: Origin,
 ) -> Result<()> {
-    sqlx::query("INSERT INTO backfill_runs (id, tenant_id, provider, prefix, max_objects) VALUES ($1, $2, $3, $4, $5)")
+    let (started_by, changed_since) = match origin {
+        Origin::Api => ("api", None),
+        Origin::Poll(since) => ("poll", since),
+    };
+    sqlx::query(
+        "INSERT INTO backfill_runs (id, tenant_id, provider, prefix, max_objects, started_by, changed_since)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
         .bind(id)
         .bind(tenant_id)
         .bind(provider)
         .bind(prefix)
         .bind(max_objects)
+        .bind(started_by)
+        .bind(changed_since)
         .execute(&mut *conn)
         .await?;
     Ok(())
@@ -71,27 +96,40 @@ pub async fn get(conn: &mut PgConnection, id: Uuid, lock: bool) -> Result<Option
         .await?)
 }
 
+/// One page's counts.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PageCounts {
+    /// Objects listed.
+    pub seen: i64,
+    /// Ingest jobs inserted.
+    pub enqueued: i64,
+    /// Objects whose job already existed.
+    pub skipped: i64,
+    /// The newest change time among the objects listed.
+    pub newest_change: Option<DateTime<Utc>>,
+}
+
 /// Adds one page's counts; `finished` closes the run as completed.
 pub async fn advance(
     conn: &mut PgConnection,
     id: Uuid,
-    seen: i64,
-    enqueued: i64,
-    skipped: i64,
+    page: PageCounts,
     finished: bool,
 ) -> Result<()> {
     sqlx::query(
         "UPDATE backfill_runs
          SET pages = pages + 1, seen = seen + $2, enqueued = enqueued + $3, skipped = skipped + $4,
+             newest_change = GREATEST(newest_change, $6),
              state = CASE WHEN $5 THEN 'completed' ELSE state END,
              finished_at = CASE WHEN $5 THEN now() ELSE finished_at END
          WHERE id = $1",
     )
     .bind(id)
-    .bind(seen)
-    .bind(enqueued)
-    .bind(skipped)
+    .bind(page.seen)
+    .bind(page.enqueued)
+    .bind(page.skipped)
     .bind(finished)
+    .bind(page.newest_change)
     .execute(&mut *conn)
     .await?;
     Ok(())

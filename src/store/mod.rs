@@ -9,6 +9,7 @@ pub mod embeddings;
 pub mod graph;
 pub mod jobs;
 pub mod nodes;
+pub mod polls;
 pub mod webhooks;
 
 use std::str::FromStr;

@@ -22,6 +22,7 @@ mod jobs_crash;
 mod jobs_engine;
 mod jobs_schedule;
 mod migrations;
+mod polling;
 mod purger;
 mod rotation;
 mod webhooks;
