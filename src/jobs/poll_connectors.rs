@@ -72,7 +72,7 @@ pub async fn start_due(pool: &PgPool) -> crate::error::Result<Vec<Uuid>> {
         )
         .await?;
         engine::enqueue(
-            &mut *tx,
+            &mut tx,
             &BackfillPage {
                 run_id,
                 tenant_id: poll.tenant_id.clone(),
