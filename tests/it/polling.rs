@@ -231,6 +231,10 @@ async fn a_pass_that_fails_frees_its_connector_and_records_why() {
     let started = poll_connectors::start_due(&db.pool).await.unwrap();
     let failed = finished(&db.pool, started[0]).await;
     assert_eq!(failed.state, "failed");
+    assert!(
+        failed.error.as_deref().is_some_and(|e| e.contains("not found")),
+        "the run says why: {failed:?}"
+    );
     let (current, error): (Option<Uuid>, Option<String>) = sqlx::query_as(
         "SELECT current_run, last_error FROM connector_polls WHERE tenant_id = 'gone'",
     )
