@@ -170,12 +170,15 @@ async fn migrate_when_reachable(
     }
 }
 
-/// The roles that run after migrations: job workers and the scheduler.
+/// The roles that run after migrations: job workers, the scheduler, and (with the API) the Pub/Sub
+/// subscribers.
 #[derive(Default)]
 struct Background {
     workers: Option<RuntimeHandle>,
     scheduler: Option<JoinHandle<()>>,
     schedule_stop: CancellationToken,
+    subscribers: Option<JoinHandle<()>>,
+    subscribers_stop: CancellationToken,
 }
 
 impl Background {
@@ -222,8 +225,28 @@ impl Background {
         Ok(())
     }
 
-    /// Stops the scheduler, then the workers (which finish or hand back their jobs).
+    /// Pulls the Pub/Sub subscriptions GCS connectors name, where the API runs (as the guide's deployment
+    /// expects), unless `PUBSUB_SUBSCRIBER_ENABLED=false`.
+    fn start_subscribers(&mut self, deps: &jobs::Deps, settings: &Settings, state: &ApiState) {
+        let settings = crate::workflows::subscriber::SubscriberSettings {
+            check_every: settings.pubsub_tcp_keepalive,
+            max_backoff: settings.pubsub_reconnect_max,
+        };
+        self.subscribers = Some(crate::workflows::subscriber::spawn(
+            deps.pool.clone(),
+            deps.registry.clone(),
+            settings,
+            state.subscriptions.clone(),
+            self.subscribers_stop.clone(),
+        ));
+    }
+
+    /// Stops the subscribers and the scheduler, then the workers (which finish or hand back their jobs).
     async fn stop(self) {
+        self.subscribers_stop.cancel();
+        if let Some(subscribers) = self.subscribers {
+            let _ = subscribers.await;
+        }
         self.schedule_stop.cancel();
         if let Some(scheduler) = self.scheduler {
             let _ = scheduler.await;
@@ -312,6 +335,9 @@ pub async fn run(
             let _ = state.vector_index.set(index);
             state.migrated.store(true, Ordering::SeqCst);
             tracing::info!("database schema is up to date");
+            if roles.api && settings.pubsub_subscriber {
+                background.start_subscribers(&deps, &settings, &state);
+            }
             background.start(&deps, &settings, &roles).await
         }
         Ok(false) => Ok(()),

@@ -159,8 +159,13 @@ pub struct Settings {
     pub pubsub_verify_oidc: bool,
     /// `PUBSUB_OIDC_AUDIENCE`: the audience OIDC tokens must carry.
     pub pubsub_oidc_audience: Option<String>,
-    /// `PUBSUB_TCP_KEEPALIVE`: keepalive for the streaming subscriber.
+    /// `PUBSUB_TCP_KEEPALIVE`: how often the streaming subscriber checks (and so keeps alive) its connection.
     pub pubsub_tcp_keepalive: Duration,
+    /// `PUBSUB_RECONNECT_MAX_SECONDS`: the longest wait between reconnects of the streaming subscriber.
+    pub pubsub_reconnect_max: Duration,
+    /// `PUBSUB_SUBSCRIBER_ENABLED`: pull GCS notifications for connectors that name a subscription (in
+    /// processes that run the API).
+    pub pubsub_subscriber: bool,
     /// `PUBSUB_OIDC_JWKS_URL`: where Google's token-signing keys are (tests point it elsewhere).
     pub pubsub_oidc_jwks_url: String,
     /// `PUBSUB_OIDC_EMAIL`: the service account pushes must come from, when set.
@@ -257,6 +262,14 @@ impl Settings {
                 .unwrap_or_else(|| "<unset>".to_owned()),
         );
         out.insert("PUBSUB_TCP_KEEPALIVE", seconds(self.pubsub_tcp_keepalive));
+        out.insert(
+            "PUBSUB_RECONNECT_MAX_SECONDS",
+            seconds(self.pubsub_reconnect_max),
+        );
+        out.insert(
+            "PUBSUB_SUBSCRIBER_ENABLED",
+            self.pubsub_subscriber.to_string(),
+        );
         out.insert("PUBSUB_OIDC_JWKS_URL", self.pubsub_oidc_jwks_url.clone());
         out.insert(
             "PUBSUB_OIDC_EMAIL",
@@ -589,6 +602,8 @@ impl Env {
         let pubsub_verify_oidc = self.flag("PUBSUB_VERIFY_OIDC", false);
         let pubsub_oidc_audience = self.text("PUBSUB_OIDC_AUDIENCE");
         let pubsub_tcp_keepalive = self.seconds("PUBSUB_TCP_KEEPALIVE", 60.0, 1.0, 3600.0);
+        let pubsub_reconnect_max = self.seconds("PUBSUB_RECONNECT_MAX_SECONDS", 60.0, 1.0, 3600.0);
+        let pubsub_subscriber = self.flag("PUBSUB_SUBSCRIBER_ENABLED", true);
         if pubsub_verify_oidc && pubsub_oidc_audience.is_none() {
             self.problems.push(
                 "PUBSUB_OIDC_AUDIENCE is missing: PUBSUB_VERIFY_OIDC=true needs the audience your push subscription sets".to_owned(),
@@ -680,6 +695,8 @@ impl Env {
             pubsub_verify_oidc,
             pubsub_oidc_audience,
             pubsub_tcp_keepalive,
+            pubsub_reconnect_max,
+            pubsub_subscriber,
             pubsub_oidc_jwks_url,
             pubsub_oidc_email,
             sns_verify,

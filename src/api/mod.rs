@@ -59,6 +59,8 @@ pub struct ApiState {
     pub embeddings: Arc<crate::embedding::Service>,
     /// How search finds neighbours; set once migrations are applied.
     pub vector_index: Arc<std::sync::OnceLock<crate::store::embeddings::VectorIndex>>,
+    /// This process's Pub/Sub streaming subscriptions.
+    pub subscriptions: crate::workflows::subscriber::Subscriptions,
 }
 
 impl ApiState {
@@ -72,6 +74,7 @@ impl ApiState {
         Self {
             embeddings,
             vector_index: Arc::default(),
+            subscriptions: Default::default(),
             pool,
             registry,
             started: Instant::now(),

@@ -8,6 +8,7 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::{HeaderMap, StatusCode};
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
@@ -338,7 +339,7 @@ async fn gcs_webhook(
         verified(provider, "skipped");
     }
     let push = pubsub::parse(&body).map_err(|reason| malformed(provider, reason))?;
-    let Some(change) = push.change else {
+    let Some(change) = push.change.clone() else {
         return Ok(answer(provider, "ignored", 0, Vec::new()));
     };
     let mut topics: Vec<&str> = vec![push.subscription.as_str()];
@@ -347,7 +348,7 @@ async fn gcs_webhook(
     route(
         &state,
         provider,
-        &push.message_id,
+        &push.delivery_id(),
         &topics,
         std::slice::from_ref(&change),
     )
@@ -417,10 +418,41 @@ async fn s3_health(State(state): State<ApiState>) -> (StatusCode, Json<WebhookHe
     )
 }
 
-/// Status of what the GCS webhook depends on.
+/// One Pub/Sub streaming-pull subscription of this process.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SubscriberHealth {
+    /// `projects/<p>/subscriptions/<s>`.
+    pub subscription: String,
+    /// The Pub/Sub endpoint, when not Google's.
+    pub endpoint: Option<String>,
+    /// Tenants whose GCS connectors name it.
+    pub tenants: Vec<String>,
+    /// Whether the stream is up (its last connection check passed).
+    pub connected: bool,
+    /// Reconnects since the process started.
+    pub reconnects: u64,
+    /// Messages handled.
+    pub messages: u64,
+    /// When the last message arrived.
+    pub last_message_at: Option<DateTime<Utc>>,
+    /// Why the last connection ended.
+    pub last_error: Option<String>,
+}
+
+/// What the GCS webhook and the Pub/Sub subscriber depend on.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct GcsHealth {
+    /// The push webhook's dependencies.
+    #[serde(flatten)]
+    pub webhook: WebhookHealth,
+    /// Streaming-pull subscriptions run by this process (connectors with a `subscription`).
+    pub subscribers: Vec<SubscriberHealth>,
+}
+
+/// Status of what the GCS webhook depends on, and of this process's Pub/Sub subscribers.
 #[utoipa::path(get, path = "/_webhooks/gcs/health", tag = "webhooks",
-    responses((status = 200, body = WebhookHealth), (status = 503, description = "Degraded", body = WebhookHealth)))]
-async fn gcs_health(State(state): State<ApiState>) -> (StatusCode, Json<WebhookHealth>) {
+    responses((status = 200, body = GcsHealth), (status = 503, description = "Degraded", body = GcsHealth)))]
+async fn gcs_health(State(state): State<ApiState>) -> (StatusCode, Json<GcsHealth>) {
     let (authentication, keys_cached, keys_age) = match &state.verifiers.oidc {
         Some(oidc) => {
             let (keys, age) = oidc.cache_state().await;
@@ -429,10 +461,32 @@ async fn gcs_health(State(state): State<ApiState>) -> (StatusCode, Json<WebhookH
         None if state.settings.pubsub_verify_secret.is_some() => ("secret", 0, None),
         None => ("none", 0, None),
     };
-    health(
+    let (status, Json(webhook)) = health(
         database_up(&state).await,
         authentication,
         keys_cached,
         keys_age,
+    );
+    let subscribers = state
+        .subscriptions
+        .snapshot()
+        .into_iter()
+        .map(|s| SubscriberHealth {
+            subscription: s.subscription,
+            endpoint: s.endpoint,
+            tenants: s.tenants,
+            connected: s.connected,
+            reconnects: s.reconnects,
+            messages: s.messages,
+            last_message_at: s.last_message_at,
+            last_error: s.last_error,
+        })
+        .collect();
+    (
+        status,
+        Json(GcsHealth {
+            webhook,
+            subscribers,
+        }),
     )
 }

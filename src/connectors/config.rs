@@ -69,6 +69,9 @@ pub struct GcsConfig {
     pub endpoint: Option<String>,
     /// Pub/Sub subscription for streaming pull (`projects/<p>/subscriptions/<s>`).
     pub subscription: Option<String>,
+    /// Pub/Sub endpoint for the subscription, http(s) URL (emulators; default: Google's). Without
+    /// credentials, the emulator is called anonymously.
+    pub pubsub_endpoint: Option<String>,
     /// Pub/Sub topics allowed to deliver this bucket's events (empty: any).
     #[serde(default)]
     pub topic_allowlist: Vec<String>,
@@ -192,6 +195,8 @@ impl ConnectorConfig {
                 check_bucket(&c.bucket, 222)?;
                 check_prefix(&c.prefix)?;
                 check_endpoint(c.endpoint.as_deref())?;
+                check_endpoint(c.pubsub_endpoint.as_deref())
+                    .map_err(|e| format!("pubsub_endpoint: {e}"))?;
                 if c.credentials_json.is_some() && c.credentials_path.is_some() {
                     return Err("give credentials_json or credentials_path, not both".to_owned());
                 }

@@ -313,6 +313,26 @@ impl Registry {
             .collect()
     }
 
+    /// Enabled GCS connectors that pull from a Pub/Sub subscription, decrypted (the subscriber needs their
+    /// credentials). Connectors that do not open are logged and left out.
+    pub async fn pulling_connectors(&self) -> Result<Vec<Arc<Connector>>> {
+        let mut connectors = Vec::new();
+        for tenant in store::pulling_tenants(&self.pool).await? {
+            let Ok(tenant) = TenantId::parse(&tenant) else {
+                continue;
+            };
+            match self.load(&tenant, Provider::Gcs).await {
+                Ok(Some(connector)) if connector.enabled => connectors.push(connector),
+                Ok(_) => {}
+                Err(LoadError::Database(e)) => return Err(e),
+                Err(e) => {
+                    tracing::error!(tenant = %tenant, error = %e, "GCS connector does not open; its subscription is not pulled")
+                }
+            }
+        }
+        Ok(connectors)
+    }
+
     /// Every tenant whose `provider` connector reads `bucket`, with what event routing needs (prefix and
     /// topic allowlist: no secrets, so nothing is decrypted).
     pub async fn bucket_subscribers(

@@ -119,6 +119,17 @@ pub async fn by_bucket<'e>(
     .await?)
 }
 
+/// Tenants whose enabled GCS connector names a Pub/Sub subscription to pull from.
+pub async fn pulling_tenants<'e>(db: impl PgExecutor<'e>) -> Result<Vec<String>> {
+    Ok(sqlx::query_scalar(
+        "SELECT tenant_id FROM connector_configs
+          WHERE provider = 'gcs' AND enabled AND coalesce(config->>'subscription', '') <> ''
+          ORDER BY tenant_id",
+    )
+    .fetch_all(db)
+    .await?)
+}
+
 /// Replaces a configuration's document, enabled flag and key version.
 pub async fn update(
     conn: &mut PgConnection,

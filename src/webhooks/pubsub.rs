@@ -44,6 +44,29 @@ pub struct Push {
     pub change: Option<ObjectChange>,
     /// The event type as sent.
     pub event_type: String,
+    /// When Pub/Sub accepted the message.
+    pub publish_time: Option<DateTime<Utc>>,
+}
+
+impl Push {
+    /// What identifies this message among deliveries: see [`delivery_id`].
+    pub fn delivery_id(&self) -> String {
+        delivery_id(&self.subscription, &self.message_id, self.publish_time)
+    }
+}
+
+/// What identifies a Pub/Sub message among deliveries, for redelivery de-duplication. A message id is
+/// unique only within its topic, and an emulator (or a re-created topic) starts ids again, so the
+/// subscription and the publish time, which redeliveries repeat, are part of it.
+pub fn delivery_id(
+    subscription: &str,
+    message_id: &str,
+    publish_time: Option<DateTime<Utc>>,
+) -> String {
+    match publish_time {
+        Some(t) => format!("{subscription}/{message_id}@{}", t.to_rfc3339()),
+        None => format!("{subscription}/{message_id}"),
+    }
 }
 
 /// Parses a push body into the change it announces.
@@ -63,9 +86,24 @@ pub fn parse(body: &[u8]) -> Result<Push, String> {
             .decode(data)
             .map_err(|_| "message.data is not base64".to_owned())?;
     }
+    let (event_type, change) = notification(&message.attributes, message.publish_time)?;
+    Ok(Push {
+        subscription: envelope.subscription,
+        message_id,
+        change,
+        event_type,
+        publish_time: message.publish_time,
+    })
+}
+
+/// The change a GCS notification announces, from its Pub/Sub attributes (the same for push and pull):
+/// the event type as sent, and the change, or `None` for events that do not change content.
+pub fn notification(
+    attributes: &HashMap<String, String>,
+    publish_time: Option<DateTime<Utc>>,
+) -> Result<(String, Option<ObjectChange>), String> {
     let attribute = |name: &str| {
-        message
-            .attributes
+        attributes
             .get(name)
             .filter(|v| !v.is_empty())
             .cloned()
@@ -80,7 +118,7 @@ pub fn parse(body: &[u8]) -> Result<Push, String> {
     let change = match op {
         None => None,
         Some(op) => {
-            let generation = message.attributes.get("objectGeneration").cloned();
+            let generation = attributes.get("objectGeneration").cloned();
             if let Some(g) = &generation
                 && g.parse::<i64>().is_err()
             {
@@ -98,21 +136,15 @@ pub fn parse(body: &[u8]) -> Result<Push, String> {
                         g
                     }
                 }),
-                event_time: message
-                    .attributes
+                event_time: attributes
                     .get("eventTime")
                     .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
                     .map(|t| t.with_timezone(&Utc))
-                    .or(message.publish_time),
+                    .or(publish_time),
             })
         }
     };
-    Ok(Push {
-        subscription: envelope.subscription,
-        message_id,
-        change,
-        event_type,
-    })
+    Ok((event_type, change))
 }
 
 /// Constant-time comparison of a presented shared token with the configured one.
@@ -193,6 +225,23 @@ mod tests {
         );
         let bad_data = r#"{"message":{"data":"%%%","attributes":{"eventType":"OBJECT_FINALIZE"},"messageId":"1"},"subscription":"s"}"#;
         assert!(parse(bad_data.as_bytes()).unwrap_err().contains("base64"));
+    }
+
+    #[test]
+    fn a_redelivery_has_the_same_delivery_id_and_a_reused_message_id_does_not() {
+        let at = |s: &str| Some(DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc));
+        let sub = "projects/p/subscriptions/s";
+        let first = delivery_id(sub, "7", at("2026-11-29T12:00:00Z"));
+        assert_eq!(first, delivery_id(sub, "7", at("2026-11-29T12:00:00Z")));
+        assert_ne!(first, delivery_id(sub, "7", at("2026-11-29T13:00:00Z")));
+        assert_ne!(
+            first,
+            delivery_id(
+                "projects/q/subscriptions/s",
+                "7",
+                at("2026-11-29T12:00:00Z")
+            )
+        );
     }
 
     #[test]

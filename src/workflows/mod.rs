@@ -5,3 +5,4 @@
 pub mod embeddings;
 pub mod intake;
 pub mod nodes;
+pub mod subscriber;

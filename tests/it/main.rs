@@ -25,4 +25,5 @@ mod migrations;
 mod polling;
 mod purger;
 mod rotation;
+mod subscriber;
 mod webhooks;

@@ -232,7 +232,10 @@ async fn a_pass_that_fails_frees_its_connector_and_records_why() {
     let failed = finished(&db.pool, started[0]).await;
     assert_eq!(failed.state, "failed");
     assert!(
-        failed.error.as_deref().is_some_and(|e| e.contains("not found")),
+        failed
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("not found")),
         "the run says why: {failed:?}"
     );
     let (current, error): (Option<Uuid>, Option<String>) = sqlx::query_as(
