@@ -6,7 +6,8 @@
 //! - [`app`]: composition root: database, migrations, and the roles (API, workers, scheduler) of a process.
 //! - [`cli`]: the command line (`serve`, `api`, `worker`, `scheduler`, `migrate`, `openapi`, admin verbs).
 //! - [`api`]: HTTP resources, OpenAPI and Swagger UI, auth, the one JSON error shape.
-//! - [`workflows`]: flows across rooms: verified storage events to committed ingest jobs.
+//! - [`workflows`]: flows across rooms: verified storage events (pushed, or pulled from Pub/Sub) to committed
+//!   ingest jobs; nodes under the embedding caps; embedding status, requeue and search.
 //! - [`jobs`]: the durable job engine ([`jobs::engine`]) and one file per job kind.
 //! - [`registry`]: tenants' connector configurations: validated, sealed at rest, redacted, cached.
 //! - [`store`]: all SQL: the pool, migrations, and queries per table family; the embedded database default.

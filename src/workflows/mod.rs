@@ -1,5 +1,5 @@
 //! Multi-step flows built from jobs and the rooms below them: [`intake`] turns verified storage events into
-//! `ingest_object` jobs; [`nodes`] creates nodes with their embedding jobs under the pending caps;
+//! `ingest_object` jobs, whether pushed or pulled by the Pub/Sub [`subscriber`]; [`nodes`] creates nodes with their embedding jobs under the pending caps;
 //! [`embeddings`] reports on, requeues and searches the embeddings.
 
 pub mod embeddings;
