@@ -218,8 +218,18 @@ async fn metrics_are_prometheus_text_with_request_counters_and_database_gauges()
         text.contains("# TYPE http_request_duration_seconds histogram"),
         "{text}"
     );
-    // Sampled from the database at scrape: this app's own worker process is alive.
-    assert!(text.contains("activekg_job_workers_alive{host="), "{text}");
+    // Sampled from the database at scrape: this app's own worker process is alive (once it has registered,
+    // which follows readiness).
+    crate::helpers::eventually(
+        std::time::Duration::from_secs(10),
+        "the worker gauge",
+        || async {
+            let text = app.get("/metrics").await.text().await.unwrap();
+            text.contains("activekg_job_workers_alive{host=")
+                .then_some(())
+        },
+    )
+    .await;
     app.stop().await;
 }
 

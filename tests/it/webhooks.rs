@@ -359,10 +359,18 @@ async fn a_subscription_confirmation_is_confirmed_by_a_durable_job() {
             .then_some(())
     })
     .await;
-    let job = app
-        .admin_json("/_admin/jobs?kind=confirm_sns_subscription")
-        .await;
-    assert_eq!(job["jobs"][0]["state"], "completed");
+    // The GET is made before the job's result is written: wait for that too.
+    eventually(
+        Duration::from_secs(10),
+        "the confirmation job to complete",
+        || async {
+            let job = app
+                .admin_json("/_admin/jobs?kind=confirm_sns_subscription")
+                .await;
+            (job["jobs"][0]["state"] == "completed").then_some(())
+        },
+    )
+    .await;
 
     let evil = kit.confirmation(
         topic,
