@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod connectors;
+mod dashboard;
 pub mod embedding;
 pub mod error;
 pub mod health;
@@ -149,6 +150,7 @@ pub fn router(state: ApiState) -> Router {
         // A route layer runs after routing, so the matched route is known for the metric's label.
         .route_layer(middleware::from_fn(record_metrics))
         .merge(SwaggerUi::new("/docs").url("/openapi.json", spec))
+        .merge(dashboard::router())
         .fallback(not_found)
         .with_state(state)
         .layer(DefaultBodyLimit::max(max_body))

@@ -10,6 +10,7 @@ mod children;
 mod cli;
 mod connectors_api;
 mod connectors_conformance;
+mod dashboard;
 mod embedded;
 mod embeddings;
 mod emulators;

@@ -1,0 +1,380 @@
+// The activekg dashboard: a view of the admin JSON API. Every string from the server is put into the page as
+// text (never as HTML): job arguments carry object keys that anyone with bucket access can choose.
+"use strict";
+
+const REFRESH_MS = 3000;
+const TOKEN_KEY = "activekg.admin_token";
+const STATES = ["", "pending", "scheduled", "running", "completed", "dead", "cancelled"];
+
+let timer = null;
+let generation = 0;
+
+function h(tag, attrs, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else if (k === "class") el.className = v;
+    else el.setAttribute(k, v === true ? "" : String(v));
+  }
+  for (const child of children.flat()) {
+    if (child === undefined || child === null || child === false) continue;
+    el.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return el;
+}
+
+class HttpError extends Error {
+  constructor(status, body) {
+    super((body && body.error && body.error.message) || `HTTP ${status}`);
+    this.status = status;
+  }
+}
+
+async function api(path, options = {}) {
+  const headers = { Accept: "application/json" };
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  if (token) headers.Authorization = `Bearer ${token}`;
+  if (options.body !== undefined) headers["Content-Type"] = "application/json";
+  const response = await fetch(path, {
+    method: options.method || "GET",
+    headers,
+    body: options.body === undefined ? undefined : JSON.stringify(options.body),
+  });
+  const body = await response.json().catch(() => null);
+  if (!response.ok) throw new HttpError(response.status, body);
+  return body;
+}
+
+function when(iso) {
+  if (!iso) return "";
+  const d = new Date(iso);
+  return d.toLocaleString(undefined, { hour12: false });
+}
+
+function ago(iso) {
+  if (!iso) return "";
+  const s = Math.round((Date.now() - new Date(iso).getTime()) / 1000);
+  if (s < 60) return `${s}s ago`;
+  if (s < 3600) return `${Math.round(s / 60)}m ago`;
+  return `${Math.round(s / 3600)}h ago`;
+}
+
+function age(seconds) {
+  if (seconds === null || seconds === undefined) return "";
+  if (seconds < 60) return `${seconds.toFixed(1)}s`;
+  if (seconds < 3600) return `${(seconds / 60).toFixed(1)}m`;
+  return `${(seconds / 3600).toFixed(1)}h`;
+}
+
+function stateBadge(state) {
+  return h("span", { class: `badge state-${state}`, "data-state": state }, state);
+}
+
+function table(headers, rows, empty) {
+  if (!rows.length) return h("p", { class: "muted" }, empty || "Nothing here.");
+  return h("table", {},
+    h("thead", {}, h("tr", {}, headers.map((x) => h("th", {}, x)))),
+    h("tbody", {}, rows));
+}
+
+function countsCells(c) {
+  const per = (n) => (n / 5).toFixed(1);
+  const errorRate = c.completed_last_5m + c.dead_last_5m
+    ? `${((100 * c.dead_last_5m) / (c.completed_last_5m + c.dead_last_5m)).toFixed(1)}%`
+    : "";
+  return [
+    h("td", { class: "num", "data-col": "pending" }, c.pending),
+    h("td", { class: "num" }, c.scheduled),
+    h("td", { class: "num" }, c.running),
+    h("td", { class: c.dead ? "num error" : "num", "data-col": "dead" }, c.dead),
+    h("td", { class: "num" }, age(c.oldest_pending_age_seconds)),
+    h("td", { class: "num" }, per(c.completed_last_5m)),
+    h("td", { class: "num" }, errorRate),
+  ];
+}
+
+const COUNT_HEADERS = ["pending", "scheduled", "running", "dead", "oldest pending", "done/min (5m)", "errors (5m)"];
+
+function jobsLink(filter, text) {
+  const q = new URLSearchParams(Object.entries(filter).filter(([, v]) => v)).toString();
+  return h("a", { href: `#/jobs${q ? `?${q}` : ""}` }, text);
+}
+
+async function overview() {
+  const data = await api("/_admin/queues");
+  const queueRows = [];
+  for (const q of data.queues) {
+    queueRows.push(h("tr", { class: "queue", "data-queue": q.queue },
+      h("td", {}, jobsLink({ queue: q.queue }, q.queue)), h("td", {}, ""), countsCells(q)));
+    for (const k of q.kinds) {
+      queueRows.push(h("tr", { class: "kind", "data-kind": k.kind },
+        h("td", {}, ""), h("td", {}, jobsLink({ queue: q.queue, kind: k.kind }, k.kind)), countsCells(k)));
+    }
+  }
+  const tenantRows = data.tenants
+    .filter((t) => t.queue === "connector" || t.queue === "embedding")
+    .map((t) => h("tr", {},
+      h("td", {}, t.queue), h("td", {}, jobsLink({ queue: t.queue, tenant_id: t.tenant_id }, t.tenant_id)),
+      countsCells(t)));
+  const workerRows = data.workers.map((w) => h("tr", { class: w.alive ? "" : "dead-worker" },
+    h("td", {}, w.id), h("td", {}, w.host), h("td", {}, w.kinds.join(", ")), h("td", {}, w.version),
+    h("td", {}, ago(w.last_seen)), h("td", {}, w.alive ? "alive" : "silent")));
+  const totals = data.queues.reduce((t, q) => ({
+    pending: t.pending + q.pending, running: t.running + q.running, dead: t.dead + q.dead,
+    scheduled: t.scheduled + q.scheduled,
+  }), { pending: 0, running: 0, dead: 0, scheduled: 0 });
+  return [
+    h("h1", {}, "Overview"),
+    h("div", { class: "cards" },
+      card("Pending", totals.pending), card("Scheduled", totals.scheduled), card("Running", totals.running),
+      card("Dead", totals.dead, totals.dead ? "error" : "", "#/jobs?state=dead"),
+      card("Workers alive", data.workers.filter((w) => w.alive).length)),
+    h("h2", {}, "Queues"),
+    table(["queue", "kind", ...COUNT_HEADERS], queueRows, "No jobs yet."),
+    h("h2", {}, "Tenants (connector and embedding queues)"),
+    table(["queue", "tenant", ...COUNT_HEADERS], tenantRows, "No tenant has queued work."),
+    h("h2", {}, "Workers"),
+    table(["id", "host", "kinds", "version", "last heartbeat", ""], workerRows, "No worker has registered."),
+  ];
+}
+
+function card(label, value, cls, href) {
+  const inner = [h("div", { class: "label" }, label), h("div", { class: `value ${cls || ""}` }, value)];
+  return href ? h("a", { class: "card", href }, inner) : h("div", { class: "card" }, inner);
+}
+
+function filterFrom(params) {
+  const f = {};
+  for (const k of ["queue", "kind", "state", "tenant_id", "since", "until"]) {
+    if (params.get(k)) f[k] = params.get(k);
+  }
+  return f;
+}
+
+async function jobs(params) {
+  const filter = filterFrom(params);
+  const query = new URLSearchParams({ ...filter, limit: "50" });
+  if (params.get("cursor")) query.set("cursor", params.get("cursor"));
+  const page = await api(`/_admin/jobs?${query}`);
+  const form = h("form", { class: "filters", id: "filters" },
+    field("queue", filter.queue), field("kind", filter.kind),
+    h("label", {}, "state ", h("select", { name: "state" },
+      STATES.map((s) => h("option", { value: s, selected: s === (filter.state || "") }, s || "any")))),
+    field("tenant_id", filter.tenant_id, "tenant"),
+    field("since", filter.since, "since (RFC 3339)"), field("until", filter.until, "until"),
+    h("button", { type: "submit" }, "Filter"));
+  form.addEventListener("submit", (e) => {
+    e.preventDefault();
+    const f = Object.fromEntries(new FormData(form).entries());
+    location.hash = `#/jobs?${new URLSearchParams(Object.entries(f).filter(([, v]) => v))}`;
+  });
+  const rows = page.jobs.map((j) => {
+    const last = j.errors.length ? j.errors[j.errors.length - 1] : null;
+    return h("tr", { class: "job", "data-job": j.id, "data-kind": j.kind },
+      h("td", {}, h("a", { href: `#/job/${j.id}` }, j.id)), h("td", {}, j.kind), h("td", {}, j.queue),
+      h("td", {}, stateBadge(j.state)), h("td", {}, j.tenant_id || ""), h("td", { class: "num" }, `${j.attempt}/${j.max_attempts}`),
+      h("td", {}, when(j.enqueued_at)), h("td", {}, j.state === "scheduled" || j.state === "pending" ? when(j.run_at) : ""),
+      h("td", { class: "error-text" }, last ? `${last.class}: ${last.error}` : ""));
+  });
+  const out = [h("h1", {}, filter.state === "dead" ? "Dead letters" : "Jobs"), form];
+  if (filter.state === "dead") {
+    const dead = { ...filter };
+    delete dead.state;
+    const all = Object.keys(dead).length === 0;
+    const describe = all ? "every dead job" : `dead jobs matching ${JSON.stringify(dead)}`;
+    out.push(h("div", { class: "actions" },
+      h("button", { id: "bulk-replay", type: "button", onclick: () => bulk("replay", { ...dead, all }, describe) },
+        "Replay all matching"),
+      h("button", { id: "bulk-purge", class: "danger", type: "button", onclick: () => bulk("purge", { ...dead, all }, describe) },
+        "Purge all matching")));
+  }
+  out.push(table(["id", "kind", "queue", "state", "tenant", "attempts", "enqueued", "next run", "last error"], rows,
+    "No job matches."));
+  if (page.next_cursor) {
+    const next = new URLSearchParams(params);
+    next.set("cursor", page.next_cursor);
+    out.push(h("p", {}, h("a", { href: `#/jobs?${next}` }, "Next page →")));
+  }
+  return out;
+}
+
+function field(name, value, label) {
+  return h("label", {}, `${label || name} `, h("input", { name, value: value || "", size: 14 }));
+}
+
+async function bulk(action, filter, describe) {
+  if (!confirm(`${action === "replay" ? "Replay" : "Permanently delete"} ${describe}?`)) return;
+  try {
+    const result = await api(`/_admin/jobs/dlq/${action}`, { method: "POST", body: filter });
+    flash(`${action === "replay" ? "Replayed" : "Purged"} ${result.count} job(s).`);
+  } catch (e) {
+    flash(e.message, true);
+  }
+  render();
+}
+
+async function job(id) {
+  const j = await api(`/_admin/jobs/${encodeURIComponent(id)}`);
+  const canRetry = ["pending", "scheduled", "dead", "cancelled"].includes(j.state);
+  const canCancel = ["pending", "scheduled"].includes(j.state);
+  const label = j.state === "dead" || j.state === "cancelled" ? "Replay" : "Run now";
+  const act = async (what) => {
+    const verb = what === "retry" ? label.toLowerCase() : "cancel";
+    if (!confirm(`${verb} job ${j.id} (${j.kind})?`)) return;
+    try {
+      await api(`/_admin/jobs/${j.id}/${what}`, { method: "POST" });
+      flash(`Job ${j.id}: ${verb} requested.`);
+    } catch (e) {
+      flash(e.message, true);
+    }
+    render();
+  };
+  const attempts = j.errors.map((e) => h("tr", {},
+    h("td", { class: "num" }, e.attempt), h("td", {}, when(e.at)), h("td", {}, e.class), h("td", {}, e.code || ""),
+    h("td", { class: e.class === "replayed" ? "" : "error-text" }, e.error), h("td", {}, e.worker || "")));
+  return [
+    h("h1", {}, `Job ${j.id} `, stateBadge(j.state)),
+    h("div", { class: "actions" },
+      canRetry && h("button", { id: "retry", type: "button", onclick: () => act("retry") }, label),
+      canCancel && h("button", { id: "cancel", class: "danger", type: "button", onclick: () => act("cancel") }, "Cancel")),
+    h("dl", { class: "facts" },
+      fact("kind", j.kind), fact("queue", j.queue), fact("tenant", j.tenant_id), fact("provider", j.provider),
+      fact("attempts", `${j.attempt} of ${j.max_attempts}`), fact("priority", j.priority),
+      fact("enqueued", when(j.enqueued_at)), fact("started", when(j.attempted_at)),
+      fact("finished", when(j.finished_at)), fact("next run", ["pending", "scheduled"].includes(j.state) ? when(j.run_at) : ""),
+      fact("worker", j.worker), fact("idempotency key", j.unique_key)),
+    h("h2", {}, "Arguments"),
+    h("pre", {}, JSON.stringify(j.args, null, 2)),
+    j.progress ? [h("h2", {}, "Progress / result"), h("pre", {}, JSON.stringify(j.progress, null, 2))] : [],
+    h("h2", {}, "Attempt history (failures and replays)"),
+    table(["#", "at", "class", "code", "error", "worker"], attempts, "No failed attempt."),
+  ];
+}
+
+function fact(name, value) {
+  if (value === null || value === undefined || value === "") return [];
+  return [h("dt", {}, name), h("dd", {}, value)];
+}
+
+async function connectors() {
+  const [list, polls, gcs, queues, embedding] = await Promise.all([
+    api("/_admin/connectors"), api("/_admin/connectors/polls"), api("/_webhooks/gcs/health"),
+    api("/_admin/queues"), api("/admin/embedding/status"),
+  ]);
+  const tenantCounts = new Map(queues.tenants.map((t) => [`${t.queue}/${t.tenant_id}`, t]));
+  const lastIngest = await Promise.all(list.connectors.map((c) =>
+    api(`/_admin/jobs?kind=ingest_object&state=completed&limit=1&tenant_id=${encodeURIComponent(c.tenant_id)}`)
+      .then((p) => (p.jobs[0] ? p.jobs[0].finished_at : null)).catch(() => null)));
+  const rows = list.connectors.map((c, i) => {
+    const counts = tenantCounts.get(`connector/${c.tenant_id}`);
+    const config = Object.entries(c.config).map(([k, v]) => `${k}=${typeof v === "string" ? v : JSON.stringify(v)}`).join("  ");
+    return h("tr", { "data-connector": `${c.tenant_id}/${c.provider}` },
+      h("td", {}, c.tenant_id), h("td", {}, c.provider), h("td", {}, c.enabled ? "enabled" : "disabled"),
+      h("td", { class: "num" }, `v${c.key_version}`), h("td", {}, lastIngest[i] ? ago(lastIngest[i]) : "never"),
+      h("td", { class: "num" }, counts ? counts.pending + counts.scheduled : 0),
+      h("td", { class: counts && counts.dead ? "num error" : "num" },
+        counts && counts.dead ? jobsLink({ state: "dead", queue: "connector", tenant_id: c.tenant_id }, counts.dead) : 0),
+      h("td", { class: "config" }, config));
+  });
+  const pollRows = polls.map((p) => h("tr", {},
+    h("td", {}, p.tenant_id), h("td", {}, p.provider), h("td", {}, when(p.watermark)), h("td", {}, p.current_run || ""),
+    h("td", {}, when(p.next_poll_at)), h("td", { class: "num" }, p.passes), h("td", { class: "error-text" }, p.last_error || "")));
+  const subRows = gcs.subscribers.map((s) => h("tr", {},
+    h("td", {}, s.subscription), h("td", {}, s.tenants.join(", ")), h("td", {}, s.connected ? "connected" : "disconnected"),
+    h("td", { class: "num" }, s.reconnects), h("td", { class: "num" }, s.messages), h("td", {}, ago(s.last_message_at)),
+    h("td", { class: "error-text" }, s.last_error || "")));
+  const embeddingTenants = queues.tenants.filter((t) => t.queue === "embedding").map((t) => t.tenant_id);
+  const perTenant = await Promise.all(embeddingTenants.map((t) =>
+    api(`/admin/embedding/status?tenant_id=${encodeURIComponent(t)}`).catch(() => null)));
+  const statusRow = (name, scope) => h("tr", {},
+    h("td", {}, name),
+    ["queued", "processing", "ready", "failed", "skipped"].map((s) => h("td", { class: "num" }, scope.nodes[s] || 0)),
+    h("td", { class: "num" }, scope.queue.queued), h("td", { class: "num" }, scope.queue.retry_scheduled),
+    h("td", { class: scope.queue.dead ? "num error" : "num" }, scope.queue.dead));
+  const embeddingRows = [statusRow("all tenants", embedding.overall)]
+    .concat(perTenant.filter(Boolean).map((s) => statusRow(s.tenant_id, s.tenant)));
+  return [
+    h("h1", {}, "Connectors"),
+    table(["tenant", "provider", "state", "key", "last ingest", "backlog", "dead", "config (secrets redacted)"], rows,
+      "No connector is registered."),
+    h("h2", {}, "Polling"),
+    table(["tenant", "provider", "watermark", "pass in flight", "next pass", "passes", "last error"], pollRows,
+      "No connector polls."),
+    h("h2", {}, "Pub/Sub subscribers (this process)"),
+    table(["subscription", "tenants", "state", "reconnects", "messages", "last message", "last error"], subRows,
+      "No connector pulls a subscription."),
+    h("h2", {}, `Embeddings (${embedding.backend}, ${embedding.model}, ${embedding.index})`),
+    table(["tenant", "queued", "processing", "ready", "failed", "skipped", "jobs due", "retrying", "dead"], embeddingRows),
+  ];
+}
+
+function flash(message, isError) {
+  const el = document.getElementById("status");
+  el.textContent = message;
+  el.className = isError ? "error" : "ok";
+}
+
+function route() {
+  const hash = location.hash.replace(/^#/, "") || "/";
+  const [path, query] = hash.split("?");
+  const params = new URLSearchParams(query || "");
+  if (path.startsWith("/job/")) return { name: "job", load: () => job(path.slice(5)) };
+  if (path === "/jobs") return { name: params.get("state") === "dead" ? "dead" : "jobs", load: () => jobs(params) };
+  if (path === "/connectors") return { name: "connectors", load: connectors };
+  return { name: "overview", load: overview };
+}
+
+async function render() {
+  clearTimeout(timer);
+  const mine = ++generation;
+  const current = route();
+  for (const a of document.querySelectorAll("[data-nav]")) {
+    a.classList.toggle("active", a.dataset.nav === current.name);
+  }
+  const view = document.getElementById("view");
+  const login = document.getElementById("login");
+  try {
+    const content = await current.load();
+    if (mine !== generation) return;
+    login.hidden = true;
+    document.getElementById("logout").hidden = !sessionStorage.getItem(TOKEN_KEY);
+    // Keep the filter form's focus and typing intact across refreshes.
+    const editing = view.contains(document.activeElement) && document.activeElement.form;
+    if (!editing) view.replaceChildren(...[content].flat(Infinity));
+    document.getElementById("status").dataset.updated = new Date().toISOString();
+    if (!document.getElementById("status").classList.contains("error")) {
+      document.getElementById("status").textContent = `updated ${new Date().toLocaleTimeString(undefined, { hour12: false })}`;
+    }
+  } catch (e) {
+    if (mine !== generation) return;
+    if (e.status === 401 || e.status === 403) {
+      const refused = sessionStorage.getItem(TOKEN_KEY) !== null;
+      sessionStorage.removeItem(TOKEN_KEY);
+      view.replaceChildren();
+      login.hidden = false;
+      document.getElementById("login-error").textContent = refused ? `Refused: ${e.message}` : "";
+      document.getElementById("token").focus();
+      return;
+    }
+    flash(e.message, true);
+  }
+  timer = setTimeout(render, REFRESH_MS);
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  document.getElementById("login").addEventListener("submit", (e) => {
+    e.preventDefault();
+    sessionStorage.setItem(TOKEN_KEY, document.getElementById("token").value.trim());
+    render();
+  });
+  document.getElementById("logout").addEventListener("click", () => {
+    sessionStorage.removeItem(TOKEN_KEY);
+    render();
+  });
+  window.addEventListener("hashchange", () => {
+    document.getElementById("status").className = "muted";
+    render();
+  });
+  render();
+});
