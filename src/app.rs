@@ -317,7 +317,16 @@ pub async fn run(
                 "the API role needs a listener"
             )));
         }
-        (false, _) => None,
+        (false, Some(listener)) => {
+            let addr: Option<SocketAddr> = listener.local_addr().ok();
+            tracing::info!(?addr, "serving /metrics, /health and /readyz");
+            let router = api::probes_router(state.clone());
+            let token = shutdown.clone();
+            Some(tokio::spawn(async move {
+                api::serve(listener, router, token).await
+            }))
+        }
+        (false, None) => None,
     };
 
     let mut background = Background::default();
@@ -369,16 +378,16 @@ pub async fn run_process(
     shutdown: CancellationToken,
 ) -> Result<(), AppError> {
     let settings = Arc::new(settings);
-    let listener = if roles.api {
-        Some(TcpListener::bind(settings.listen).await.map_err(|e| {
-            AppError::Unavailable(format!(
-                "cannot listen on {} (ACTIVEKG_LISTEN): {e}",
-                settings.listen
-            ))
-        })?)
+    // Without the API, a process still answers /metrics, /health and /readyz, so its counters (ingest,
+    // embedding, purger) can be scraped and its liveness probed.
+    let (address, variable) = if roles.api {
+        (settings.listen, "ACTIVEKG_LISTEN")
     } else {
-        None
+        (settings.metrics_listen, "ACTIVEKG_METRICS_LISTEN")
     };
+    let listener = Some(TcpListener::bind(address).await.map_err(|e| {
+        AppError::Unavailable(format!("cannot listen on {address} ({variable}): {e}"))
+    })?);
     let database = open_database(&settings).await?;
     let settings = with_development_key(settings)?;
     let settings = with_embedding_fallback(settings)?;

@@ -139,6 +139,9 @@ pub struct EmbeddingSettings {
 pub struct Settings {
     /// `ACTIVEKG_LISTEN`: the API's address.
     pub listen: SocketAddr,
+    /// `ACTIVEKG_METRICS_LISTEN`: where processes without the API (`worker`, `scheduler`) serve `/metrics`,
+    /// `/health` and `/readyz`.
+    pub metrics_listen: SocketAddr,
     /// `ACTIVEKG_DSN` / `DATABASE_URL`, or the embedded default.
     pub database: DatabaseSource,
     /// `ACTIVEKG_POOL_SIZE`: connections in the pool.
@@ -235,6 +238,7 @@ impl Settings {
         let seconds = |d: Duration| format!("{}", d.as_secs_f64());
         let mut out = BTreeMap::new();
         out.insert("ACTIVEKG_LISTEN", self.listen.to_string());
+        out.insert("ACTIVEKG_METRICS_LISTEN", self.metrics_listen.to_string());
         out.insert(
             "ACTIVEKG_DSN",
             match &self.database {
@@ -555,6 +559,11 @@ impl Env {
             SocketAddr::from(([0, 0, 0, 0], 8000)),
             "an address like 0.0.0.0:8000",
         );
+        let metrics_listen = self.parsed(
+            "ACTIVEKG_METRICS_LISTEN",
+            SocketAddr::from(([0, 0, 0, 0], 9090)),
+            "an address like 0.0.0.0:9090",
+        );
         let dsn = self
             .text("ACTIVEKG_DSN")
             .or_else(|| self.text("DATABASE_URL"));
@@ -684,6 +693,7 @@ impl Env {
         }
         Ok(Settings {
             listen,
+            metrics_listen,
             database,
             pool_size,
             redis_url,

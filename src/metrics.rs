@@ -15,6 +15,7 @@ use prometheus::{
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    names: Vec<String>,
     /// HTTP requests by method, matched route and status.
     pub http_requests: IntCounterVec,
     /// HTTP request latency by method and matched route.
@@ -102,15 +103,20 @@ const LATENCY_BUCKETS: &[f64] = &[
 impl Metrics {
     fn new() -> prometheus::Result<Self> {
         let registry = Registry::new();
+        // Every family's name, including label vectors that have no series yet (those are absent from a
+        // scrape until first used), so dashboards and alerts can be checked against what we export.
+        let names = std::cell::RefCell::new(Vec::new());
         let counter =
             |name: &str, help: &str, labels: &[&str]| -> prometheus::Result<IntCounterVec> {
                 let metric = IntCounterVec::new(Opts::new(name, help), labels)?;
                 registry.register(Box::new(metric.clone()))?;
+                names.borrow_mut().push(name.to_owned());
                 Ok(metric)
             };
         let gauge = |name: &str, help: &str, labels: &[&str]| -> prometheus::Result<IntGaugeVec> {
             let metric = IntGaugeVec::new(Opts::new(name, help), labels)?;
             registry.register(Box::new(metric.clone()))?;
+            names.borrow_mut().push(name.to_owned());
             Ok(metric)
         };
         let histogram =
@@ -120,9 +126,11 @@ impl Metrics {
                     labels,
                 )?;
                 registry.register(Box::new(metric.clone()))?;
+                names.borrow_mut().push(name.to_owned());
                 Ok(metric)
             };
         let single = |opts: HistogramOpts| -> prometheus::Result<Histogram> {
+            names.borrow_mut().push(opts.common_opts.name.clone());
             let metric = Histogram::with_opts(opts)?;
             registry.register(Box::new(metric.clone()))?;
             Ok(metric)
@@ -324,7 +332,13 @@ impl Metrics {
                 &["provider", "result"],
             )?,
             registry,
+            names: names.take(),
         })
+    }
+
+    /// The name of every metric family this process exports.
+    pub fn names(&self) -> &[String] {
+        &self.names
     }
 
     /// All metrics in the Prometheus text exposition format.

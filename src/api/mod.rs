@@ -169,6 +169,15 @@ pub fn router(state: ApiState) -> Router {
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
 }
 
+/// What a process without the API serves: `/health`, `/readyz` and `/metrics`.
+pub fn probes_router(state: ApiState) -> Router {
+    let (routes, _) = health::router().split_for_parts();
+    routes
+        .fallback(not_found)
+        .with_state(state)
+        .layer(middleware::from_fn(error::json_errors))
+}
+
 async fn not_found(request: Request) -> ApiError {
     ApiError::not_found(format!(
         "no route for {} {}",

@@ -23,6 +23,7 @@ mod jobs_crash;
 mod jobs_engine;
 mod jobs_schedule;
 mod migrations;
+mod observability;
 mod polling;
 mod purger;
 mod rotation;

@@ -276,7 +276,7 @@ async fn the_purge_schedule_fires_one_job_per_tick_across_three_scheduler_proces
         ("PURGER_SCHEDULE", "* * * * * *".to_owned()),
         ("PURGER_BATCH_SIZE", "250".to_owned()),
         ("EMBEDDING_BACKEND", "hash".to_owned()),
-        ("ACTIVEKG_LISTEN", "127.0.0.1:0".to_owned()),
+        ("ACTIVEKG_METRICS_LISTEN", "127.0.0.1:0".to_owned()),
     ];
     let mut schedulers: Vec<tokio::process::Child> = (0..3)
         .map(|_| {
