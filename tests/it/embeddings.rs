@@ -297,7 +297,19 @@ async fn one_job_waits_per_node_and_a_change_made_during_a_run_is_embedded_after
         embed_request(&db.pool, ids[0]).await,
         "a request during a run queues the next job"
     );
-    assert!(!embed_request(&db.pool, ids[0]).await, "and only one waits");
+    // A worker may claim that job at once (the gate holds it running too), and a claimed job no longer
+    // holds the key; whatever the timing, at most one job per node waits unclaimed.
+    for _ in 0..3 {
+        embed_request(&db.pool, ids[0]).await;
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM jobs WHERE kind = 'embed_node' AND state = 'available' AND args->>'node_id' = $1",
+        )
+        .bind(ids[0].to_string())
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        assert!(waiting <= 1, "only one waits, not {waiting}");
+    }
     gate.open.add_permits(100);
     let stored_for = eventually(Duration::from_secs(15), "the new text's vector", || async {
         let hash: Option<String> =
