@@ -102,11 +102,16 @@ async fn a_tick_missed_while_no_scheduler_ran_fires_once_on_restart() {
         (restarted_at - *missed[0]).num_milliseconds() < 1000,
         "it is the latest tick before the restart"
     );
+    // Then it keeps firing, each tick once. (A lone scheduler that is starved for over a second, as in a
+    // loaded test run, collapses the ticks it slept through into the latest, by the same rule as above.)
+    assert!(
+        after.len() >= 2,
+        "it keeps firing after the catch-up: {after:?}"
+    );
     for pair in after.windows(2) {
-        assert_eq!(
-            (pair[1] - pair[0]).num_seconds(),
-            1,
-            "then it fires every tick: {after:?}"
+        assert!(
+            (pair[1] - pair[0]).num_seconds() >= 1,
+            "no tick fires twice: {after:?}"
         );
     }
     db.drop_db().await;
