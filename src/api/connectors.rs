@@ -300,12 +300,7 @@ async fn rotate_keys(
         return Err(ApiError::invalid("batch_size must be from 1 to 10000"));
     }
     let scope = RotationScope {
-        tenant_id: body
-            .tenant_id
-            .as_deref()
-            .map(tenant)
-            .transpose()?
-            .map(|t| t.to_string()),
+        tenant_id: optional_tenant(body.tenant_id.as_deref())?,
         provider: body.provider.as_deref().map(provider).transpose()?,
     };
     let rows_behind = state.registry.count_behind(&scope).await?;
@@ -319,24 +314,39 @@ async fn rotate_keys(
     if body.dry_run {
         return Ok((StatusCode::OK, Json(response)));
     }
+    let run = RotateKeys {
+        scope,
+        batch_size: body.batch_size,
+    };
+    let (status, job_id, already_running) = start_run(&state, &run).await?;
+    response.job_id = job_id;
+    response.already_running = already_running;
+    Ok((status, Json(response)))
+}
+
+/// A tenant filter: absent means all tenants.
+fn optional_tenant(raw: Option<&str>) -> Result<Option<String>, ApiError> {
+    Ok(raw.map(tenant).transpose()?.map(|t| t.to_string()))
+}
+
+/// Starts a run of a kind that is one at a time per scope: 202 with the new job's id, or 200 with the id of
+/// the run already active (`true`).
+async fn start_run<J: engine::Job>(
+    state: &ApiState,
+    run: &J,
+) -> Result<(StatusCode, Option<i64>, bool), ApiError> {
     let mut conn = state
         .pool
         .acquire()
         .await
         .map_err(crate::error::Error::from)?;
-    let run = RotateKeys {
-        scope,
-        batch_size: body.batch_size,
-    };
-    let enqueued = engine::enqueue(&mut conn, &run).await?;
-    response.job_id = enqueued.id.map(|id| id.0);
-    response.already_running = !enqueued.inserted;
+    let enqueued = engine::enqueue(&mut conn, run).await?;
     let status = if enqueued.inserted {
         StatusCode::ACCEPTED
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(response)))
+    Ok((status, enqueued.id.map(|id| id.0), !enqueued.inserted))
 }
 
 /// What to purge.
@@ -399,12 +409,7 @@ async fn purge_deleted(
     if !(1..=100_000).contains(&batch_size) {
         return Err(ApiError::invalid("batch_size must be from 1 to 100000"));
     }
-    let tenant_id = body
-        .tenant_id
-        .as_deref()
-        .map(tenant)
-        .transpose()?
-        .map(|t| t.to_string());
+    let tenant_id = optional_tenant(body.tenant_id.as_deref())?;
     let retention_days = state.settings.purger_retention_days;
     let mut response = PurgeResponse {
         dry_run: body.dry_run,
@@ -426,25 +431,15 @@ async fn purge_deleted(
         });
         return Ok((StatusCode::OK, Json(response)));
     }
-    let mut conn = state
-        .pool
-        .acquire()
-        .await
-        .map_err(crate::error::Error::from)?;
     let run = PurgeDeleted {
         tenant_id,
         batch_size,
         retention_days,
         tick: None,
     };
-    let enqueued = engine::enqueue(&mut conn, &run).await?;
-    response.job_id = enqueued.id.map(|id| id.0);
-    response.already_running = !enqueued.inserted;
-    let status = if enqueued.inserted {
-        StatusCode::ACCEPTED
-    } else {
-        StatusCode::OK
-    };
+    let (status, job_id, already_running) = start_run(&state, &run).await?;
+    response.job_id = job_id;
+    response.already_running = already_running;
     Ok((status, Json(response)))
 }
 

@@ -339,7 +339,8 @@ async fn gcs_webhook(
         verified(provider, "skipped");
     }
     let push = pubsub::parse(&body).map_err(|reason| malformed(provider, reason))?;
-    let Some(change) = push.change.clone() else {
+    let delivery = push.delivery_id();
+    let Some(change) = push.change else {
         return Ok(answer(provider, "ignored", 0, Vec::new()));
     };
     let mut topics: Vec<&str> = vec![push.subscription.as_str()];
@@ -348,7 +349,7 @@ async fn gcs_webhook(
     route(
         &state,
         provider,
-        &push.delivery_id(),
+        &delivery,
         &topics,
         std::slice::from_ref(&change),
     )

@@ -170,7 +170,7 @@ async fn list_and_enqueue(page: &BackfillPage, deps: &Deps) -> Result<(), JobErr
         newest_change: listed.objects.iter().filter_map(|o| o.updated).max(),
     };
     backfill::advance(&mut tx, page.run_id, counts, next.is_none()).await?;
-    if next.is_none() && run.started_by == "poll" {
+    if next.is_none() && run.is_poll_pass() {
         polls::complete(&mut tx, page.run_id).await?;
         metrics()
             .poller_runs

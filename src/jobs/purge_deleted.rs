@@ -112,14 +112,19 @@ pub async fn run(job: PurgeDeleted, cx: JobContext<PgPool>) -> Result<(), JobErr
 
 async fn purge(job: &PurgeDeleted, cx: &JobContext<PgPool>) -> Result<PurgeProgress, JobError> {
     let mut progress: PurgeProgress = cx.resume().unwrap_or_default();
-    let cutoff = *progress
+    let deleted_before = *progress
         .cutoff
         .get_or_insert_with(|| cutoff(Utc::now(), job.retention_days));
     let batch_size = i64::from(job.batch_size.clamp(1, 100_000));
     while !progress.done {
         let mut tx = cx.state.begin().await?;
-        let batch =
-            graph::purge_batch(&mut tx, job.tenant_id.as_deref(), cutoff, batch_size).await?;
+        let batch = graph::purge_batch(
+            &mut tx,
+            job.tenant_id.as_deref(),
+            deleted_before,
+            batch_size,
+        )
+        .await?;
         let mut next = progress.clone();
         next.purged += batch;
         next.batches += 1;

@@ -44,6 +44,13 @@ pub struct BackfillRun {
     pub newest_change: Option<DateTime<Utc>>,
 }
 
+impl BackfillRun {
+    /// Whether a poller started this run (its end moves the connector's watermark).
+    pub fn is_poll_pass(&self) -> bool {
+        self.started_by == "poll"
+    }
+}
+
 /// Who starts a run, and what it queues.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Origin {

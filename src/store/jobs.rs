@@ -193,6 +193,21 @@ pub struct Claimed {
     pub progress: Option<Value>,
 }
 
+/// What claiming the jobs in `next` does, shared by both fetch paths: the attempt counts from here, the worker
+/// holds the row, and kinds unique only while pending give their key back.
+macro_rules! claim_next {
+    () => {
+        r#"
+        UPDATE jobs j
+        SET state = 'running', attempt = j.attempt + 1, attempted_at = now(), locked_by = $2,
+            unique_key = CASE WHEN j.unique_while_pending THEN NULL ELSE j.unique_key END
+        FROM next
+        WHERE j.id = next.id
+        RETURNING j.id, j.args, j.attempt, j.max_attempts, j.enqueued_at, j.run_at, j.attempted_at, j.progress
+        "#
+    };
+}
+
 /// Claims up to `limit` due jobs of `kind` for `worker`, most urgent first, skipping rows other workers hold.
 /// The attempt counter moves here, before any work, so a crash mid-attempt still uses up an attempt.
 pub async fn claim<'e>(
@@ -201,7 +216,7 @@ pub async fn claim<'e>(
     worker: &str,
     limit: i64,
 ) -> Result<Vec<Claimed>> {
-    Ok(sqlx::query_as::<_, Claimed>(
+    Ok(sqlx::query_as::<_, Claimed>(concat!(
         r#"
         WITH next AS (
             SELECT id FROM jobs
@@ -210,14 +225,9 @@ pub async fn claim<'e>(
             LIMIT $3
             FOR UPDATE SKIP LOCKED
         )
-        UPDATE jobs j
-        SET state = 'running', attempt = j.attempt + 1, attempted_at = now(), locked_by = $2,
-                unique_key = CASE WHEN j.unique_while_pending THEN NULL ELSE j.unique_key END
-        FROM next
-        WHERE j.id = next.id
-        RETURNING j.id, j.args, j.attempt, j.max_attempts, j.enqueued_at, j.run_at, j.attempted_at, j.progress
         "#,
-    )
+        claim_next!()
+    ))
     .bind(kind)
     .bind(worker)
     .bind(limit)
@@ -236,7 +246,7 @@ pub async fn claim_fair<'e>(
     limit: i64,
     after_tenant: &str,
 ) -> Result<(Vec<Claimed>, String)> {
-    let rows = sqlx::query(
+    let rows = sqlx::query(concat!(
         r#"
         WITH RECURSIVE tenants(t, depth) AS (
             (SELECT coalesce(tenant_id, ''), 1 FROM jobs
@@ -266,20 +276,15 @@ pub async fn claim_fair<'e>(
             ) picked
             LIMIT $3
         ),
-        claimed AS (
-            UPDATE jobs j
-            SET state = 'running', attempt = j.attempt + 1, attempted_at = now(), locked_by = $2,
-                unique_key = CASE WHEN j.unique_while_pending THEN NULL ELSE j.unique_key END
-            FROM next
-            WHERE j.id = next.id
-            RETURNING j.id, j.args, j.attempt, j.max_attempts, j.enqueued_at, j.run_at, j.attempted_at, j.progress
-        )
+        claimed AS ("#,
+        claim_next!(),
+        r#")
         SELECT claimed.*, (SELECT resume FROM share) AS resume FROM claimed
         UNION ALL
         SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, (SELECT resume FROM share)
         WHERE NOT EXISTS (SELECT 1 FROM claimed)
-        "#,
-    )
+        "#
+    ))
     .bind(kind)
     .bind(worker)
     .bind(limit)

@@ -457,13 +457,26 @@ pub fn free_port() -> u16 {
 
 /// `activekg serve` as a child process with exactly `env` (plus PATH); stderr is piped for the test to read.
 pub fn spawn_serve(env: &[(&str, String)]) -> tokio::process::Child {
+    spawn_activekg("serve", env, std::process::Stdio::piped())
+}
+
+/// `activekg <role>` as a child process with exactly `env` (plus PATH), its output discarded.
+pub fn spawn_role(role: &str, env: &[(&str, String)]) -> tokio::process::Child {
+    spawn_activekg(role, env, std::process::Stdio::null())
+}
+
+fn spawn_activekg(
+    role: &str,
+    env: &[(&str, String)],
+    stderr: std::process::Stdio,
+) -> tokio::process::Child {
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_activekg"));
     command
-        .arg("serve")
+        .arg(role)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
+        .stderr(stderr)
         .kill_on_drop(true);
     for (key, value) in env {
         command.env(key, value);

@@ -195,19 +195,15 @@ async fn every_metric_the_alerts_and_dashboard_use_is_exported_by_the_service() 
 async fn a_worker_process_serves_metrics_health_and_readiness_on_its_own_port() {
     let db = TestDb::new().await;
     let port = free_port();
-    let mut worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_activekg"))
-        .arg("worker")
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("ACTIVEKG_DSN", &db.url)
-        .env("CONNECTOR_KEK_V1", KEK)
-        .env("EMBEDDING_BACKEND", "hash")
-        .env("ACTIVEKG_METRICS_LISTEN", format!("127.0.0.1:{port}"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut worker = crate::helpers::spawn_role(
+        "worker",
+        &[
+            ("ACTIVEKG_DSN", db.url.clone()),
+            ("CONNECTOR_KEK_V1", KEK.to_owned()),
+            ("EMBEDDING_BACKEND", "hash".to_owned()),
+            ("ACTIVEKG_METRICS_LISTEN", format!("127.0.0.1:{port}")),
+        ],
+    );
     let base = format!("http://127.0.0.1:{port}");
     let metrics = eventually(Duration::from_secs(30), "the worker's /metrics", || async {
         let response = reqwest::get(format!("{base}/metrics")).await.ok()?;

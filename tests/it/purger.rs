@@ -21,29 +21,9 @@ async fn document(
 ) -> Uuid {
     let deleted: Option<DateTime<Utc>> =
         deleted_days_ago.map(|d| Utc::now() - chrono::Duration::days(d));
-    let doc = Uuid::new_v4();
-    sqlx::query(
-        "INSERT INTO nodes (id, tenant_id, classes, props, embedding_status, deleted_at)
-         VALUES ($1, $2, ARRAY['Document'], '{}', 'skipped', $3)",
-    )
-    .bind(doc)
-    .bind(tenant)
-    .bind(deleted)
-    .execute(pool)
-    .await
-    .unwrap();
+    let doc = node(pool, tenant, "Document", "skipped", deleted).await;
     for _ in 0..chunks {
-        let chunk = Uuid::new_v4();
-        sqlx::query(
-            "INSERT INTO nodes (id, tenant_id, classes, props, embedding_status, deleted_at)
-             VALUES ($1, $2, ARRAY['Chunk'], '{\"text\": \"x\"}', 'ready', $3)",
-        )
-        .bind(chunk)
-        .bind(tenant)
-        .bind(deleted)
-        .execute(pool)
-        .await
-        .unwrap();
+        let chunk = node(pool, tenant, "Chunk", "ready", deleted).await;
         sqlx::query(
             "INSERT INTO edges (src, rel, dst, tenant_id) VALUES ($1, 'DERIVED_FROM', $2, $3)",
         )
@@ -73,6 +53,29 @@ async fn document(
             .unwrap();
     }
     doc
+}
+
+async fn node(
+    pool: &PgPool,
+    tenant: &str,
+    class: &str,
+    status: &str,
+    deleted: Option<DateTime<Utc>>,
+) -> Uuid {
+    let id = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO nodes (id, tenant_id, classes, props, embedding_status, deleted_at)
+         VALUES ($1, $2, ARRAY[$3], '{\"text\": \"x\"}', $4, $5)",
+    )
+    .bind(id)
+    .bind(tenant)
+    .bind(class)
+    .bind(status)
+    .bind(deleted)
+    .execute(pool)
+    .await
+    .unwrap();
+    id
 }
 
 async fn count(pool: &PgPool, sql: &'static str) -> i64 {
@@ -279,20 +282,7 @@ async fn the_purge_schedule_fires_one_job_per_tick_across_three_scheduler_proces
         ("ACTIVEKG_METRICS_LISTEN", "127.0.0.1:0".to_owned()),
     ];
     let mut schedulers: Vec<tokio::process::Child> = (0..3)
-        .map(|_| {
-            let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_activekg"));
-            command
-                .arg("scheduler")
-                .env_clear()
-                .env("PATH", std::env::var("PATH").unwrap_or_default())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .kill_on_drop(true);
-            for (key, value) in &env {
-                command.env(key, value);
-            }
-            command.spawn().unwrap()
-        })
+        .map(|_| crate::helpers::spawn_role("scheduler", &env))
         .collect();
     tokio::time::sleep(Duration::from_secs(6)).await;
     for child in &schedulers {
