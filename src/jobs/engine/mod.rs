@@ -9,6 +9,7 @@ pub mod admin;
 pub mod backend;
 pub mod completer;
 pub mod outcome;
+pub mod pace;
 pub mod runtime;
 pub mod schedule;
 pub mod stats;

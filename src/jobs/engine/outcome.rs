@@ -18,8 +18,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::PollSemaphore;
 use tower::{Layer, Service};
 
-use super::backend::Pace;
 use super::completer::Completer;
+use super::pace::Pace;
 use super::{Job, JobError, Policy};
 use crate::domain::{AttemptError, JobId};
 use crate::metrics::metrics;

@@ -1,0 +1,384 @@
+//! The operators' queries: filtered listings, one job, retry, cancel, reschedule, replay, purge, counts.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::{AssertSqlSafe, PgConnection, PgExecutor, Row};
+
+use crate::domain::{AttemptError, JobId, JobState};
+use crate::error::{Error, Result};
+
+use super::notify_kinds;
+
+// ---------------------------------------------------------------------------------------------------------
+// Admin queries
+
+/// Which jobs an admin query is about. Empty fields match everything.
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    /// Only this queue.
+    pub queue: Option<String>,
+    /// Only this kind.
+    pub kind: Option<String>,
+    /// Only jobs in this state.
+    pub state: Option<JobState>,
+    /// Only this tenant's jobs.
+    pub tenant_id: Option<String>,
+    /// Enqueued at or after.
+    pub since: Option<DateTime<Utc>>,
+    /// Enqueued before.
+    pub until: Option<DateTime<Utc>>,
+    /// Only these ids.
+    pub ids: Option<Vec<i64>>,
+}
+
+impl JobFilter {
+    /// True when no field narrows the selection.
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_none()
+            && self.kind.is_none()
+            && self.state.is_none()
+            && self.tenant_id.is_none()
+            && self.since.is_none()
+            && self.until.is_none()
+            && self.ids.is_none()
+    }
+}
+
+/// The operator's view of the stored state; 'available' shows as pending or scheduled by its run time.
+const VIEW_STATE: &str = "CASE WHEN j.state = 'available' THEN (CASE WHEN j.run_at > now() THEN 'scheduled' ELSE 'pending' END) ELSE j.state END";
+
+/// The filter as SQL over alias `j`, with its parameters starting at `$1`.
+fn filter_sql(first_param: usize) -> String {
+    let p = |i: usize| format!("${}", first_param + i);
+    format!(
+        "({q}::text IS NULL OR j.queue = {q}) AND ({k}::text IS NULL OR j.kind = {k}) \
+         AND ({s}::text IS NULL OR {VIEW_STATE} = {s}) AND ({t}::text IS NULL OR j.tenant_id = {t}) \
+         AND ({a}::timestamptz IS NULL OR j.enqueued_at >= {a}) AND ({b}::timestamptz IS NULL OR j.enqueued_at < {b}) \
+         AND ({i}::int8[] IS NULL OR j.id = ANY({i}))",
+        q = p(0),
+        k = p(1),
+        s = p(2),
+        t = p(3),
+        a = p(4),
+        b = p(5),
+        i = p(6),
+    )
+}
+
+fn bind_filter<'q>(
+    query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    filter: &'q JobFilter,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    query
+        .bind(filter.queue.as_deref())
+        .bind(filter.kind.as_deref())
+        .bind(filter.state.map(JobState::as_str))
+        .bind(filter.tenant_id.as_deref())
+        .bind(filter.since)
+        .bind(filter.until)
+        .bind(filter.ids.as_deref())
+}
+
+/// Everything stored about a job.
+#[derive(Debug, Clone)]
+pub struct JobRecord {
+    /// Id.
+    pub id: JobId,
+    /// Kind.
+    pub kind: String,
+    /// Queue.
+    pub queue: String,
+    /// State as operators see it.
+    pub state: JobState,
+    /// Arguments.
+    pub args: Value,
+    /// Priority (higher first).
+    pub priority: i16,
+    /// Attempts started.
+    pub attempt: i32,
+    /// Attempt budget.
+    pub max_attempts: i32,
+    /// Every failed or interrupted attempt.
+    pub errors: Vec<AttemptError>,
+    /// Inserted at.
+    pub enqueued_at: DateTime<Utc>,
+    /// Due at (next run time while pending or scheduled).
+    pub run_at: DateTime<Utc>,
+    /// Latest attempt started at.
+    pub attempted_at: Option<DateTime<Utc>>,
+    /// Finished (completed, dead or cancelled) at.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Worker running it.
+    pub locked_by: Option<String>,
+    /// Idempotency key while it holds one.
+    pub unique_key: Option<String>,
+    /// Tenant.
+    pub tenant_id: Option<String>,
+    /// Provider.
+    pub provider: Option<String>,
+    /// What the job has done so far (long jobs checkpoint it), or its final result.
+    pub progress: Option<Value>,
+}
+
+const RECORD_COLUMNS: &str = "j.id, j.kind, j.queue, j.args, j.priority, j.attempt, j.max_attempts, j.errors, \
+    j.enqueued_at, j.run_at, j.attempted_at, j.finished_at, j.locked_by, j.unique_key, j.tenant_id, j.provider, \
+    j.progress";
+
+fn record_from_row(row: &sqlx::postgres::PgRow) -> Result<JobRecord> {
+    let state: String = row.try_get("view_state")?;
+    let errors: Value = row.try_get("errors")?;
+    Ok(JobRecord {
+        id: JobId(row.try_get("id")?),
+        kind: row.try_get("kind")?,
+        queue: row.try_get("queue")?,
+        state: state
+            .parse()
+            .map_err(|e: String| Error::Internal(anyhow::anyhow!(e)))?,
+        args: row.try_get("args")?,
+        priority: row.try_get("priority")?,
+        attempt: row.try_get("attempt")?,
+        max_attempts: row.try_get("max_attempts")?,
+        errors: serde_json::from_value(errors).unwrap_or_default(),
+        enqueued_at: row.try_get("enqueued_at")?,
+        run_at: row.try_get("run_at")?,
+        attempted_at: row.try_get("attempted_at")?,
+        finished_at: row.try_get("finished_at")?,
+        locked_by: row.try_get("locked_by")?,
+        unique_key: row.try_get("unique_key")?,
+        tenant_id: row.try_get("tenant_id")?,
+        provider: row.try_get("provider")?,
+        progress: row.try_get("progress")?,
+    })
+}
+
+/// Jobs matching `filter`, newest first, strictly older than `before` (the cursor), at most `limit`.
+pub async fn list<'e>(
+    db: impl PgExecutor<'e>,
+    filter: &JobFilter,
+    before: Option<JobId>,
+    limit: i64,
+) -> Result<Vec<JobRecord>> {
+    let sql = format!(
+        "SELECT {RECORD_COLUMNS}, {VIEW_STATE} AS view_state FROM jobs j \
+         WHERE {} AND ($8::int8 IS NULL OR j.id < $8) ORDER BY j.id DESC LIMIT $9",
+        filter_sql(1)
+    );
+    let rows = bind_filter(sqlx::query(AssertSqlSafe(sql)), filter)
+        .bind(before.map(|id| id.0))
+        .bind(limit)
+        .fetch_all(db)
+        .await?;
+    rows.iter().map(record_from_row).collect()
+}
+
+/// One job.
+pub async fn get<'e>(db: impl PgExecutor<'e>, id: JobId) -> Result<Option<JobRecord>> {
+    let sql =
+        format!("SELECT {RECORD_COLUMNS}, {VIEW_STATE} AS view_state FROM jobs j WHERE j.id = $1");
+    let row = sqlx::query(AssertSqlSafe(sql))
+        .bind(id.0)
+        .fetch_optional(db)
+        .await?;
+    row.as_ref().map(record_from_row).transpose()
+}
+
+/// Locks one job for an admin change and returns its current view state.
+async fn lock_for_change(conn: &mut PgConnection, id: JobId) -> Result<JobState> {
+    let sql = format!("SELECT {VIEW_STATE} AS view_state FROM jobs j WHERE j.id = $1 FOR UPDATE");
+    let state: Option<String> = sqlx::query_scalar(AssertSqlSafe(sql))
+        .bind(id.0)
+        .fetch_optional(&mut *conn)
+        .await?;
+    let state = state.ok_or_else(|| Error::NotFound {
+        what: "job",
+        id: id.to_string(),
+    })?;
+    state
+        .parse()
+        .map_err(|e: String| Error::Internal(anyhow::anyhow!(e)))
+}
+
+/// Makes a pending or scheduled job due now, or replays a dead or cancelled one with a fresh set of attempts.
+pub async fn retry_now(conn: &mut PgConnection, id: JobId) -> Result<JobState> {
+    let state = lock_for_change(conn, id).await?;
+    match state {
+        JobState::Pending | JobState::Scheduled => {
+            sqlx::query("UPDATE jobs SET run_at = now() WHERE id = $1")
+                .bind(id.0)
+                .execute(&mut *conn)
+                .await?;
+        }
+        JobState::Dead | JobState::Cancelled => {
+            let only_this = JobFilter {
+                ids: Some(vec![id.0]),
+                ..JobFilter::default()
+            };
+            replay(&mut *conn, &only_this, &[state], 1).await?;
+        }
+        JobState::Running | JobState::Completed => {
+            return Err(Error::Conflict(format!(
+                "job {id} is {state}: only pending, scheduled, dead or cancelled jobs can be retried"
+            )));
+        }
+    }
+    let kind: String = sqlx::query_scalar("SELECT kind FROM jobs WHERE id = $1")
+        .bind(id.0)
+        .fetch_one(&mut *conn)
+        .await?;
+    notify_kinds(conn, [kind.as_str()]).await?;
+    Ok(JobState::Pending)
+}
+
+/// Cancels a pending or scheduled job.
+pub async fn cancel(conn: &mut PgConnection, id: JobId) -> Result<()> {
+    match lock_for_change(conn, id).await? {
+        JobState::Pending | JobState::Scheduled => {
+            sqlx::query(
+                "UPDATE jobs SET state = 'cancelled', finished_at = now(),
+                     unique_key = CASE WHEN unique_while_active THEN NULL ELSE unique_key END
+                 WHERE id = $1",
+            )
+            .bind(id.0)
+            .execute(&mut *conn)
+            .await?;
+            Ok(())
+        }
+        state => Err(Error::Conflict(format!(
+            "job {id} is {state}: only pending or scheduled jobs can be cancelled"
+        ))),
+    }
+}
+
+/// Moves a pending or scheduled job's run time.
+pub async fn reschedule(conn: &mut PgConnection, id: JobId, run_at: DateTime<Utc>) -> Result<()> {
+    match lock_for_change(conn, id).await? {
+        JobState::Pending | JobState::Scheduled => {
+            let kind: String =
+                sqlx::query_scalar("UPDATE jobs SET run_at = $2 WHERE id = $1 RETURNING kind")
+                    .bind(id.0)
+                    .bind(run_at)
+                    .fetch_one(&mut *conn)
+                    .await?;
+            if run_at <= Utc::now() {
+                notify_kinds(conn, [kind.as_str()]).await?;
+            }
+            Ok(())
+        }
+        state => Err(Error::Conflict(format!(
+            "job {id} is {state}: only pending or scheduled jobs can be rescheduled"
+        ))),
+    }
+}
+
+/// Replays up to `limit` jobs matching `filter` whose state is in `from` (dead and/or cancelled): each gets a
+/// fresh set of attempts and runs now; its history is kept, with a `replayed` entry marking the boundary.
+/// (A kind unique only while active released its key when the job died, so the replayed job runs without it.)
+pub async fn replay(
+    conn: &mut PgConnection,
+    filter: &JobFilter,
+    from: &[JobState],
+    limit: i64,
+) -> Result<u64> {
+    let from: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
+    let sql = format!(
+        r#"
+        WITH picked AS (
+            SELECT j.id FROM jobs j
+            WHERE {} AND {VIEW_STATE} = ANY($8)
+            ORDER BY j.id
+            LIMIT $9
+            FOR UPDATE OF j SKIP LOCKED
+        )
+        UPDATE jobs j
+        SET state = 'available', run_at = now(), finished_at = NULL, attempt = 0, locked_by = NULL,
+            errors = j.errors || jsonb_build_array(jsonb_build_object(
+                'attempt', j.attempt, 'at', now(), 'class', 'replayed',
+                'error', format('replayed by an operator after %s attempt(s)', j.attempt)))
+        FROM picked
+        WHERE j.id = picked.id
+        RETURNING j.kind
+        "#,
+        filter_sql(1)
+    );
+    let kinds: Vec<String> = bind_filter(sqlx::query(AssertSqlSafe(sql)), filter)
+        .bind(&from)
+        .bind(limit)
+        .fetch_all(&mut *conn)
+        .await?
+        .iter()
+        .map(|row| row.try_get::<String, _>("kind"))
+        .collect::<Result<_, _>>()?;
+    notify_kinds(conn, kinds.iter().map(String::as_str)).await?;
+    Ok(kinds.len() as u64)
+}
+
+/// Deletes up to `limit` dead jobs matching `filter`.
+pub async fn purge_dead<'e>(
+    db: impl PgExecutor<'e>,
+    filter: &JobFilter,
+    limit: i64,
+) -> Result<u64> {
+    let sql = format!(
+        "WITH picked AS (SELECT j.id FROM jobs j WHERE {} AND j.state = 'dead' ORDER BY j.id LIMIT $8 \
+         FOR UPDATE OF j SKIP LOCKED) DELETE FROM jobs USING picked WHERE jobs.id = picked.id",
+        filter_sql(1)
+    );
+    let done = bind_filter(sqlx::query(AssertSqlSafe(sql)), filter)
+        .bind(limit)
+        .execute(db)
+        .await?;
+    Ok(done.rows_affected())
+}
+
+/// Counts for one (queue, kind, tenant) group.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct QueueCounts {
+    /// Queue.
+    pub queue: String,
+    /// Kind.
+    pub kind: String,
+    /// Tenant, when the jobs carry one.
+    pub tenant_id: Option<String>,
+    /// Provider, when the jobs carry one.
+    pub provider: Option<String>,
+    /// Due and waiting.
+    pub pending: i64,
+    /// Waiting for a later run time (including backoff).
+    pub scheduled: i64,
+    /// Being run.
+    pub running: i64,
+    /// Dead-lettered.
+    pub dead: i64,
+    /// Run time of the oldest pending job.
+    pub oldest_pending: Option<DateTime<Utc>>,
+    /// Completed in the last five minutes.
+    pub completed_5m: i64,
+    /// Dead-lettered in the last five minutes.
+    pub dead_5m: i64,
+    /// The database's clock, so ages are computed against one time source.
+    pub now: DateTime<Utc>,
+}
+
+/// Counts by queue, kind and tenant, in one pass over the active and recently finished rows.
+pub async fn queue_counts<'e>(db: impl PgExecutor<'e>) -> Result<Vec<QueueCounts>> {
+    Ok(sqlx::query_as::<_, QueueCounts>(
+        r#"
+        SELECT queue, kind, tenant_id, provider,
+               count(*) FILTER (WHERE state = 'available' AND run_at <= now()) AS pending,
+               count(*) FILTER (WHERE state = 'available' AND run_at > now()) AS scheduled,
+               count(*) FILTER (WHERE state = 'running') AS running,
+               count(*) FILTER (WHERE state = 'dead') AS dead,
+               min(run_at) FILTER (WHERE state = 'available' AND run_at <= now()) AS oldest_pending,
+               count(*) FILTER (WHERE state = 'completed' AND finished_at > now() - interval '5 minutes') AS completed_5m,
+               count(*) FILTER (WHERE state = 'dead' AND finished_at > now() - interval '5 minutes') AS dead_5m,
+               now() AS now
+        FROM jobs
+        WHERE state IN ('available', 'running', 'dead')
+           OR (state = 'completed' AND finished_at > now() - interval '5 minutes')
+        GROUP BY queue, kind, tenant_id, provider
+        ORDER BY queue, kind, tenant_id
+        "#,
+    )
+    .fetch_all(db)
+    .await?)
+}

@@ -1,0 +1,148 @@
+//! Claiming due jobs for a worker: most urgent first, or shared fairly between tenants.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::{PgExecutor, Row};
+
+use crate::error::Result;
+
+/// A job claimed by a worker.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Claimed {
+    /// The job's id.
+    pub id: i64,
+    /// Serialized arguments.
+    pub args: Value,
+    /// This attempt's number (1-based).
+    pub attempt: i32,
+    /// Attempt budget.
+    pub max_attempts: i32,
+    /// When the job was inserted.
+    pub enqueued_at: DateTime<Utc>,
+    /// When it became (or was due to become) runnable.
+    pub run_at: DateTime<Utc>,
+    /// When this attempt was claimed (database clock).
+    pub attempted_at: DateTime<Utc>,
+    /// What earlier attempts checkpointed, if anything.
+    pub progress: Option<Value>,
+}
+
+/// What claiming the jobs in `next` does, shared by both fetch paths: the attempt counts from here, the worker
+/// holds the row, and kinds unique only while pending give their key back.
+macro_rules! claim_next {
+    () => {
+        r#"
+        UPDATE jobs j
+        SET state = 'running', attempt = j.attempt + 1, attempted_at = now(), locked_by = $2,
+            unique_key = CASE WHEN j.unique_while_pending THEN NULL ELSE j.unique_key END
+        FROM next
+        WHERE j.id = next.id
+        RETURNING j.id, j.args, j.attempt, j.max_attempts, j.enqueued_at, j.run_at, j.attempted_at, j.progress
+        "#
+    };
+}
+
+/// Claims up to `limit` due jobs of `kind` for `worker`, most urgent first, skipping rows other workers hold.
+/// The attempt counter moves here, before any work, so a crash mid-attempt still uses up an attempt.
+pub async fn claim<'e>(
+    db: impl PgExecutor<'e>,
+    kind: &str,
+    worker: &str,
+    limit: i64,
+) -> Result<Vec<Claimed>> {
+    Ok(sqlx::query_as::<_, Claimed>(concat!(
+        r#"
+        WITH next AS (
+            SELECT id FROM jobs
+            WHERE kind = $1 AND state = 'available' AND run_at <= now()
+            ORDER BY priority DESC, run_at, id
+            LIMIT $3
+            FOR UPDATE SKIP LOCKED
+        )
+        "#,
+        claim_next!()
+    ))
+    .bind(kind)
+    .bind(worker)
+    .bind(limit)
+    .fetch_all(db)
+    .await?)
+}
+
+/// Like [`claim`], but shares the batch between tenants: it walks tenants with due jobs in key order starting
+/// after `after_tenant` (at most `limit` of them), and takes up to an equal share from each, oldest first.
+/// One tenant's backlog therefore cannot hold back another tenant's first job. Returns the claimed jobs and
+/// where the next claim should start (empty once the walk reached the last tenant).
+pub async fn claim_fair<'e>(
+    db: impl PgExecutor<'e>,
+    kind: &str,
+    worker: &str,
+    limit: i64,
+    after_tenant: &str,
+) -> Result<(Vec<Claimed>, String)> {
+    let rows = sqlx::query(concat!(
+        r#"
+        WITH RECURSIVE tenants(t, depth) AS (
+            (SELECT coalesce(tenant_id, ''), 1 FROM jobs
+             WHERE kind = $1 AND state = 'available' AND run_at <= now() AND coalesce(tenant_id, '') > $4
+             ORDER BY coalesce(tenant_id, '') LIMIT 1)
+            UNION ALL
+            SELECT (SELECT coalesce(j.tenant_id, '') FROM jobs j
+                    WHERE j.kind = $1 AND j.state = 'available' AND j.run_at <= now()
+                      AND coalesce(j.tenant_id, '') > tenants.t
+                    ORDER BY coalesce(j.tenant_id, '') LIMIT 1),
+                   tenants.depth + 1
+            FROM tenants WHERE tenants.t IS NOT NULL AND tenants.depth < $3
+        ),
+        walked AS (SELECT t FROM tenants WHERE t IS NOT NULL),
+        share AS (SELECT greatest(1, ceil($3::float8 / greatest(count(*), 1)))::int AS n,
+                         CASE WHEN count(*) >= $3 THEN max(t) ELSE '' END AS resume
+                  FROM walked),
+        next AS (
+            SELECT picked.id FROM walked CROSS JOIN share
+            CROSS JOIN LATERAL (
+                SELECT j.id FROM jobs j
+                WHERE j.kind = $1 AND j.state = 'available' AND j.run_at <= now()
+                  AND coalesce(j.tenant_id, '') = walked.t
+                ORDER BY j.priority DESC, j.run_at, j.id
+                LIMIT share.n
+                FOR UPDATE OF j SKIP LOCKED
+            ) picked
+            LIMIT $3
+        ),
+        claimed AS ("#,
+        claim_next!(),
+        r#")
+        SELECT claimed.*, (SELECT resume FROM share) AS resume FROM claimed
+        UNION ALL
+        SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, (SELECT resume FROM share)
+        WHERE NOT EXISTS (SELECT 1 FROM claimed)
+        "#
+    ))
+    .bind(kind)
+    .bind(worker)
+    .bind(limit)
+    .bind(after_tenant)
+    .fetch_all(db)
+    .await?;
+    let mut resume = String::new();
+    let mut claimed = Vec::with_capacity(rows.len());
+    for row in rows {
+        resume = row
+            .try_get::<Option<String>, _>("resume")?
+            .unwrap_or_default();
+        if let Some(id) = row.try_get::<Option<i64>, _>("id")? {
+            claimed.push(Claimed {
+                id,
+                args: row.try_get("args")?,
+                attempt: row.try_get("attempt")?,
+                max_attempts: row.try_get("max_attempts")?,
+                enqueued_at: row.try_get("enqueued_at")?,
+                run_at: row.try_get("run_at")?,
+                attempted_at: row.try_get("attempted_at")?,
+                progress: row.try_get("progress")?,
+            });
+        }
+    }
+    Ok((claimed, resume))
+}

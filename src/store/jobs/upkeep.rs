@@ -1,0 +1,108 @@
+//! The engine's upkeep in SQL: taking back jobs of workers that went silent, and pruning finished jobs.
+
+use sqlx::{PgConnection, PgExecutor};
+
+use crate::domain::JobId;
+use crate::error::Result;
+
+use super::notify_kinds;
+
+/// A job taken back from a dead worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rescued {
+    /// The job.
+    pub id: JobId,
+    /// Its kind.
+    pub kind: String,
+    /// True when it had no attempts left and was dead-lettered instead of requeued.
+    pub dead: bool,
+}
+
+/// Takes back up to `limit` running jobs whose worker has not heartbeated for `silent_for`, counting the lost
+/// attempt: requeued to run now, or dead-lettered when that was the last attempt. Safe to run on many
+/// processes at once (rows are claimed with SKIP LOCKED). Also forgets workers silent for a day.
+pub async fn rescue_orphans(
+    conn: &mut PgConnection,
+    silent_for: std::time::Duration,
+    limit: i64,
+) -> Result<Vec<Rescued>> {
+    let silent_for = silent_for.as_secs_f64();
+    let rows: Vec<(i64, String, String)> = sqlx::query_as(
+        r#"
+        WITH orphans AS (
+            SELECT j.id
+            FROM jobs j
+            LEFT JOIN job_workers w ON w.id = j.locked_by
+            WHERE j.state = 'running'
+              AND (w.id IS NULL OR w.last_seen < now() - make_interval(secs => $1))
+              AND j.attempted_at < now() - make_interval(secs => $1)
+            ORDER BY j.id
+            LIMIT $2
+            FOR UPDATE OF j SKIP LOCKED
+        )
+        UPDATE jobs j
+        SET state = CASE WHEN j.attempt >= j.max_attempts THEN 'dead' ELSE 'available' END,
+            run_at = now(),
+            finished_at = CASE WHEN j.attempt >= j.max_attempts THEN now() END,
+            locked_by = NULL,
+            errors = j.errors || jsonb_build_array(jsonb_build_object(
+                'attempt', j.attempt, 'at', now(), 'class', 'crash', 'worker', j.locked_by,
+                'error', format('worker %s stopped heartbeating during attempt %s (killed or crashed)',
+                                coalesce(j.locked_by, '?'), j.attempt))),
+            unique_key = CASE WHEN j.attempt >= j.max_attempts AND j.unique_while_active THEN NULL
+                              ELSE j.unique_key END
+        FROM orphans
+        WHERE j.id = orphans.id
+        RETURNING j.id, j.kind, j.state
+        "#,
+    )
+    .bind(silent_for)
+    .bind(limit)
+    .fetch_all(&mut *conn)
+    .await?;
+    sqlx::query("DELETE FROM job_workers WHERE last_seen < now() - interval '1 day'")
+        .execute(&mut *conn)
+        .await?;
+    let rescued: Vec<Rescued> = rows
+        .into_iter()
+        .map(|(id, kind, state)| Rescued {
+            id: JobId(id),
+            kind,
+            dead: state == "dead",
+        })
+        .collect();
+    notify_kinds(
+        &mut *conn,
+        rescued.iter().filter(|r| !r.dead).map(|r| r.kind.as_str()),
+    )
+    .await?;
+    Ok(rescued)
+}
+
+/// Deletes up to `limit` finished jobs past retention: completed and cancelled older than `keep_completed`,
+/// dead older than `keep_dead`. Returns how many went; callers loop until it returns less than `limit`.
+pub async fn prune<'e>(
+    db: impl PgExecutor<'e>,
+    keep_completed: std::time::Duration,
+    keep_dead: std::time::Duration,
+    limit: i64,
+) -> Result<u64> {
+    let done = sqlx::query(
+        r#"
+        WITH doomed AS (
+            SELECT id FROM jobs
+            WHERE (state IN ('completed', 'cancelled') AND finished_at < now() - make_interval(secs => $1))
+               OR (state = 'dead' AND finished_at < now() - make_interval(secs => $2))
+            LIMIT $3
+            FOR UPDATE SKIP LOCKED
+        )
+        DELETE FROM jobs j USING doomed WHERE j.id = doomed.id
+        "#,
+    )
+    .bind(keep_completed.as_secs_f64())
+    .bind(keep_dead.as_secs_f64())
+    .bind(limit)
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected())
+}
