@@ -19,6 +19,7 @@ use crate::config::{DatabaseSource, Settings};
 use crate::crypto::Keyring;
 use crate::jobs::{self, engine::Runtime, engine::RuntimeHandle, engine::Scheduler};
 use crate::registry::Registry;
+use crate::store::listen::Hub;
 use crate::store::{self, embedded};
 
 /// Which roles a process runs.
@@ -28,7 +29,8 @@ pub struct Roles {
     pub api: bool,
     /// Run job workers.
     pub worker: bool,
-    /// Fire cron schedules (also needs RUN_SCHEDULER=true).
+    /// A scheduler process (schedules are fired by every role when RUN_SCHEDULER=true; this only says
+    /// that firing them is the process's whole point).
     pub scheduler: bool,
     /// Limit workers to these queues (all when `None`).
     pub queues: Option<Vec<String>>,
@@ -170,11 +172,11 @@ async fn migrate_when_reachable(
     }
 }
 
-/// The roles that run after migrations: job workers, the scheduler, and (with the API) the Pub/Sub
-/// subscribers.
+/// The roles that run after migrations: the job engine (in every process: its presence and upkeep, and the
+/// workers when asked for), the scheduler, and (with the API) the Pub/Sub subscribers.
 #[derive(Default)]
 struct Background {
-    workers: Option<RuntimeHandle>,
+    engine: Option<RuntimeHandle>,
     scheduler: Option<JoinHandle<()>>,
     schedule_stop: CancellationToken,
     subscribers: Option<JoinHandle<()>>,
@@ -188,6 +190,7 @@ impl Background {
         deps: &jobs::Deps,
         settings: &Settings,
         roles: &Roles,
+        hub: &Arc<Hub>,
     ) -> Result<(), AppError> {
         let pool = &deps.pool;
         let embeds = roles
@@ -201,16 +204,33 @@ impl Background {
                 .await
                 .map_err(|e| AppError::Config(format!("the embedder does not start: {e}")))?;
         }
-        if roles.worker {
-            let mut runtime = Runtime::new(pool.clone(), settings.jobs.clone());
-            jobs::register(&mut runtime, deps, roles.queues.as_deref());
-            let handle = runtime
-                .start()
-                .await
-                .map_err(|e| AppError::Other(anyhow::anyhow!("starting workers: {e}")))?;
-            self.workers = Some(handle);
+        // Every role fires schedules when RUN_SCHEDULER=true (each tick fires once across replicas), as
+        // the guide's API deployment does for the purger.
+        let fires_schedules = settings.run_scheduler;
+        let mut names = Vec::new();
+        if roles.api {
+            names.push("api");
         }
-        if roles.scheduler && settings.run_scheduler {
+        if roles.worker {
+            names.push("worker");
+        }
+        if fires_schedules {
+            names.push("scheduler");
+        }
+        // Every process registers, heartbeats and does the engine's upkeep (rescue, pruning), so no split
+        // of roles or queues can leave it undone.
+        let mut runtime = Runtime::new(pool.clone(), settings.jobs.clone());
+        runtime.hub(hub.clone()).roles(&names);
+        jobs::chores(&mut runtime);
+        if roles.worker {
+            jobs::register(&mut runtime, deps, roles.queues.as_deref());
+        }
+        let handle = runtime
+            .start()
+            .await
+            .map_err(|e| AppError::Other(anyhow::anyhow!("starting the job engine: {e}")))?;
+        self.engine = Some(handle);
+        if fires_schedules {
             let mut schedules = Scheduler::new(pool.clone());
             jobs::schedule(&mut schedules, settings);
             tracing::info!(schedules = ?schedules.schedules(), "scheduler running");
@@ -220,6 +240,10 @@ impl Background {
                 .map_err(|e| AppError::Other(anyhow::anyhow!("starting the scheduler: {e}")))?;
             self.scheduler = Some(running);
         } else if roles.scheduler {
+            tracing::warn!(
+                "RUN_SCHEDULER=false: this scheduler process fires no schedules (it only does the job engine's upkeep)"
+            );
+        } else {
             tracing::info!("RUN_SCHEDULER=false: this process fires no schedules");
         }
         Ok(())
@@ -251,8 +275,8 @@ impl Background {
         if let Some(scheduler) = self.scheduler {
             let _ = scheduler.await;
         }
-        if let Some(workers) = self.workers {
-            workers.shutdown().await;
+        if let Some(engine) = self.engine {
+            engine.shutdown().await;
         }
     }
 }
@@ -273,8 +297,12 @@ pub async fn run(
     })?;
     let keyring = Keyring::new(kek).map_err(AppError::Config)?;
     let registry = Arc::new(Registry::new(pool.clone(), Arc::new(keyring)));
+    // One LISTEN connection for the process, outside the pool: job wake-ups, cancels, config changes.
     let listener_stop = CancellationToken::new();
-    let config_listener = registry.listen_for_changes(listener_stop.clone());
+    let mut channels = jobs::engine::runtime::CHANNELS.to_vec();
+    channels.push(store::connectors::NOTIFY_CHANNEL);
+    let (hub, hub_task) = store::listen::spawn(&pool, &channels, listener_stop.clone());
+    let config_listener = registry.follow_changes(hub.clone(), listener_stop.clone());
     let deps = jobs::Deps {
         pool: pool.clone(),
         settings: settings.jobs.clone(),
@@ -347,7 +375,7 @@ pub async fn run(
             if roles.api && settings.pubsub_subscriber {
                 background.start_subscribers(&deps, &settings, &state);
             }
-            background.start(&deps, &settings, &roles).await
+            background.start(&deps, &settings, &roles, &hub).await
         }
         Ok(false) => Ok(()),
         Err(err) => Err(err),
@@ -361,6 +389,7 @@ pub async fn run(
     background.stop().await;
     listener_stop.cancel();
     let _ = config_listener.await;
+    let _ = hub_task.await;
     if let Some(server) = server {
         match server.await {
             Ok(Ok(())) => {}
@@ -591,10 +620,15 @@ async fn jobs_verb(pool: PgPool, settings: Settings, action: JobsAction) -> Resu
                 tenant_id: tenant,
                 ..JobFilter::default()
             };
-            let count = admin::replay_dead(&pool, &filter, all, admin::MAX_BULK)
+            let replayed = admin::replay_dead(&pool, &filter, all, admin::MAX_BULK)
                 .await
                 .map_err(fail)?;
-            println!("replayed {count} dead job(s)");
+            println!("replayed {} dead job(s)", replayed.count);
+            for (id, holder) in &replayed.held {
+                println!(
+                    "job {id} not replayed: job {holder} holds its idempotency key (the same change was queued again)"
+                );
+            }
         }
     }
     Ok(())

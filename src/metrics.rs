@@ -52,6 +52,11 @@ pub struct Metrics {
     pub connector_queue_depth: IntGaugeVec,
     /// Workers that heartbeated within the orphan timeout, sampled at scrape.
     pub workers_alive: IntGaugeVec,
+    /// Processes firing schedules that heartbeated within the orphan timeout, sampled at scrape (0 means
+    /// no purge, no polling).
+    pub schedulers_alive: IntGaugeVec,
+    /// Times this process fenced itself: no heartbeat reached the database for most of the orphan timeout.
+    pub worker_fenced: IntCounterVec,
     /// Schedule ticks this process fired (each tick is fired by exactly one process), by schedule.
     pub schedule_ticks_fired: IntCounterVec,
     /// Key rotation outcomes per connector row: rotated, skipped (nothing to re-encrypt), error.
@@ -225,6 +230,16 @@ impl Metrics {
                 "activekg_job_workers_alive",
                 "Worker processes that heartbeated recently, by host (sampled at scrape).",
                 &["host"],
+            )?,
+            schedulers_alive: gauge(
+                "activekg_schedulers_alive",
+                "Processes firing cron schedules that heartbeated recently (sampled at scrape).",
+                &[],
+            )?,
+            worker_fenced: counter(
+                "activekg_worker_fenced_total",
+                "Times this process stopped its attempts because no heartbeat reached the database for most of the orphan timeout.",
+                &[],
             )?,
             schedule_ticks_fired: counter(
                 "activekg_schedule_ticks_fired_total",

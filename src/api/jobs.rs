@@ -271,11 +271,11 @@ async fn retry_job(
     Ok(Json(admin::retry(&state.pool, JobId(id)).await?.into()))
 }
 
-/// Cancel a pending or scheduled job.
+/// Cancel a pending, scheduled or running job (a running attempt is stopped and cannot commit anything more).
 #[utoipa::path(post, path = "/_admin/jobs/{id}/cancel", tag = "jobs", params(("id" = i64, Path, description = "Job id")),
     security(("admin_token" = [])),
     responses((status = 200, body = JobView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
-        (status = 409, description = "The job is no longer pending or scheduled", body = ErrorBody)))]
+        (status = 409, description = "The job has already finished", body = ErrorBody)))]
 async fn cancel_job(
     _: Admin,
     State(state): State<ApiState>,
@@ -357,17 +357,47 @@ pub struct BulkResult {
     pub count: u64,
 }
 
-/// Replay dead jobs matching a filter, each with a fresh set of attempts (history is kept).
+/// What a replay did.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ReplayResult {
+    /// Jobs replayed.
+    pub count: u64,
+    /// Jobs left dead because another job holds their idempotency key now (the same change was queued
+    /// again): replaying them would do that work twice.
+    pub not_replayed: Vec<HeldKey>,
+}
+
+/// A job not replayed, and the job that holds its idempotency key.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct HeldKey {
+    /// The dead job.
+    pub id: i64,
+    /// The job holding its key.
+    pub held_by: i64,
+}
+
+/// Replay dead jobs matching a filter, each with a fresh set of attempts (history is kept). Each takes its
+/// idempotency key back; one whose key another job holds by now is listed instead.
 #[utoipa::path(post, path = "/_admin/jobs/dlq/replay", tag = "jobs", request_body = DeadFilter, security(("admin_token" = [])),
-    responses((status = 200, body = BulkResult), (status = 401, body = ErrorBody), (status = 422, body = ErrorBody)))]
+    responses((status = 200, body = ReplayResult), (status = 401, body = ErrorBody), (status = 422, body = ErrorBody)))]
 async fn replay_dead_jobs(
     _: Admin,
     State(state): State<ApiState>,
     Json(body): Json<DeadFilter>,
-) -> Result<Json<BulkResult>, ApiError> {
+) -> Result<Json<ReplayResult>, ApiError> {
     let (filter, all, limit) = body.parts();
-    let count = admin::replay_dead(&state.pool, &filter, all, limit).await?;
-    Ok(Json(BulkResult { count }))
+    let replayed = admin::replay_dead(&state.pool, &filter, all, limit).await?;
+    Ok(Json(ReplayResult {
+        count: replayed.count,
+        not_replayed: replayed
+            .held
+            .into_iter()
+            .map(|(id, holder)| HeldKey {
+                id: id.0,
+                held_by: holder.0,
+            })
+            .collect(),
+    }))
 }
 
 /// Delete dead jobs matching a filter.

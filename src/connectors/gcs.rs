@@ -74,6 +74,7 @@ impl GcsSource {
 fn by_status(status: u16, message: String) -> SourceError {
     match status {
         404 => SourceError::NotFound(message),
+        412 => SourceError::Changed(message),
         401 | 403 => SourceError::Denied(message),
         400 => SourceError::Invalid(message),
         _ => SourceError::Unavailable(message),
@@ -126,18 +127,44 @@ impl ObjectSource for GcsSource {
         }
     }
 
-    async fn fetch(&self, key: &str, max_bytes: u64) -> Result<Vec<u8>, SourceError> {
+    async fn fetch(&self, meta: &ObjectMeta, max_bytes: u64) -> Result<Vec<u8>, SourceError> {
+        let key = &meta.key;
         let what = format!("download gs://{}/{key}", self.bucket);
+        let generation = meta.version.parse().map_err(|_| {
+            SourceError::Invalid(format!(
+                "{what}: {:?} is not a GCS generation",
+                meta.version
+            ))
+        })?;
         let request = GetObjectRequest {
             bucket: self.bucket.clone(),
             object: key.to_owned(),
+            // That generation, and only while it is the live one (real GCS answers 412 otherwise; an
+            // emulator that ignores the condition still serves only that generation, or 404).
+            generation: Some(generation),
+            if_generation_match: Some(generation),
             ..GetObjectRequest::default()
         };
-        let mut stream = self
+        let mut stream = match self
             .client
             .download_streamed_object(&request, &Range::default())
             .await
-            .map_err(|e| classify(e, &what))?;
+        {
+            Ok(stream) => stream,
+            Err(err) => {
+                return Err(match classify(err, &what) {
+                    // Gone for good, or only that generation is gone?
+                    SourceError::NotFound(m) => match self.stat(key).await? {
+                        Some(now) => SourceError::Changed(format!(
+                            "{what}: generation {generation} is gone, the live one is {}",
+                            now.version
+                        )),
+                        None => SourceError::NotFound(m),
+                    },
+                    other => other,
+                });
+            }
+        };
         let mut buffer = Vec::new();
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| classify(e, &what))?;

@@ -123,12 +123,19 @@ impl ObjectSource for LocalSource {
         self.meta(key, &path).await
     }
 
-    async fn fetch(&self, key: &str, max_bytes: u64) -> Result<Vec<u8>, SourceError> {
+    async fn fetch(&self, wanted: &ObjectMeta, max_bytes: u64) -> Result<Vec<u8>, SourceError> {
+        let key = &wanted.key;
         let path = self.path(key)?;
         let meta = self
             .meta(key, &path)
             .await?
             .ok_or_else(|| SourceError::NotFound(key.to_owned()))?;
+        if meta.version != wanted.version {
+            return Err(SourceError::Changed(format!(
+                "{key} is version {} now, not {}",
+                meta.version, wanted.version
+            )));
+        }
         if meta.size > max_bytes {
             return Err(SourceError::TooLarge {
                 size: meta.size,
@@ -150,7 +157,13 @@ impl ObjectSource for LocalSource {
                 limit: max_bytes,
             });
         }
-        Ok(buffer)
+        // A file has no conditional read: what was read is that version only if it is still that version.
+        match self.meta(key, &path).await? {
+            Some(after) if after.version == wanted.version => Ok(buffer),
+            _ => Err(SourceError::Changed(format!(
+                "{key} changed while it was being read"
+            ))),
+        }
     }
 
     async fn list(

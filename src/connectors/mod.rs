@@ -46,11 +46,11 @@ impl ObjectSource for Source {
         }
     }
 
-    async fn fetch(&self, key: &str, max_bytes: u64) -> Result<Vec<u8>, SourceError> {
+    async fn fetch(&self, object: &ObjectMeta, max_bytes: u64) -> Result<Vec<u8>, SourceError> {
         match self {
-            Self::S3(s) => s.fetch(key, max_bytes).await,
-            Self::Gcs(s) => s.fetch(key, max_bytes).await,
-            Self::Local(s) => s.fetch(key, max_bytes).await,
+            Self::S3(s) => s.fetch(object, max_bytes).await,
+            Self::Gcs(s) => s.fetch(object, max_bytes).await,
+            Self::Local(s) => s.fetch(object, max_bytes).await,
         }
     }
 

@@ -84,6 +84,7 @@ fn classify<E: ProvideErrorMetadata>(err: &SdkError<E, HttpResponse>, what: &str
                 | (_, "AccessDenied" | "InvalidAccessKeyId" | "SignatureDoesNotMatch") => {
                     SourceError::Denied(message)
                 }
+                (Some(412), _) | (_, "PreconditionFailed") => SourceError::Changed(message),
                 (Some(400), _) => SourceError::Invalid(message),
                 _ => SourceError::Unavailable(message),
             }
@@ -119,13 +120,15 @@ impl ObjectSource for S3Source {
         }
     }
 
-    async fn fetch(&self, key: &str, max_bytes: u64) -> Result<Vec<u8>, SourceError> {
+    async fn fetch(&self, meta: &ObjectMeta, max_bytes: u64) -> Result<Vec<u8>, SourceError> {
+        let key = &meta.key;
         let what = format!("GET s3://{}/{key}", self.bucket);
         let object = self
             .client
             .get_object()
             .bucket(&self.bucket)
             .key(key)
+            .if_match(format!("\"{}\"", meta.version))
             .send()
             .await
             .map_err(|e| classify(&e, &what))?;

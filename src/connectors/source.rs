@@ -52,6 +52,9 @@ pub enum SourceError {
     /// The request was wrong (bad key, bad configuration).
     #[error("invalid request: {0}")]
     Invalid(String),
+    /// The object is no longer the version asked for (overwritten or deleted since it was looked at).
+    #[error("the object changed while being read: {0}")]
+    Changed(String),
     /// Network trouble, a timeout, throttling or a server error: worth retrying.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
@@ -60,7 +63,7 @@ pub enum SourceError {
 impl SourceError {
     /// Whether retrying later may succeed.
     pub fn is_transient(&self) -> bool {
-        matches!(self, SourceError::Unavailable(_))
+        matches!(self, SourceError::Unavailable(_) | SourceError::Changed(_))
     }
 }
 
@@ -72,10 +75,12 @@ pub trait ObjectSource: Send + Sync {
         key: &str,
     ) -> impl Future<Output = Result<Option<ObjectMeta>, SourceError>> + Send;
 
-    /// The content of `key`, refusing (before and while reading) anything over `max_bytes`.
+    /// The content of exactly the version `object` describes (as [`ObjectSource::stat`] or a listing gave
+    /// it), refusing (before and while reading) anything over `max_bytes`. [`SourceError::Changed`] when the
+    /// object is another version by now, so content is never recorded under a version it is not.
     fn fetch(
         &self,
-        key: &str,
+        object: &ObjectMeta,
         max_bytes: u64,
     ) -> impl Future<Output = Result<Vec<u8>, SourceError>> + Send;
 

@@ -78,28 +78,10 @@ pub struct Deps {
     pub sources: Arc<Sources>,
 }
 
-/// Lists one page and queues its objects and the next page.
+/// Lists one page and queues its objects and the next page. (When the page job ends dead or cancelled, by
+/// whatever path, a trigger on the job row closes the run as failed with the job's last error.)
 pub async fn run(page: BackfillPage, cx: JobContext<Deps>) -> Result<(), JobError> {
-    let result = list_and_enqueue(&page, &cx.state).await;
-    if let Err(err) = &result
-        && (matches!(err, JobError::Permanent { .. }) || cx.attempt >= cx.max_attempts)
-    {
-        // The page is about to be dead-lettered: the run stops here, and says why. A poller's pass frees
-        // its connector for the next pass, which covers the same changes again.
-        let mut tx = cx.state.pool.begin().await?;
-        backfill::fail(&mut *tx, page.run_id, &err.to_string()).await?;
-        if polls::fail(&mut *tx, page.run_id, &err.to_string()).await? {
-            metrics()
-                .poller_runs
-                .with_label_values(&[page.provider.as_str(), "failed"])
-                .inc();
-        }
-        tx.commit().await?;
-    }
-    result
-}
-
-async fn list_and_enqueue(page: &BackfillPage, deps: &Deps) -> Result<(), JobError> {
+    let deps = &cx.state;
     let tenant = TenantId::parse(&page.tenant_id).map_err(|e| JobError::permanent("invalid", e))?;
     let connector = match deps.registry.load(&tenant, page.provider).await {
         Ok(Some(connector)) => connector,
@@ -122,7 +104,7 @@ async fn list_and_enqueue(page: &BackfillPage, deps: &Deps) -> Result<(), JobErr
         .await
         .map_err(listing_error)?;
 
-    let mut tx = deps.pool.begin().await?;
+    let mut tx = cx.begin().await?;
     let run = backfill::get(&mut tx, page.run_id, true)
         .await?
         .ok_or_else(|| {

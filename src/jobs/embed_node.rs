@@ -170,6 +170,12 @@ pub async fn run(job: EmbedNode, cx: JobContext<Deps>) -> Result<(), JobError> {
     if node.deleted {
         return Ok(());
     }
+    store::mark_processing(
+        &deps.pool,
+        job.node_id,
+        i32::try_from(cx.attempt).unwrap_or(i32::MAX),
+    )
+    .await?;
     let model = deps.embeddings.model_id();
     let tally = |result: &str| {
         metrics()
@@ -178,8 +184,9 @@ pub async fn run(job: EmbedNode, cx: JobContext<Deps>) -> Result<(), JobError> {
             .inc()
     };
     let Some(text) = node.text.filter(|t| !t.trim().is_empty()) else {
-        let mut conn = deps.pool.acquire().await?;
-        store::mark(&mut conn, job.node_id, "skipped", None).await?;
+        let mut tx = cx.begin().await?;
+        store::mark(&mut tx, job.node_id, "skipped", None).await?;
+        tx.commit().await?;
         tally("skipped");
         return Ok(());
     };
@@ -189,8 +196,9 @@ pub async fn run(job: EmbedNode, cx: JobContext<Deps>) -> Result<(), JobError> {
         && node.embedded_hash.as_deref() == Some(text_hash.as_str())
     {
         // Re-run of a request whose vector is already stored (a redelivery, a requeue): nothing to compute.
-        let mut conn = deps.pool.acquire().await?;
-        store::mark(&mut conn, job.node_id, "ready", Some(model)).await?;
+        let mut tx = cx.begin().await?;
+        store::mark(&mut tx, job.node_id, "ready", Some(model)).await?;
+        tx.commit().await?;
         tally("ready");
         return Ok(());
     }
@@ -203,7 +211,7 @@ pub async fn run(job: EmbedNode, cx: JobContext<Deps>) -> Result<(), JobError> {
             return Err(job_error(err));
         }
     };
-    let mut tx = deps.pool.begin().await?;
+    let mut tx = cx.begin().await?;
     match store::lock_text(&mut tx, job.node_id).await? {
         // Deleted while we computed.
         None => return Ok(()),

@@ -136,7 +136,7 @@ fn error_type(err: &JobError) -> &'static str {
 /// Runs one ingest and records its metrics.
 pub async fn run(job: IngestObject, cx: JobContext<Deps>) -> Result<(), JobError> {
     let started = Instant::now();
-    let result = ingest(&job, &cx.state).await;
+    let result = ingest(&job, &cx).await;
     let m = metrics();
     match &result {
         Ok(outcome) => {
@@ -163,6 +163,7 @@ pub async fn run(job: IngestObject, cx: JobContext<Deps>) -> Result<(), JobError
 fn source_error(err: SourceError) -> JobError {
     match err {
         SourceError::Unavailable(m) => JobError::transient_with_code("processing", m),
+        SourceError::Changed(m) => JobError::transient_with_code("processing", m),
         SourceError::TooLarge { .. } => JobError::permanent("too_large", err),
         SourceError::Denied(_) => JobError::permanent("access_denied", err),
         SourceError::NotFound(_) => JobError::permanent("not_found", err),
@@ -170,7 +171,19 @@ fn source_error(err: SourceError) -> JobError {
     }
 }
 
-async fn ingest(job: &IngestObject, deps: &Deps) -> Result<Outcome, JobError> {
+/// How many times an ingest starts over because the object changed under it before it gives up for this
+/// attempt (an object rewritten continuously).
+const CHANGED_RETRIES: u32 = 3;
+
+/// Why one pass over the object did not finish.
+enum Pass {
+    Done(Outcome),
+    /// The object changed between looking at it and committing: look again.
+    Changed,
+}
+
+async fn ingest(job: &IngestObject, cx: &JobContext<Deps>) -> Result<Outcome, JobError> {
+    let deps = &cx.state;
     let provider: Provider = job
         .provider
         .parse()
@@ -203,40 +216,74 @@ async fn ingest(job: &IngestObject, deps: &Deps) -> Result<Outcome, JobError> {
         .await
         .map_err(source_error)?;
     let document = NodeId::document(&tenant, provider, &job.key);
-    let payload_ref = match connector.config.bucket() {
-        Some(bucket) => format!(
-            "{}://{bucket}/{}",
-            if provider == Provider::Gcs {
-                "gs"
-            } else {
-                "s3"
-            },
+    let target = Target {
+        tenant,
+        document,
+        payload_ref: match connector.config.bucket() {
+            Some(bucket) => format!(
+                "{}://{bucket}/{}",
+                if provider == Provider::Gcs {
+                    "gs"
+                } else {
+                    "s3"
+                },
+                job.key
+            ),
+            None => format!("file://{}", job.key),
+        },
+    };
+    for _ in 0..CHANGED_RETRIES {
+        if let Pass::Done(outcome) = ingest_once(job, cx, &*source, &target).await? {
+            return Ok(outcome);
+        }
+    }
+    Err(JobError::transient_with_code(
+        "processing",
+        format!(
+            "{} changed {CHANGED_RETRIES} times while being ingested; trying again later",
             job.key
         ),
-        None => format!("file://{}", job.key),
-    };
+    ))
+}
 
+/// Where an object's document goes.
+struct Target {
+    tenant: TenantId,
+    document: NodeId,
+    payload_ref: String,
+}
+
+/// One pass: look at the object as the store has it now, fetch exactly that version, and commit only if
+/// the store still has that version at commit time (checked under the object's lock, which every ingest of
+/// the object takes): whatever order jobs finish in, the last commit reflects the store's latest state, so
+/// an older upsert never overwrites a newer one and never brings a deleted document back.
+async fn ingest_once<S: ObjectSource>(
+    job: &IngestObject,
+    cx: &JobContext<Deps>,
+    source: &S,
+    target: &Target,
+) -> Result<Pass, JobError> {
+    let deps = &cx.state;
     // Whatever the event said, the store's current state decides: events can arrive late or out of order.
-    let current = source.stat(&job.key).await.map_err(source_error)?;
-    let Some(meta) = current else {
-        return soft_delete(deps, document).await;
+    let Some(meta) = source.stat(&job.key).await.map_err(source_error)? else {
+        return commit_delete(cx, source, job, target).await;
     };
     if job.op == ChangeOp::Delete {
-        tracing::info!(tenant = %tenant, key = %job.key, "delete event for an object that exists again; keeping it");
-        return Ok(Outcome::Unchanged);
+        tracing::info!(tenant = %target.tenant, key = %job.key, "delete event for an object that exists again; keeping it");
+        return Ok(Pass::Done(Outcome::Unchanged));
     }
-
-    let mut conn = deps.pool.acquire().await?;
-    let stored = graph::lock_document(&mut conn, document).await?;
-    drop(conn);
-    if let Some(stored) = &stored
+    if let Some(stored) = graph::document_state(&deps.pool, target.document).await?
         && !stored.deleted
         && stored.version.as_deref() == Some(meta.version.as_str())
     {
-        return Ok(Outcome::Unchanged);
+        return Ok(Pass::Done(Outcome::Unchanged));
     }
     let mut conn = deps.pool.acquire().await?;
-    if let Room::Limited(0, why) = deps.embedding_caps.room(&mut conn, tenant.as_str()).await? {
+    if let Room::Limited(0, why) = deps
+        .embedding_caps
+        .room(&mut conn, target.tenant.as_str())
+        .await?
+    {
         return Err(JobError::snooze(
             BACKLOG_WAIT,
             format!("waiting for the embedding backlog: {why}"),
@@ -252,16 +299,11 @@ async fn ingest(job: &IngestObject, deps: &Deps) -> Result<Outcome, JobError> {
             },
         ));
     }
-    let bytes = source
-        .fetch(&job.key, deps.max_file_bytes)
-        .await
-        .map_err(|e| match e {
-            SourceError::NotFound(_) => JobError::transient_with_code(
-                "processing",
-                "the object vanished while being fetched",
-            ),
-            other => source_error(other),
-        })?;
+    let bytes = match source.fetch(&meta, deps.max_file_bytes).await {
+        Ok(bytes) => bytes,
+        Err(SourceError::Changed(_) | SourceError::NotFound(_)) => return Ok(Pass::Changed),
+        Err(other) => return Err(source_error(other)),
+    };
     let key = job.key.clone();
     let content_type = meta.content_type.clone();
     let (extracted, chunks) = tokio::task::spawn_blocking(move || {
@@ -273,43 +315,51 @@ async fn ingest(job: &IngestObject, deps: &Deps) -> Result<Outcome, JobError> {
     .map_err(|e| JobError::transient_with_code("processing", format!("extraction crashed: {e}")))?
     .map_err(|e| JobError::permanent("parse", e))?;
 
-    write(
-        deps,
-        job,
-        &tenant,
-        document,
-        &payload_ref,
-        &meta,
-        &extracted,
-        &chunks,
-        stored,
-    )
-    .await
+    write(cx, source, job, target, &meta, &extracted, &chunks).await
 }
 
-async fn soft_delete(deps: &Deps, document: NodeId) -> Result<Outcome, JobError> {
-    let mut tx = deps.pool.begin().await?;
-    graph::soft_delete_document(&mut tx, document).await?;
-    tx.commit().await?;
-    Ok(Outcome::Deleted)
+/// Whether the store still has exactly `meta`'s version (asked under the object's lock).
+async fn still_current<S: ObjectSource>(source: &S, meta: &ObjectMeta) -> Result<bool, JobError> {
+    let now = source.stat(&meta.key).await.map_err(source_error)?;
+    Ok(now.is_some_and(|now| now.version == meta.version))
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn write(
-    deps: &Deps,
+/// Soft-deletes the object's document, unless the object exists again by the time we hold its lock.
+async fn commit_delete<S: ObjectSource>(
+    cx: &JobContext<Deps>,
+    source: &S,
     job: &IngestObject,
-    tenant: &TenantId,
-    document: NodeId,
-    payload_ref: &str,
+    target: &Target,
+) -> Result<Pass, JobError> {
+    let mut tx = cx.begin().await?;
+    graph::lock_document(&mut tx, target.document).await?;
+    if source.stat(&job.key).await.map_err(source_error)?.is_some() {
+        // Re-created meanwhile: this is an upsert now (or, for a delete event, nothing to do).
+        return Ok(Pass::Changed);
+    }
+    graph::soft_delete_document(&mut tx, target.document).await?;
+    tx.commit().await?;
+    Ok(Pass::Done(Outcome::Deleted))
+}
+
+async fn write<S: ObjectSource>(
+    cx: &JobContext<Deps>,
+    source: &S,
+    job: &IngestObject,
+    target: &Target,
     meta: &ObjectMeta,
     extracted: &Extracted,
     chunks: &[extract::Chunk],
-    before: Option<graph::DocumentState>,
-) -> Result<Outcome, JobError> {
+) -> Result<Pass, JobError> {
+    let (tenant, document) = (&target.tenant, target.document);
     let content_hash = extracted.content_hash();
-    let mut tx = deps.pool.begin().await?;
-    // Lock again inside the transaction: another attempt may have written since we looked.
+    let mut tx = cx.begin().await?;
+    // Every ingest of this object waits here for the others; then the store says whether what we read is
+    // still its current version. If not, a newer change (or a delete) is, or will be, written by its own job.
     let stored = graph::lock_document(&mut tx, document).await?;
+    if !still_current(source, meta).await? {
+        return Ok(Pass::Changed);
+    }
     let version = json!({
         "version": meta.version,
         "size": meta.size,
@@ -320,16 +370,22 @@ async fn write(
     });
     if let Some(stored) = &stored
         && !stored.deleted
+        && stored.version.as_deref() == Some(meta.version.as_str())
+    {
+        return Ok(Pass::Done(Outcome::Unchanged));
+    }
+    if let Some(stored) = &stored
+        && !stored.deleted
         && stored.content_hash.as_deref() == Some(content_hash.as_str())
     {
         // Same text under a new version: record the version, keep chunks and embeddings.
         graph::merge_props(&mut tx, document, &version).await?;
         tx.commit().await?;
-        return Ok(Outcome::Unchanged);
+        return Ok(Pass::Done(Outcome::Unchanged));
     }
     let mut props = json!({
         "title": extracted.title.clone().unwrap_or_else(|| job.key.rsplit('/').next().unwrap_or(&job.key).to_owned()),
-        "uri": payload_ref,
+        "uri": target.payload_ref,
         "key": job.key,
         "provider": job.provider,
         "content_hash": content_hash,
@@ -340,7 +396,14 @@ async fn write(
     if let (Some(props), Some(version)) = (props.as_object_mut(), version.as_object()) {
         props.extend(version.clone());
     }
-    graph::upsert_document(&mut tx, document, tenant.as_str(), &props, payload_ref).await?;
+    graph::upsert_document(
+        &mut tx,
+        document,
+        tenant.as_str(),
+        &props,
+        &target.payload_ref,
+    )
+    .await?;
 
     let existing = graph::chunks_of(&mut tx, document).await?;
     let mut writes = Vec::with_capacity(chunks.len());
@@ -372,7 +435,17 @@ async fn write(
             }),
         });
     }
-    graph::write_chunks(&mut tx, document, tenant.as_str(), payload_ref, &writes).await?;
+    // Jobs before nodes: queuing an embedding may wait on a worker claiming the node's previous one, and
+    // that worker must never wait on a node row this transaction already holds.
+    engine::enqueue_many(&mut tx, &to_embed).await?;
+    graph::write_chunks(
+        &mut tx,
+        document,
+        tenant.as_str(),
+        &target.payload_ref,
+        &writes,
+    )
+    .await?;
     let keep: Vec<uuid::Uuid> = writes.iter().map(|w| w.id.0).collect();
     let gone: Vec<uuid::Uuid> = existing
         .iter()
@@ -380,10 +453,9 @@ async fn write(
         .filter(|id| !keep.contains(id))
         .collect();
     graph::remove_nodes(&mut tx, &gone).await?;
-    engine::enqueue_many(&mut tx, &to_embed).await?;
     tx.commit().await?;
-    Ok(match before.or(stored) {
+    Ok(Pass::Done(match stored {
         None => Outcome::Created,
         Some(_) => Outcome::Updated,
-    })
+    }))
 }

@@ -8,7 +8,6 @@ pub mod confirm_sns_subscription;
 pub mod embed_node;
 pub mod engine;
 pub mod ingest_object;
-pub mod maintenance;
 pub mod poll_connectors;
 pub mod purge_deleted;
 pub mod rotate_keys;
@@ -20,10 +19,14 @@ use sqlx::PgPool;
 use crate::config::JobSettings;
 use crate::connectors::Sources;
 use crate::registry::Registry;
+use engine::upkeep::{self, Chore};
 use engine::{Runtime, Scheduler};
 
+/// Queue of the scheduled and operator-started housekeeping kinds (rotation, purge, polling).
+pub const MAINTENANCE: &str = "maintenance";
+
 /// The queues this build knows, for `activekg worker --queues`.
-pub const QUEUES: &[&str] = &[ingest_object::QUEUE, embed_node::QUEUE, maintenance::QUEUE];
+pub const QUEUES: &[&str] = &[ingest_object::QUEUE, embed_node::QUEUE, MAINTENANCE];
 
 /// What job handlers are built from.
 #[derive(Debug, Clone)]
@@ -73,8 +76,7 @@ pub fn register(runtime: &mut Runtime, deps: &Deps, queues: Option<&[String]>) {
         };
         runtime.register(embed, embed_node::run);
     }
-    if wanted(maintenance::QUEUE) {
-        maintenance::register(runtime, &deps.pool, &deps.settings);
+    if wanted(MAINTENANCE) {
         let rotation = rotate_keys::Deps {
             pool: deps.pool.clone(),
             registry: deps.registry.clone(),
@@ -85,9 +87,31 @@ pub fn register(runtime: &mut Runtime, deps: &Deps, queues: Option<&[String]>) {
     }
 }
 
+/// Chores every process runs with the engine's own upkeep, whatever its role.
+pub fn chores(runtime: &mut Runtime) {
+    runtime.chore(Chore::new(
+        "prune_webhook_deliveries",
+        upkeep::PRUNE_EVERY,
+        |pool| async move {
+            // Redeliveries come within hours; a week of delivery ids is ample.
+            let mut total = 0;
+            loop {
+                let n =
+                    crate::store::webhooks::prune_deliveries(&pool, WEBHOOK_DEDUPE, 1000).await?;
+                total += n;
+                if n < 1000 {
+                    return Ok(total);
+                }
+            }
+        },
+    ));
+}
+
+/// How long webhook delivery ids are kept for de-duplication.
+pub const WEBHOOK_DEDUPE: std::time::Duration = std::time::Duration::from_secs(7 * 86_400);
+
 /// Adds every built-in schedule.
 pub fn schedule(scheduler: &mut Scheduler, settings: &crate::config::Settings) {
-    maintenance::schedule(scheduler, &settings.jobs);
     scheduler.add(
         "connectors.poll",
         poll_connectors::EVERY

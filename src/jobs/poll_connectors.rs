@@ -10,9 +10,9 @@ use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use super::MAINTENANCE as QUEUE;
 use super::backfill_page::BackfillPage;
 use super::engine::{self, Backoff, Job, JobContext, JobError, Policy};
-use super::maintenance::QUEUE;
 use crate::domain::Provider;
 use crate::metrics::metrics;
 use crate::store::backfill::{self, Origin};
@@ -51,7 +51,20 @@ impl Job for PollConnectors {
 /// Starts a pass for each due connector; returns the runs started.
 pub async fn start_due(pool: &PgPool) -> crate::error::Result<Vec<Uuid>> {
     let mut tx = pool.begin().await?;
-    let due = polls::due(&mut tx).await?;
+    let started = start_due_in(&mut tx).await?;
+    tx.commit().await?;
+    Ok(started)
+}
+
+/// [`start_due`] in the caller's transaction; also counts the passes that failed since the last tick.
+pub async fn start_due_in(tx: &mut sqlx::PgConnection) -> crate::error::Result<Vec<Uuid>> {
+    for (provider, failed) in polls::take_failures(&mut *tx).await? {
+        metrics()
+            .poller_runs
+            .with_label_values(&[&provider, "failed"])
+            .inc_by(u64::try_from(failed).unwrap_or(0));
+    }
+    let due = polls::due(&mut *tx).await?;
     let mut started = Vec::with_capacity(due.len());
     for poll in due {
         let Ok(provider) = poll.provider.parse::<Provider>() else {
@@ -62,7 +75,7 @@ pub async fn start_due(pool: &PgPool) -> crate::error::Result<Vec<Uuid>> {
             .map(|w| w - chrono::Duration::from_std(OVERLAP).expect("a small duration"));
         let run_id = Uuid::new_v4();
         backfill::create(
-            &mut tx,
+            &mut *tx,
             run_id,
             &poll.tenant_id,
             &poll.provider,
@@ -72,7 +85,7 @@ pub async fn start_due(pool: &PgPool) -> crate::error::Result<Vec<Uuid>> {
         )
         .await?;
         engine::enqueue(
-            &mut tx,
+            &mut *tx,
             &BackfillPage {
                 run_id,
                 tenant_id: poll.tenant_id.clone(),
@@ -84,7 +97,7 @@ pub async fn start_due(pool: &PgPool) -> crate::error::Result<Vec<Uuid>> {
         )
         .await?;
         polls::begin_pass(
-            &mut tx,
+            &mut *tx,
             &poll.tenant_id,
             &poll.provider,
             run_id,
@@ -98,12 +111,13 @@ pub async fn start_due(pool: &PgPool) -> crate::error::Result<Vec<Uuid>> {
         tracing::debug!(%run_id, tenant = poll.tenant_id, %provider, ?since, "poll pass started");
         started.push(run_id);
     }
-    tx.commit().await?;
     Ok(started)
 }
 
 /// Runs one check.
 pub async fn run(_: PollConnectors, cx: JobContext<PgPool>) -> Result<(), JobError> {
-    start_due(&cx.state).await?;
+    let mut tx = cx.begin().await?;
+    start_due_in(&mut tx).await?;
+    tx.commit().await?;
     Ok(())
 }

@@ -38,7 +38,7 @@ impl Job for PurgeDeleted {
             timeout: Duration::from_secs(3600),
             concurrency: 1,
             uniqueness: Uniqueness::WhileActive,
-            ..Policy::new(super::maintenance::QUEUE)
+            ..Policy::new(super::MAINTENANCE)
         }
     }
 
@@ -117,7 +117,7 @@ async fn purge(job: &PurgeDeleted, cx: &JobContext<PgPool>) -> Result<PurgeProgr
         .get_or_insert_with(|| cutoff(Utc::now(), job.retention_days));
     let batch_size = i64::from(job.batch_size.clamp(1, 100_000));
     while !progress.done {
-        let mut tx = cx.state.begin().await?;
+        let mut tx = cx.begin().await?;
         let batch = graph::purge_batch(
             &mut tx,
             job.tenant_id.as_deref(),

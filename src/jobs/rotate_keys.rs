@@ -39,7 +39,7 @@ impl Job for RotateKeys {
             timeout: Duration::from_secs(3600),
             concurrency: 1,
             uniqueness: Uniqueness::WhileActive,
-            ..Policy::new(super::maintenance::QUEUE)
+            ..Policy::new(super::MAINTENANCE)
         }
     }
 
@@ -89,7 +89,7 @@ pub async fn run(job: RotateKeys, cx: JobContext<Deps>) -> Result<(), JobError> 
     progress.active_version = cx.state.registry.active_key_version();
     let batch_size = i64::from(job.batch_size.clamp(1, 10_000));
     while !progress.done {
-        let mut tx = cx.state.pool.begin().await?;
+        let mut tx = cx.begin().await?;
         let batch = cx
             .state
             .registry

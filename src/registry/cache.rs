@@ -7,14 +7,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sqlx::PgPool;
-use sqlx::postgres::PgListener;
+use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
 use super::Connector;
 use crate::domain::Provider;
 use crate::metrics::metrics;
 use crate::store::connectors::NOTIFY_CHANNEL;
+use crate::store::listen::{Heard, Hub};
 
 type Key = (Provider, String);
 /// When an entry was read, and what was read (including "no such connector").
@@ -71,66 +71,50 @@ impl Cache {
             .clear();
     }
 
-    /// Listens for changes until `stop`, reconnecting with capped exponential backoff.
-    pub(super) async fn listen(&self, pool: &PgPool, stop: CancellationToken) {
-        let mut backoff = Duration::from_millis(250);
-        loop {
-            let connected = async {
-                let mut listener = PgListener::connect_with(pool).await?;
-                listener.listen(NOTIFY_CHANNEL).await?;
-                Ok::<_, sqlx::Error>(listener)
-            };
-            let mut listener = tokio::select! {
-                () = stop.cancelled() => break,
-                result = connected => match result {
-                    Ok(listener) => listener,
-                    Err(err) => {
-                        tracing::warn!(%err, retry_in = ?backoff, "config cache listener cannot connect; reading configs uncached");
-                        self.wait(&stop, &mut backoff).await;
-                        continue;
-                    }
-                },
-            };
-            // Changes made while we were not listening are unknown: start from empty.
+    /// Follows changes heard on the process's LISTEN hub until `stop`. While the hub is disconnected the
+    /// cache is bypassed; when it (re)connects the cache starts from empty, since changes made meanwhile
+    /// are unknown.
+    pub(super) async fn follow(&self, hub: &Hub, stop: CancellationToken) {
+        let mut heard = hub.subscribe();
+        if hub.connected() {
             self.clear();
             self.listening.store(true, Ordering::SeqCst);
-            backoff = Duration::from_millis(250);
-            loop {
-                let received = tokio::select! {
-                    () = stop.cancelled() => {
-                        self.listening.store(false, Ordering::SeqCst);
-                        return;
-                    }
-                    received = listener.try_recv() => received,
-                };
-                match received {
-                    Ok(Some(note)) => match note
-                        .payload()
+        }
+        loop {
+            let received = tokio::select! {
+                () = stop.cancelled() => break,
+                received = heard.recv() => received,
+            };
+            match received {
+                Ok(Heard::Notice { channel, payload }) if &*channel == NOTIFY_CHANNEL => {
+                    match payload
                         .split_once(':')
                         .and_then(|(p, t)| Some((p.parse().ok()?, t)))
                     {
                         Some((provider, tenant)) => self.forget(provider, tenant),
                         None => self.clear(),
-                    },
-                    Ok(None) | Err(_) => break,
+                    }
                 }
+                Ok(Heard::Notice { .. }) => {}
+                Ok(Heard::Connected) => {
+                    self.clear();
+                    self.listening.store(true, Ordering::SeqCst);
+                }
+                Ok(Heard::Lost) => {
+                    self.listening.store(false, Ordering::SeqCst);
+                    metrics()
+                        .pubsub_reconnects
+                        .with_label_values(&["config_cache"])
+                        .inc();
+                    tracing::warn!(
+                        "config cache: the LISTEN connection dropped; reading configs uncached until it is back"
+                    );
+                }
+                // Some notifications were missed: anything cached may be stale.
+                Err(RecvError::Lagged(_)) => self.clear(),
+                Err(RecvError::Closed) => break,
             }
-            self.listening.store(false, Ordering::SeqCst);
-            metrics()
-                .pubsub_reconnects
-                .with_label_values(&["config_cache"])
-                .inc();
-            tracing::warn!(retry_in = ?backoff, "config cache listener lost its connection; reconnecting");
-            self.wait(&stop, &mut backoff).await;
         }
         self.listening.store(false, Ordering::SeqCst);
-    }
-
-    async fn wait(&self, stop: &CancellationToken, backoff: &mut Duration) {
-        tokio::select! {
-            () = stop.cancelled() => {}
-            () = tokio::time::sleep(*backoff) => {}
-        }
-        *backoff = (*backoff * 2).min(Duration::from_secs(30));
     }
 }

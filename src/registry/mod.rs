@@ -421,10 +421,15 @@ impl Registry {
         })
     }
 
-    /// Starts the listener that drops cache entries when any process changes a configuration.
-    pub fn listen_for_changes(self: &Arc<Self>, stop: CancellationToken) -> JoinHandle<()> {
+    /// Follows configuration changes heard on the process's LISTEN hub (`store::connectors::NOTIFY_CHANNEL`), dropping
+    /// cache entries when any process changes a configuration.
+    pub fn follow_changes(
+        self: &Arc<Self>,
+        hub: Arc<crate::store::listen::Hub>,
+        stop: CancellationToken,
+    ) -> JoinHandle<()> {
         let registry = self.clone();
-        tokio::spawn(async move { registry.cache.listen(&registry.pool, stop).await })
+        tokio::spawn(async move { registry.cache.follow(&hub, stop).await })
     }
 
     /// Whether the change listener is connected (while it is not, the cache is bypassed).

@@ -2,7 +2,7 @@
 //! page's objects, so the counters always match the jobs that exist.
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgConnection, PgExecutor};
+use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::error::Result;
@@ -139,15 +139,5 @@ pub async fn advance(
     .bind(page.newest_change)
     .execute(&mut *conn)
     .await?;
-    Ok(())
-}
-
-/// Marks a run failed (its page job was dead-lettered).
-pub async fn fail<'e>(db: impl PgExecutor<'e>, id: Uuid, error: &str) -> Result<()> {
-    sqlx::query("UPDATE backfill_runs SET state = 'failed', error = $2, finished_at = now() WHERE id = $1 AND state = 'running'")
-        .bind(id)
-        .bind(error)
-        .execute(db)
-        .await?;
     Ok(())
 }

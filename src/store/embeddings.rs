@@ -160,6 +160,20 @@ pub async fn mark(
     Ok(())
 }
 
+/// Shows a node as being embedded by attempt `attempt` (the claim does not touch nodes; see the
+/// `jobs_embed_node_moved` trigger for why).
+pub async fn mark_processing<'e>(db: impl PgExecutor<'e>, id: NodeId, attempt: i32) -> Result<()> {
+    sqlx::query(
+        "UPDATE nodes SET embedding_status = 'processing', embedding_attempts = $2
+         WHERE id = $1 AND (embedding_status <> 'processing' OR embedding_attempts <> $2)",
+    )
+    .bind(id.0)
+    .bind(attempt)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
 /// Pending embedding work (jobs waiting or running), counted up to a bound so the check stays cheap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Pending {

@@ -23,14 +23,38 @@ pub struct DocumentState {
     pub deleted: bool,
 }
 
-/// Locks a document row (if it exists) for the rest of the transaction.
+/// Namespace of the per-object advisory locks (the first key of the two-key form), so they never meet
+/// other advisory locks in the database.
+const OBJECT_LOCKS: i32 = 0x616b_6701;
+
+/// Serializes, until the transaction ends, every ingest of one object, whether or not its document exists
+/// yet (a row lock cannot cover a row that is about to be inserted). Returns the document's state.
 pub async fn lock_document(conn: &mut PgConnection, id: NodeId) -> Result<Option<DocumentState>> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2::uuid::text))")
+        .bind(OBJECT_LOCKS)
+        .bind(id.0)
+        .execute(&mut *conn)
+        .await?;
     Ok(sqlx::query_as::<_, DocumentState>(
         "SELECT props->>'version' AS version, props->>'content_hash' AS content_hash, deleted_at IS NOT NULL AS deleted
          FROM nodes WHERE id = $1 FOR UPDATE",
     )
     .bind(id.0)
     .fetch_optional(&mut *conn)
+    .await?)
+}
+
+/// A document's state, without locking (to skip work early; decisions are made again under the lock).
+pub async fn document_state<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    id: NodeId,
+) -> Result<Option<DocumentState>> {
+    Ok(sqlx::query_as::<_, DocumentState>(
+        "SELECT props->>'version' AS version, props->>'content_hash' AS content_hash, deleted_at IS NOT NULL AS deleted
+         FROM nodes WHERE id = $1",
+    )
+    .bind(id.0)
+    .fetch_optional(db)
     .await?)
 }
 

@@ -8,6 +8,7 @@ pub mod embedded;
 pub mod embeddings;
 pub mod graph;
 pub mod jobs;
+pub mod listen;
 pub mod nodes;
 pub mod polls;
 pub mod webhooks;
@@ -33,6 +34,15 @@ pub fn pool(url: &str, size: u32) -> Result<PgPool, sqlx::Error> {
         .max_connections(size)
         .acquire_timeout(Duration::from_secs(10))
         .connect_lazy_with(options))
+}
+
+/// A small pool of its own with `pool`'s connection settings, for work that must not wait behind the shared
+/// pool (heartbeats, LISTEN) nor take connections from it.
+pub fn dedicated_pool(pool: &PgPool, size: u32) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(size)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_lazy_with((*pool.connect_options()).clone())
 }
 
 /// Applies pending migrations.

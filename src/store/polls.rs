@@ -69,6 +69,22 @@ pub async fn due(conn: &mut PgConnection) -> Result<Vec<DuePoll>> {
     .await?)
 }
 
+/// Failed passes not yet counted in the metric, by provider, reset in the caller's transaction so each is
+/// counted once across all processes.
+pub async fn take_failures(conn: &mut PgConnection) -> Result<Vec<(String, i64)>> {
+    Ok(sqlx::query_as(
+        "WITH taken AS (
+             SELECT tenant_id, provider, unreported_failures AS n FROM connector_polls
+             WHERE unreported_failures > 0 FOR UPDATE SKIP LOCKED),
+         reset AS (
+             UPDATE connector_polls p SET unreported_failures = 0 FROM taken
+             WHERE p.tenant_id = taken.tenant_id AND p.provider = taken.provider)
+         SELECT provider, sum(n)::int8 FROM taken GROUP BY provider",
+    )
+    .fetch_all(&mut *conn)
+    .await?)
+}
+
 /// Records that pass `run_id` started; the next may start `interval_seconds` from now.
 pub async fn begin_pass(
     conn: &mut PgConnection,
@@ -105,19 +121,6 @@ pub async fn complete(conn: &mut PgConnection, run_id: Uuid) -> Result<()> {
     .execute(&mut *conn)
     .await?;
     Ok(())
-}
-
-/// Frees the connector after pass `run_id` failed, keeping the watermark (the next pass covers the same
-/// changes again). False when the run was not a poller's pass.
-pub async fn fail<'e>(db: impl PgExecutor<'e>, run_id: Uuid, error: &str) -> Result<bool> {
-    let done = sqlx::query(
-        "UPDATE connector_polls SET current_run = NULL, last_error = $2 WHERE current_run = $1",
-    )
-    .bind(run_id)
-    .bind(error)
-    .execute(db)
-    .await?;
-    Ok(done.rows_affected() > 0)
 }
 
 /// Every polling connector's state, by tenant and provider.

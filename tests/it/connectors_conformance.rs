@@ -5,7 +5,7 @@ use activekg::connectors::config::{GcsConfig, LocalConfig, S3Config};
 use activekg::connectors::gcs::GcsSource;
 use activekg::connectors::local::LocalSource;
 use activekg::connectors::s3::S3Source;
-use activekg::connectors::{ObjectSource, SourceError};
+use activekg::connectors::{ObjectMeta, ObjectSource, SourceError};
 
 use crate::emulators;
 
@@ -58,19 +58,27 @@ async fn conformance<S: ObjectSource>(store: &Store, source: &S) {
     );
 
     assert_eq!(
-        source.fetch("docs/b b.md", 1024).await.unwrap(),
+        source
+            .fetch(&stat(source, "docs/b b.md").await, 1024)
+            .await
+            .unwrap(),
         b"# with a space"
     );
     assert_eq!(
-        source.fetch("docs/ünïcode.txt", 1024).await.unwrap(),
+        source
+            .fetch(&stat(source, "docs/ünïcode.txt").await, 1024)
+            .await
+            .unwrap(),
         b"unicode key"
     );
-    match source.fetch("docs/e.txt", 10).await {
+    match source.fetch(&meta, 10).await {
         Err(SourceError::TooLarge { size, limit }) => assert!(size > 10 && limit == 10),
         other => panic!("a fetch over the cap is refused with sizes, got {other:?}"),
     }
+    let mut gone = meta.clone();
+    gone.key = "docs/missing.txt".to_owned();
     assert!(matches!(
-        source.fetch("docs/missing.txt", 1024).await,
+        source.fetch(&gone, 1024).await,
         Err(SourceError::NotFound(_))
     ));
 
@@ -100,13 +108,29 @@ async fn conformance<S: ObjectSource>(store: &Store, source: &S) {
     );
     assert!(pages >= 3, "listed in pages");
 
-    let before = source.stat("docs/a.txt").await.unwrap().unwrap().version;
+    let before = stat(source, "docs/a.txt").await;
     // Local versions include the modification time; make sure the clock moves.
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     store.put("docs/a.txt", b"alpha, changed").await;
     let after = source.stat("docs/a.txt").await.unwrap().unwrap();
-    assert_ne!(after.version, before, "a changed object has a new version");
+    assert_ne!(
+        after.version.as_str(),
+        before.version,
+        "a changed object has a new version"
+    );
     assert_eq!(after.size, 14);
+    assert!(
+        matches!(
+            source.fetch(&before, 1024).await,
+            Err(SourceError::Changed(_))
+        ),
+        "a fetch of a version the store no longer has is refused, never answered with other content"
+    );
+    assert_eq!(source.fetch(&after, 1024).await.unwrap(), b"alpha, changed");
+}
+
+async fn stat<S: ObjectSource>(source: &S, key: &str) -> ObjectMeta {
+    source.stat(key).await.unwrap().expect("the object exists")
 }
 
 #[tokio::test]
@@ -152,14 +176,28 @@ async fn a_local_key_cannot_reach_outside_its_folder() {
         prefix: String::new(),
         poll_interval_seconds: None,
     });
+    let forged = |key: &str| ObjectMeta {
+        key: key.to_owned(),
+        version: "0-0".to_owned(),
+        size: 7,
+        content_type: None,
+        updated: None,
+    };
     for key in ["../secret.txt", "/etc/passwd", "a/../../secret.txt"] {
         assert!(
-            matches!(source.fetch(key, 1024).await, Err(SourceError::Invalid(_))),
+            matches!(source.stat(key).await, Err(SourceError::Invalid(_))),
+            "{key}"
+        );
+        assert!(
+            matches!(
+                source.fetch(&forged(key), 1024).await,
+                Err(SourceError::Invalid(_))
+            ),
             "{key}"
         );
     }
     assert!(matches!(
-        source.fetch("link.txt", 1024).await,
+        source.fetch(&forged("link.txt"), 1024).await,
         Err(SourceError::Denied(_))
     ));
     assert!(

@@ -167,6 +167,16 @@ pub fn registry(pool: &PgPool) -> std::sync::Arc<activekg::registry::Registry> {
     ))
 }
 
+/// A process's LISTEN hub on `pool`, for the engine's and the config cache's channels, until `stop`.
+pub fn hub(
+    pool: &PgPool,
+    stop: &CancellationToken,
+) -> std::sync::Arc<activekg::store::listen::Hub> {
+    let mut channels = activekg::jobs::engine::runtime::CHANNELS.to_vec();
+    channels.push(activekg::store::connectors::NOTIFY_CHANNEL);
+    activekg::store::listen::spawn(pool, &channels, stop.clone()).0
+}
+
 /// What job handlers need, for `jobs::register`.
 pub fn job_deps(pool: &PgPool, settings: &JobSettings) -> activekg::jobs::Deps {
     activekg::jobs::Deps {

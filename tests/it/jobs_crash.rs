@@ -4,11 +4,9 @@
 use std::time::{Duration, Instant};
 
 use activekg::domain::{JobId, JobState};
-use activekg::jobs::engine::{self, Runtime, Scheduler, admin};
-use activekg::jobs::{self, maintenance};
-use tokio_util::sync::CancellationToken;
+use activekg::jobs::engine::{self, Runtime, admin};
 
-use crate::helpers::{TestDb, child_ready, eventually, fast_job_settings, job_deps, spawn_child};
+use crate::helpers::{TestDb, child_ready, eventually, fast_job_settings, spawn_child};
 use crate::kinds::{Behavior, Probe, create_probe_tables, run_probe};
 
 #[tokio::test]
@@ -40,18 +38,11 @@ async fn a_job_whose_worker_is_killed_is_picked_up_again_and_completes() {
     child.wait().await.unwrap();
     let killed_at = Instant::now();
 
-    // A healthy replica: workers for the kind plus the maintenance schedules, as `serve` runs them.
+    // A healthy replica: workers for the kind; its engine does the upkeep (rescue) itself.
     let settings = fast_job_settings();
     let mut runtime = Runtime::new(db.pool.clone(), settings.clone());
     runtime.register(db.pool.clone(), run_probe);
-    jobs::register(&mut runtime, &job_deps(&db.pool, &settings), None);
     let workers = runtime.start().await.unwrap();
-    let mut scheduler = Scheduler::new(db.pool.clone());
-    let mut all = crate::helpers::settings(&db, &[]);
-    all.jobs = settings.clone();
-    jobs::schedule(&mut scheduler, &all);
-    let stop = CancellationToken::new();
-    let schedules = scheduler.start(stop.clone()).await.unwrap();
 
     let done = eventually(
         Duration::from_secs(30),
@@ -63,8 +54,6 @@ async fn a_job_whose_worker_is_killed_is_picked_up_again_and_completes() {
     )
     .await;
     let recovered_in = killed_at.elapsed();
-    stop.cancel();
-    schedules.await.unwrap();
     workers.shutdown().await;
 
     assert_eq!(done.attempt, 2, "the killed attempt counted");
@@ -74,7 +63,8 @@ async fn a_job_whose_worker_is_killed_is_picked_up_again_and_completes() {
         done.errors[0].worker.as_deref(),
         Some(child_worker.as_str())
     );
-    // Orphan timeout 2 s, rescue every second: well inside the 60 s the default settings promise.
+    // Orphan timeout 2 s: the replica must itself be in touch for 2 s before it may rescue, then looks
+    // every 0.7 s. Well inside the 60 s the default settings promise.
     assert!(
         recovered_in < Duration::from_secs(10),
         "recovered after {recovered_in:?}"
@@ -93,7 +83,11 @@ async fn a_job_that_kills_every_worker_is_dead_after_its_attempts() {
         .id
         .unwrap();
     drop(conn);
-    let orphan_timeout = fast_job_settings().orphan_timeout;
+    // A process without workers still rescues orphans (every process does the engine's upkeep).
+    let rescuer = Runtime::new(db.pool.clone(), fast_job_settings())
+        .start()
+        .await
+        .unwrap();
 
     let mut workers_killed = 0;
     let dead = loop {
@@ -108,11 +102,15 @@ async fn a_job_that_kills_every_worker_is_dead_after_its_attempts() {
             .unwrap();
         assert!(!status.success(), "the worker died");
         workers_killed += 1;
-        tokio::time::sleep(orphan_timeout + Duration::from_millis(200)).await;
-        maintenance::rescue_orphans(&db.pool, orphan_timeout)
-            .await
-            .unwrap();
-        let record = admin::get(&db.pool, JobId(id.0)).await.unwrap();
+        let record = eventually(
+            Duration::from_secs(15),
+            "the rescuer to take the job back",
+            || async {
+                let record = admin::get(&db.pool, JobId(id.0)).await.unwrap();
+                (record.state != JobState::Running).then_some(record)
+            },
+        )
+        .await;
         if record.state == JobState::Dead {
             break record;
         }
@@ -122,6 +120,7 @@ async fn a_job_that_kills_every_worker_is_dead_after_its_attempts() {
             "a rescued job runs again at once"
         );
     };
+    rescuer.shutdown().await;
     assert_eq!(workers_killed, 3, "max_attempts is 3");
     assert_eq!(dead.attempt, 3);
     let classes: Vec<&str> = dead.errors.iter().map(|e| e.class.as_str()).collect();

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use activekg::config::JobSettings;
 use activekg::domain::{JobId, JobState};
+use activekg::jobs::engine::upkeep;
 use activekg::jobs::engine::{self, Runtime, RuntimeHandle, admin};
-use activekg::jobs::maintenance;
 use activekg::store::jobs::{JobFilter, JobRecord};
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
@@ -210,7 +210,8 @@ async fn a_dead_job_replayed_runs_again_with_a_fresh_set_of_attempts() {
     assert_eq!(
         admin::replay_dead(&db.pool, &tenant_filter, false, 100)
             .await
-            .unwrap(),
+            .unwrap()
+            .count,
         2
     );
 
@@ -562,7 +563,7 @@ async fn pruning_removes_only_finished_jobs_past_their_retention() {
     .await
     .unwrap();
 
-    let pruned = maintenance::prune_jobs(&db.pool, &fast_job_settings())
+    let pruned = upkeep::prune_jobs(&db.pool, &fast_job_settings())
         .await
         .unwrap();
     assert_eq!(pruned, 2500 + 3);

@@ -355,9 +355,10 @@ async fn a_config_change_in_one_process_is_seen_by_another_processs_cache_within
         crate::helpers::registry(&db.pool),
     );
     let stop = CancellationToken::new();
+    // Two processes: a LISTEN connection each.
     let listeners = [
-        a.listen_for_changes(stop.clone()),
-        b.listen_for_changes(stop.clone()),
+        a.follow_changes(crate::helpers::hub(&db.pool, &stop), stop.clone()),
+        b.follow_changes(crate::helpers::hub(&db.pool, &stop), stop.clone()),
     ];
     eventually(
         Duration::from_secs(5),
@@ -420,7 +421,7 @@ async fn a_lost_cache_listener_reconnects_and_is_counted() {
     let db = TestDb::new().await;
     let registry = crate::helpers::registry(&db.pool);
     let stop = CancellationToken::new();
-    let listener = registry.listen_for_changes(stop.clone());
+    let listener = registry.follow_changes(crate::helpers::hub(&db.pool, &stop), stop.clone());
     eventually(
         Duration::from_secs(5),
         "the listener to connect",

@@ -217,7 +217,7 @@ async function bulk(action, filter, describe) {
 async function job(id) {
   const j = await api(`/_admin/jobs/${encodeURIComponent(id)}`);
   const canRetry = ["pending", "scheduled", "dead", "cancelled"].includes(j.state);
-  const canCancel = ["pending", "scheduled"].includes(j.state);
+  const canCancel = ["pending", "scheduled", "running"].includes(j.state);
   const label = j.state === "dead" || j.state === "cancelled" ? "Replay" : "Run now";
   const act = async (what) => {
     const verb = what === "retry" ? label.toLowerCase() : "cancel";

@@ -6,7 +6,7 @@ use sqlx::PgPool;
 
 use crate::domain::{JobId, JobState};
 use crate::error::{Error, Result};
-use crate::store::jobs::{self as store, JobFilter, JobRecord};
+use crate::store::jobs::{self as store, JobFilter, JobRecord, Replayed};
 
 /// Most jobs one bulk action touches; callers repeat it for more.
 pub const MAX_BULK: i64 = 10_000;
@@ -63,7 +63,7 @@ pub async fn retry(pool: &PgPool, id: JobId) -> Result<JobRecord> {
     get(pool, id).await
 }
 
-/// Cancels a pending or scheduled job.
+/// Cancels a pending, scheduled or running job.
 pub async fn cancel(pool: &PgPool, id: JobId) -> Result<JobRecord> {
     let mut tx = pool.begin().await?;
     store::cancel(&mut tx, id).await?;
@@ -95,13 +95,24 @@ fn check_bulk(filter: &JobFilter, all: bool, limit: i64) -> Result<()> {
     Ok(())
 }
 
-/// Replays dead jobs matching `filter` (at most `limit`), each with a fresh set of attempts.
-pub async fn replay_dead(pool: &PgPool, filter: &JobFilter, all: bool, limit: i64) -> Result<u64> {
+/// Replays dead jobs matching `filter` (at most `limit`), each with a fresh set of attempts; jobs whose
+/// idempotency key another job holds by now are reported, not replayed.
+pub async fn replay_dead(
+    pool: &PgPool,
+    filter: &JobFilter,
+    all: bool,
+    limit: i64,
+) -> Result<Replayed> {
     check_bulk(filter, all, limit)?;
     let mut tx = pool.begin().await?;
     let replayed = store::replay(&mut tx, filter, &[JobState::Dead], limit).await?;
     tx.commit().await?;
-    tracing::info!(replayed, ?filter, "replayed dead jobs");
+    tracing::info!(
+        replayed = replayed.count,
+        held = replayed.held.len(),
+        ?filter,
+        "replayed dead jobs"
+    );
     Ok(replayed)
 }
 

@@ -164,16 +164,21 @@ impl<J: Job> PgQueue<J> {
             claimed_at: row.attempted_at,
             received: self.received,
             progress: row.progress,
+            handbacks: u32::try_from(row.handbacks).unwrap_or(0),
+            cancel: self.reporter.lease.attempt_token(),
         };
         match serde_json::from_value::<J>(row.args) {
-            Ok(args) => Some(
+            Ok(args) => Some({
+                self.reporter
+                    .attempts
+                    .insert(claim.id, claim.attempt, claim.cancel.clone());
                 TaskBuilder::new(args)
                     .task_id(TaskId::Int(row.id as u64))
                     .attempt(claim.attempt as usize)
                     .max_attempts(claim.max_attempts as usize)
                     .data(claim)
-                    .build(),
-            ),
+                    .build()
+            }),
             Err(err) => {
                 let error = AttemptError {
                     attempt: row.attempt,
@@ -256,6 +261,18 @@ impl<J: Job> Backend for PgQueue<J> {
                 }
             }
             let timer_fired = self.timer.as_mut().poll(cx).is_ready();
+            if self.reporter.lease.is_fenced() {
+                // Out of touch with the database: claim nothing until a heartbeat gets through (the lease
+                // wakes this worker then); the timer keeps checking meanwhile.
+                if timer_fired {
+                    self.timer
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + self.settings.poll_interval);
+                    let _ = self.timer.as_mut().poll(cx);
+                }
+                self.signal.register(cx.waker());
+                return Poll::Pending;
+            }
             // After a failed fetch only the timer (now the error backoff) may trigger the next one.
             let due =
                 timer_fired || (self.fetch_failures == 0 && (self.more || self.signal.take()));

@@ -73,7 +73,16 @@ impl Completer {
 async fn run(pool: PgPool, worker: Arc<str>, mut rx: mpsc::Receiver<Message>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut flushes = Vec::new();
-    while let Some(first) = rx.recv().await {
+    let mut parked = Parked::default();
+    loop {
+        let first = tokio::select! {
+            first = rx.recv() => first,
+            () = parked.due(), if !parked.is_empty() => {
+                parked.retry(&pool, &worker).await;
+                continue;
+            }
+        };
+        let Some(first) = first else { break };
         let mut next = Some(first);
         while let Some(message) = next.take() {
             match message {
@@ -84,15 +93,73 @@ async fn run(pool: PgPool, worker: Arc<str>, mut rx: mpsc::Receiver<Message>) {
                 next = rx.try_recv().ok();
             }
         }
-        write(&pool, &worker, &mut batch).await;
+        write(&pool, &worker, &mut batch, &mut parked).await;
         for done in flushes.drain(..) {
             let _ = done.send(());
         }
     }
+    // Last chance for parked results before the process exits; their jobs are rescued otherwise.
+    parked.retry(&pool, &worker).await;
 }
 
-/// Writes the batch, retrying until the database takes it.
-async fn write(pool: &PgPool, worker: &str, batch: &mut Vec<Completion>) {
+/// Results the database refused one by one (a trigger raising, a value it cannot store): set aside and
+/// retried on their own, so that one bad result never holds back everyone else's.
+#[derive(Default)]
+struct Parked {
+    completions: Vec<Completion>,
+    delay: Duration,
+    next: Option<tokio::time::Instant>,
+}
+
+impl Parked {
+    const MAX: usize = 1000;
+
+    fn is_empty(&self) -> bool {
+        self.completions.is_empty()
+    }
+
+    fn park(&mut self, completion: Completion, err: &crate::error::Error) {
+        tracing::error!(job = %completion.id, %err,
+            "the database refused this job's result; retrying it on its own (the job stays running meanwhile)");
+        if self.completions.len() >= Self::MAX {
+            let dropped = self.completions.remove(0);
+            tracing::error!(job = %dropped.id, "too many refused results; dropping the oldest (its job is rescued once this process stops)");
+        }
+        self.completions.push(completion);
+        if self.next.is_none() {
+            self.delay = Duration::from_secs(1);
+            self.next = Some(tokio::time::Instant::now() + self.delay);
+        }
+    }
+
+    async fn due(&self) {
+        match self.next {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    }
+
+    async fn retry(&mut self, pool: &PgPool, worker: &str) {
+        let mut still = Vec::new();
+        for completion in std::mem::take(&mut self.completions) {
+            if let Err(err) = store::finish(pool, worker, std::slice::from_ref(&completion)).await {
+                tracing::warn!(job = %completion.id, %err, retry_in = ?self.delay, "job result still refused");
+                still.push(completion);
+            }
+        }
+        self.completions = still;
+        if self.completions.is_empty() {
+            self.next = None;
+        } else {
+            self.delay = (self.delay * 2).min(Duration::from_secs(60));
+            self.next = Some(tokio::time::Instant::now() + self.delay);
+        }
+    }
+}
+
+/// Writes the batch. While the database is unreachable the whole batch waits and is retried; when the
+/// database refuses the statement, the batch is split until the refused results are found and parked.
+async fn write(pool: &PgPool, worker: &str, batch: &mut Vec<Completion>, parked: &mut Parked) {
     if batch.is_empty() {
         return;
     }
@@ -111,10 +178,37 @@ async fn write(pool: &PgPool, worker: &str, batch: &mut Vec<Completion>) {
                 batch.clear();
                 return;
             }
-            Err(err) => {
+            Err(crate::error::Error::Unavailable(err)) => {
                 tracing::warn!(%err, pending = batch.len(), retry_in = ?delay, "could not record job results; retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(err) => {
+                split(pool, worker, std::mem::take(batch), err, parked).await;
+                return;
+            }
+        }
+    }
+}
+
+/// Bisects a refused batch: halves that the database takes are written, single refused results parked.
+async fn split(
+    pool: &PgPool,
+    worker: &str,
+    batch: Vec<Completion>,
+    err: crate::error::Error,
+    parked: &mut Parked,
+) {
+    let mut pending = vec![(batch, err)];
+    while let Some((mut batch, err)) = pending.pop() {
+        if batch.len() == 1 {
+            parked.park(batch.remove(0), &err);
+            continue;
+        }
+        let second = batch.split_off(batch.len() / 2);
+        for half in [batch, second] {
+            if let Err(err) = store::finish(pool, worker, &half).await {
+                pending.push((half, err));
             }
         }
     }

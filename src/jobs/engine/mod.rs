@@ -4,15 +4,19 @@
 //! Rows live in our own `jobs` table (see the README for why not apalis-postgres's). Workers are apalis
 //! workers over [`backend::PgQueue`]; the [`outcome`] layer turns each attempt's result into the row's next
 //! state, which the [`completer`] writes in batches. Retries move `run_at`, so no worker slot waits out a backoff.
+//! Every process holds a [`lease::Lease`] (its heartbeat) and runs the [`upkeep`] (orphan rescue, pruning);
+//! a handler's effects commit only in [`JobContext::begin`]'s transaction, which proves the claim still holds.
 
 pub mod admin;
 pub mod backend;
 pub mod completer;
+pub mod lease;
 pub mod outcome;
 pub mod pace;
 pub mod runtime;
 pub mod schedule;
 pub mod stats;
+pub mod upkeep;
 
 use std::fmt;
 use std::time::Duration;
@@ -87,8 +91,12 @@ pub struct Policy {
     /// How long idempotency keys hold.
     pub uniqueness: Uniqueness,
     /// Share workers between tenants: each fetch takes the next due job of each tenant in turn, so one
-    /// tenant's backlog cannot delay another tenant's first job.
+    /// tenant's backlog cannot delay another tenant's first job. Each tenant's jobs then run oldest first;
+    /// `priority` does not apply to fair kinds.
     pub fair: bool,
+    /// Snoozes (waits that give the attempt back) allowed before the job is dead-lettered as waiting too
+    /// long: without a cap a job could wait forever without using up its attempts.
+    pub max_snoozes: u32,
 }
 
 impl Policy {
@@ -104,6 +112,7 @@ impl Policy {
             concurrency: 4,
             uniqueness: Uniqueness::Retained,
             fair: false,
+            max_snoozes: 100,
         }
     }
 }
@@ -275,9 +284,31 @@ pub struct JobContext<S> {
     pub progress: Option<serde_json::Value>,
     /// The worker process running the attempt.
     pub worker: std::sync::Arc<str>,
+    /// The engine's pool, for [`JobContext::begin`].
+    pub pool: sqlx::PgPool,
+    /// Cancelled when this attempt must stop: the process fenced itself, or an operator cancelled the job.
+    /// The engine drops the attempt at its next await either way; long loops may check it themselves.
+    pub cancel: tokio_util::sync::CancellationToken,
 }
 
 impl<S> JobContext<S> {
+    /// Begins the transaction an attempt's effects must commit in. It first proves, and holds until commit,
+    /// that this attempt still owns the job (same attempt, same worker, still running), so an attempt whose
+    /// job was taken back as an orphan, or cancelled, can never commit effects over the newer attempt's.
+    pub async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, JobError> {
+        let mut tx = self.pool.begin().await?;
+        let attempt = i32::try_from(self.attempt).unwrap_or(i32::MAX);
+        if store::hold_claim(&mut tx, self.id, attempt, &self.worker).await? {
+            Ok(tx)
+        } else {
+            Err(lost_claim())
+        }
+    }
+
+    /// Whether this attempt has been asked to stop.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
     /// The checkpoint an earlier attempt saved, if it reads as `P`.
     pub fn resume<P: DeserializeOwned>(&self) -> Option<P> {
         self.progress
@@ -298,12 +329,16 @@ impl<S> JobContext<S> {
         if store::save_progress(conn, self.id, attempt, &self.worker, &value).await? {
             Ok(())
         } else {
-            Err(JobError::transient_with_code(
-                "lost_claim",
-                "this attempt no longer owns the job (it was taken back as an orphan); stopping",
-            ))
+            Err(lost_claim())
         }
     }
+}
+
+fn lost_claim() -> JobError {
+    JobError::transient_with_code(
+        "lost_claim",
+        "this attempt no longer owns the job (it was taken back as an orphan, or cancelled); stopping",
+    )
 }
 
 fn new_job<J: Job>(job: &J, run_at: Option<DateTime<Utc>>) -> Result<NewJob> {

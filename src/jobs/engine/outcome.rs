@@ -15,11 +15,14 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use prometheus::{Histogram, IntCounter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
 use tokio_util::sync::PollSemaphore;
 use tower::{Layer, Service};
 
 use super::completer::Completer;
+use super::lease::Lease;
 use super::pace::Pace;
+use super::runtime::Attempts;
 use super::{Job, JobError, Policy};
 use crate::domain::{AttemptError, JobId};
 use crate::metrics::metrics;
@@ -42,15 +45,23 @@ pub struct Claim {
     pub received: Instant,
     /// What earlier attempts checkpointed.
     pub progress: Option<serde_json::Value>,
+    /// Attempts given back so far (snoozes, shutdown hand-backs).
+    pub handbacks: u32,
+    /// Cancelled when the process fences itself or an operator cancels the job.
+    pub cancel: CancellationToken,
 }
 
-/// What the layer needs from the process: where results go and who is running.
+/// What the layer needs from the process: where results go, who is running, and the running attempts.
 #[derive(Debug, Clone)]
 pub struct Reporter {
     /// The completer.
     pub completer: Completer,
     /// This process's worker id, recorded with errors.
     pub worker_id: Arc<str>,
+    /// This process's lease.
+    pub lease: Lease,
+    /// The attempts running here.
+    pub attempts: Arc<Attempts>,
 }
 
 /// Wraps a worker's service; see the module docs.
@@ -168,6 +179,22 @@ where
             let Some(claim) = claim else {
                 return Err("a task reached the outcome layer without its claim".into());
             };
+            let attempt_no = i32::try_from(claim.attempt).unwrap_or(i32::MAX);
+            let report = |finish| Completion {
+                id: claim.id,
+                attempt: attempt_no,
+                finish,
+            };
+            if claim.cancel.is_cancelled() {
+                // Claimed, then fenced (or cancelled) before it started: it never ran, so it is handed back
+                // without using up the attempt.
+                reporter.attempts.remove(claim.id, claim.attempt);
+                if reporter.lease.is_fenced() {
+                    reporter.completer.send(report(Finish::Release)).await;
+                }
+                drop(permit);
+                return Ok(());
+            }
             kind_metrics.started.inc();
             // Due to claimed on the database's clock, plus any wait for a slot after the claim on ours.
             let to_claim = (claim.claimed_at - claim.due_at)
@@ -178,40 +205,65 @@ where
                 .observe((to_claim + claim.received.elapsed()).as_secs_f64());
 
             let started = Instant::now();
-            let result =
-                tokio::time::timeout(policy.timeout, AssertUnwindSafe(attempt).catch_unwind())
-                    .await;
+            let run = tokio::time::timeout(policy.timeout, AssertUnwindSafe(attempt).catch_unwind());
+            let result = tokio::select! {
+                result = run => Some(result),
+                () = claim.cancel.cancelled() => None,
+            };
+            reporter.attempts.remove(claim.id, claim.attempt);
             let took = started.elapsed();
             kind_metrics.duration.observe(took.as_secs_f64());
             pace.observe(took);
 
             let failure = match result {
-                Ok(Ok(Ok(_))) => None,
-                Ok(Ok(Err(err))) => match classify(err.into()) {
-                    Classified::Snooze { after, reason } => {
+                None if reporter.lease.is_fenced() => Some(Failure {
+                    class: "fenced",
+                    code: None,
+                    message: "the worker lost touch with the database for most of the orphan timeout and \
+                              stopped the attempt before anyone could take the job back"
+                        .to_owned(),
+                    permanent: false,
+                    retry_after: Some(Duration::ZERO),
+                }),
+                None => {
+                    // An operator cancelled the job: its row already says so, and nothing this attempt
+                    // still does can commit.
+                    tracing::info!(kind = J::KIND, id = %claim.id, "attempt stopped: the job was cancelled");
+                    drop(permit);
+                    return Ok(());
+                }
+                Some(Ok(Ok(Ok(_)))) => None,
+                Some(Ok(Ok(Err(err)))) => match classify(err.into()) {
+                    Classified::Snooze { after, reason } if claim.handbacks < policy.max_snoozes => {
                         metrics().jobs_snoozed.with_label_values(&[J::KIND]).inc();
                         tracing::debug!(kind = J::KIND, id = %claim.id, wait = ?after, %reason, "job snoozed");
                         reporter
                             .completer
-                            .send(Completion {
-                                id: claim.id,
-                                attempt: i32::try_from(claim.attempt).unwrap_or(i32::MAX),
-                                finish: Finish::Snooze { delay: after },
-                            })
+                            .send(report(Finish::Snooze { delay: after }))
                             .await;
                         drop(permit);
                         return Ok(());
                     }
+                    Classified::Snooze { reason, .. } => Some(Failure {
+                        class: "snoozed",
+                        code: Some("snooze_limit".to_owned()),
+                        message: format!(
+                            "the job waited {} times without running (limit {}): {reason}",
+                            claim.handbacks, policy.max_snoozes
+                        ),
+                        permanent: true,
+                        retry_after: None,
+                    }),
                     Classified::Failure(failure) => Some(failure),
                 },
-                Ok(Err(panic)) => Some(Failure {
+                Some(Ok(Err(panic))) => Some(Failure {
                     class: "panic",
                     code: None,
                     message: format!("the handler panicked: {}", panic_message(&*panic)),
                     permanent: false,
                     retry_after: None,
                 }),
-                Err(_) => Some(Failure {
+                Some(Err(_)) => Some(Failure {
                     class: "timeout",
                     code: None,
                     message: format!(
@@ -235,14 +287,7 @@ where
                     rand::random(),
                 ),
             };
-            reporter
-                .completer
-                .send(Completion {
-                    id: claim.id,
-                    attempt: i32::try_from(claim.attempt).unwrap_or(i32::MAX),
-                    finish,
-                })
-                .await;
+            reporter.completer.send(report(finish)).await;
             // The slot is released only once the result is queued, so a stalled completer slows workers
             // down instead of piling up results in memory.
             drop(permit);
@@ -251,6 +296,9 @@ where
         .boxed()
     }
 }
+
+/// The longest retry delay honoured.
+pub(crate) const MAX_RETRY_DELAY: Duration = Duration::from_secs(86_400);
 
 /// A failed attempt, before the policy decides what follows.
 #[derive(Debug, Clone, PartialEq)]
@@ -326,7 +374,7 @@ pub(crate) fn decide<J: Job>(
         attempt: i32::try_from(claim.attempt).unwrap_or(i32::MAX),
         at: Utc::now(),
         class: failure.class.to_owned(),
-        code: failure.code,
+        code: failure.code.map(|c| clean_message(&c)),
         error: clean_message(&failure.message),
         worker: Some(worker.to_owned()),
     };
@@ -336,9 +384,12 @@ pub(crate) fn decide<J: Job>(
             error = %error.error, "job dead-lettered");
         Finish::Dead { error }
     } else {
+        // A dependency may ask for any wait; more than a day is a mistake, not advice, and would not fit
+        // the database's interval type either.
         let delay = failure
             .retry_after
-            .unwrap_or_else(|| policy.backoff.delay(claim.attempt, unit));
+            .unwrap_or_else(|| policy.backoff.delay(claim.attempt, unit))
+            .min(MAX_RETRY_DELAY);
         m.jobs_retried.with_label_values(&[J::KIND]).inc();
         tracing::warn!(kind = J::KIND, id = %claim.id, attempt = claim.attempt, class = failure.class,
             retry_in = ?delay, error = %error.error, "job attempt failed; retrying");
@@ -405,6 +456,8 @@ mod tests {
             claimed_at: Utc::now(),
             received: Instant::now(),
             progress: None,
+            handbacks: 0,
+            cancel: CancellationToken::new(),
         }
     }
 

@@ -1,13 +1,17 @@
-//! A process's share of the job engine: one apalis worker per registered kind, plus the pieces they share —
-//! the worker row and its heartbeat, the LISTEN connection that wakes workers, and the completer.
+//! A process's share of the job engine: its presence (registration, heartbeat, lease), the upkeep every
+//! process runs, and one apalis worker per registered kind, plus what those workers share: the completer,
+//! the in-flight attempts (so an operator can cancel one), and the wake-ups from the LISTEN hub.
+//!
+//! A process without any kind (an API-only one) still starts a runtime: it registers, heartbeats and does
+//! upkeep, so rescue and pruning work whatever the deployment shape.
 //!
 //! Shutdown stops fetching, gives running attempts the grace period, hands back whatever is still running
-//! (without using up its attempt) and removes the worker row, so nothing is lost or left locked.
+//! (without using up its attempt, a bounded number of times) and removes the process row.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::marker::PhantomData;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -15,33 +19,83 @@ use apalis::prelude::{Task, WorkerBuilder, WorkerContext};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use sqlx::PgPool;
-use sqlx::postgres::PgListener;
+use tokio::sync::broadcast::error::RecvError;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::backend::{BackendSettings, KindSignal, PgQueue};
 use super::completer::Completer;
+use super::lease::{Identity, Lease, Presence};
 use super::outcome::{Claim, Reporter};
+use super::upkeep::{self, Chore};
 use super::{Job, JobContext, JobError};
 use crate::config::JobSettings;
-use crate::domain::AttemptError;
+use crate::domain::{AttemptError, JobId};
 use crate::store::jobs as store;
+use crate::store::listen::{self, Heard, Hub};
 
 type Starter =
     Box<dyn FnOnce(Reporter, Arc<KindSignal>) -> (WorkerContext, BoxFuture<'static, ()>) + Send>;
+
+/// The channels the engine listens on.
+pub const CHANNELS: &[&str] = &[store::NOTIFY_CHANNEL, store::CANCEL_CHANNEL];
 
 /// Collects job kinds and their handlers, then starts them.
 pub struct Runtime {
     pool: PgPool,
     settings: JobSettings,
     starters: Vec<(&'static str, Starter)>,
+    roles: Vec<String>,
+    hub: Option<Arc<Hub>>,
+    chores: Vec<Chore>,
 }
 
 impl std::fmt::Debug for Runtime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Runtime")
             .field("kinds", &self.kinds())
+            .field("roles", &self.roles)
             .finish()
+    }
+}
+
+/// The attempts running in this process, by job, so an operator's cancel reaches the right one.
+#[derive(Debug, Default)]
+pub struct Attempts {
+    running: Mutex<HashMap<i64, (u32, CancellationToken)>>,
+}
+
+impl Attempts {
+    pub(super) fn insert(&self, id: JobId, attempt: u32, token: CancellationToken) {
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.0, (attempt, token));
+    }
+
+    pub(super) fn remove(&self, id: JobId, attempt: u32) {
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        if running.get(&id.0).is_some_and(|(a, _)| *a == attempt) {
+            running.remove(&id.0);
+        }
+    }
+
+    /// Cancels attempt `attempt` of job `id` if it runs here.
+    fn cancel(&self, id: i64, attempt: u32) {
+        if let Some((running, token)) = self
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            && *running == attempt
+        {
+            tracing::info!(
+                id,
+                attempt,
+                "cancelling the running attempt, as an operator asked"
+            );
+            token.cancel();
+        }
     }
 }
 
@@ -52,6 +106,9 @@ impl Runtime {
             pool,
             settings,
             starters: Vec::new(),
+            roles: Vec::new(),
+            hub: None,
+            chores: Vec::new(),
         }
     }
 
@@ -73,16 +130,15 @@ impl Runtime {
         };
         let starter: Starter = Box::new(move |reporter, signal| {
             let context = WorkerContext::new(&format!("{}/{}", reporter.worker_id, J::KIND));
-            let worker_id = reporter.worker_id.clone();
+            let service = HandlerService {
+                handler,
+                state,
+                pool: pool.clone(),
+                worker: reporter.worker_id.clone(),
+                _job: PhantomData,
+            };
             let backend = PgQueue::<J>::new(pool, reporter, signal, settings);
-            let worker = WorkerBuilder::new(&context)
-                .backend(backend)
-                .build(HandlerService {
-                    handler,
-                    state,
-                    worker: worker_id,
-                    _job: PhantomData,
-                });
+            let worker = WorkerBuilder::new(&context).backend(backend).build(service);
             let run = async move {
                 if let Err(err) = worker.run().await {
                     tracing::error!(kind = J::KIND, %err, "job worker stopped with an error");
@@ -94,46 +150,78 @@ impl Runtime {
         self
     }
 
+    /// What this process does (`api`, `worker`, `scheduler`), as shown to operators.
+    pub fn roles(&mut self, roles: &[&str]) -> &mut Self {
+        self.roles = roles.iter().map(|r| (*r).to_owned()).collect();
+        self
+    }
+
+    /// Uses the process's LISTEN hub (else the runtime starts its own).
+    pub fn hub(&mut self, hub: Arc<Hub>) -> &mut Self {
+        self.hub = Some(hub);
+        self
+    }
+
+    /// Adds a periodic chore to this process's upkeep.
+    pub fn chore(&mut self, chore: Chore) -> &mut Self {
+        self.chores.push(chore);
+        self
+    }
+
     /// Kinds registered so far.
     pub fn kinds(&self) -> Vec<&'static str> {
         self.starters.iter().map(|(kind, _)| *kind).collect()
     }
 
-    /// Registers this process as a worker and starts every kind's worker.
+    /// Registers this process, starts its heartbeat, its upkeep and every kind's worker.
     pub async fn start(self) -> crate::error::Result<RuntimeHandle> {
-        let host = gethostname::gethostname().to_string_lossy().into_owned();
-        let pid = std::process::id();
-        let nonce: u32 = rand::random();
-        let worker_id: Arc<str> = format!("{host}:{pid}:{nonce:08x}").into();
-        let kinds: Vec<String> = self.kinds().into_iter().map(str::to_owned).collect();
-        store::register_worker(
-            &self.pool,
-            &worker_id,
-            &host,
-            pid as i32,
-            &kinds,
-            env!("CARGO_PKG_VERSION"),
-        )
-        .await?;
+        let stop = CancellationToken::new();
+        let (hub, own_hub) = match self.hub {
+            Some(hub) => (hub, None),
+            None => {
+                let (hub, task) = listen::spawn(&self.pool, CHANNELS, stop.clone());
+                (hub, Some(task))
+            }
+        };
+        let mut roles = self.roles;
+        if roles.is_empty() && !self.starters.is_empty() {
+            roles.push("worker".to_owned());
+        }
+        let identity = Identity {
+            kinds: self.starters.iter().map(|(k, _)| (*k).to_owned()).collect(),
+            roles,
+        };
+        let presence = Presence::start(&self.pool, identity, self.settings.orphan_timeout).await?;
+        let lease = presence.lease().clone();
+        let worker_id = lease.id().clone();
 
         let (completer, completer_task) = Completer::spawn(self.pool.clone(), worker_id.clone());
+        let attempts = Arc::new(Attempts::default());
         let reporter = Reporter {
             completer: completer.clone(),
             worker_id: worker_id.clone(),
+            lease: lease.clone(),
+            attempts: attempts.clone(),
         };
-        let stop = CancellationToken::new();
         let signals: HashMap<&'static str, Arc<KindSignal>> = self
             .starters
             .iter()
             .map(|(kind, _)| (*kind, Arc::new(KindSignal::default())))
             .collect();
-        let listener = tokio::spawn(listen(self.pool.clone(), signals.clone(), stop.clone()));
-        let heartbeat = tokio::spawn(heartbeat(
+        for signal in signals.values() {
+            lease.wake_on_restore(signal.clone());
+        }
+        let dispatch = tokio::spawn(dispatch(
+            hub.subscribe(),
+            signals.clone(),
+            attempts,
+            stop.clone(),
+        ));
+        let upkeep = tokio::spawn(upkeep::run(
             self.pool.clone(),
-            worker_id.clone(),
-            host,
-            kinds,
-            self.settings.orphan_timeout / 3,
+            lease.clone(),
+            self.settings.clone(),
+            self.chores,
             stop.clone(),
         ));
         let mut workers = Vec::new();
@@ -141,39 +229,47 @@ impl Runtime {
             let (context, run) = start(reporter.clone(), signals[kind].clone());
             workers.push((kind, context, tokio::spawn(run)));
         }
-        tracing::info!(worker = %worker_id, kinds = ?signals.keys().collect::<Vec<_>>(), "job workers started");
+        tracing::info!(process = %worker_id, kinds = ?signals.keys().collect::<Vec<_>>(), "job engine started");
         Ok(RuntimeHandle {
             pool: self.pool,
-            worker_id,
+            lease,
+            presence,
             grace: self.settings.shutdown_grace,
             completer,
             completer_task,
-            listener,
-            heartbeat,
+            background: [Some(dispatch), Some(upkeep), own_hub]
+                .into_iter()
+                .flatten()
+                .collect(),
             workers,
             stop,
         })
     }
 }
 
-/// The running workers of this process.
+/// The running engine of this process.
 #[derive(Debug)]
 pub struct RuntimeHandle {
     pool: PgPool,
-    worker_id: Arc<str>,
+    lease: Lease,
+    presence: Presence,
     grace: Duration,
     completer: Completer,
     completer_task: JoinHandle<()>,
-    listener: JoinHandle<()>,
-    heartbeat: JoinHandle<()>,
+    background: Vec<JoinHandle<()>>,
     workers: Vec<(&'static str, WorkerContext, JoinHandle<()>)>,
     stop: CancellationToken,
 }
 
 impl RuntimeHandle {
-    /// This process's worker id (as stored in `jobs.locked_by`).
+    /// This process's id (as stored in `jobs.locked_by`).
     pub fn worker_id(&self) -> &str {
-        &self.worker_id
+        self.lease.id()
+    }
+
+    /// This process's lease.
+    pub fn lease(&self) -> &Lease {
+        &self.lease
     }
 
     /// Stops fetching, lets running attempts finish within the grace period, hands back the rest.
@@ -205,11 +301,11 @@ impl RuntimeHandle {
             at: chrono::Utc::now(),
             class: "interrupted".to_owned(),
             code: None,
-            error: "the worker shut down before the attempt finished; it was handed back without using up an attempt"
+            error: "the worker shut down before the attempt finished; it was handed back"
                 .to_owned(),
-            worker: Some(self.worker_id.to_string()),
+            worker: Some(self.lease.id().to_string()),
         };
-        match store::release(&self.pool, &self.worker_id, None, Some(&note)).await {
+        match store::release(&self.pool, self.lease.id(), None, Some(&note)).await {
             Ok(released) if !released.is_empty() => {
                 tracing::info!(count = released.len(), "handed back interrupted jobs");
             }
@@ -219,100 +315,47 @@ impl RuntimeHandle {
             }
         }
         self.stop.cancel();
-        let _ = self.listener.await;
-        let _ = self.heartbeat.await;
-        if let Err(err) = store::deregister_worker(&self.pool, &self.worker_id).await {
-            tracing::warn!(%err, "could not remove the worker row");
+        for task in self.background {
+            let _ = task.await;
         }
+        self.presence.stop().await;
         drop(self.completer);
         let _ = self.completer_task.await;
-        tracing::info!(worker = %self.worker_id, "job workers stopped");
+        tracing::info!(process = %self.lease.id(), "job engine stopped");
     }
 }
 
-/// Wakes the worker of each kind NOTIFY names. After a lost connection every worker is woken, since
-/// notifications sent meanwhile are gone.
-async fn listen(
-    pool: PgPool,
+/// Wakes the worker of each kind NOTIFY names and cancels attempts operators cancelled. After a lost
+/// connection (or a lagging receiver) every worker is woken, since notifications were missed.
+async fn dispatch(
+    mut heard: tokio::sync::broadcast::Receiver<Heard>,
     signals: HashMap<&'static str, Arc<KindSignal>>,
+    attempts: Arc<Attempts>,
     stop: CancellationToken,
 ) {
     let wake_all = || signals.values().for_each(|s| s.notify());
-    let mut listener = loop {
-        let attempt = async {
-            let mut listener = PgListener::connect_with(&pool).await?;
-            listener.listen(store::NOTIFY_CHANNEL).await?;
-            Ok::<_, sqlx::Error>(listener)
+    loop {
+        let received = tokio::select! {
+            () = stop.cancelled() => return,
+            received = heard.recv() => received,
         };
-        tokio::select! {
-            () = stop.cancelled() => return,
-            result = attempt => match result {
-                Ok(listener) => break listener,
-                Err(err) => {
-                    tracing::warn!(%err, "could not LISTEN for new jobs; polling meanwhile");
-                    tokio::time::sleep(Duration::from_secs(2)).await;
+        match received {
+            Ok(Heard::Notice { channel, payload }) if &*channel == store::NOTIFY_CHANNEL => {
+                if let Some(signal) = signals.get(&*payload) {
+                    signal.notify();
                 }
             }
-        }
-    };
-    wake_all();
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            received = listener.try_recv() => match received {
-                Ok(Some(note)) => {
-                    if let Some(signal) = signals.get(note.payload()) {
-                        signal.notify();
-                    }
-                }
-                Ok(None) => {
-                    tracing::warn!("the LISTEN connection dropped; reconnecting");
-                    wake_all();
-                }
-                Err(err) => {
-                    tracing::warn!(%err, "LISTEN failed; retrying");
-                    wake_all();
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-            }
-        }
-    }
-}
-
-async fn heartbeat(
-    pool: PgPool,
-    worker_id: Arc<str>,
-    host: String,
-    kinds: Vec<String>,
-    every: Duration,
-    stop: CancellationToken,
-) {
-    let mut ticker = tokio::time::interval(every.max(Duration::from_millis(100)));
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            _ = ticker.tick() => {}
-        }
-        match store::heartbeat(&pool, &worker_id).await {
-            Ok(true) => {}
-            Ok(false) => {
-                tracing::warn!(worker = %worker_id, "worker row was missing; registering again");
-                let pid = std::process::id() as i32;
-                if let Err(err) = store::register_worker(
-                    &pool,
-                    &worker_id,
-                    &host,
-                    pid,
-                    &kinds,
-                    env!("CARGO_PKG_VERSION"),
-                )
-                .await
+            Ok(Heard::Notice { channel, payload }) if &*channel == store::CANCEL_CHANNEL => {
+                if let Some((id, attempt)) = payload
+                    .split_once(':')
+                    .and_then(|(id, attempt)| Some((id.parse().ok()?, attempt.parse().ok()?)))
                 {
-                    tracing::warn!(%err, "could not register the worker again");
+                    attempts.cancel(id, attempt);
                 }
             }
-            Err(err) => tracing::warn!(%err, "worker heartbeat failed"),
+            Ok(Heard::Notice { .. }) => {}
+            Ok(Heard::Connected | Heard::Lost) | Err(RecvError::Lagged(_)) => wake_all(),
+            Err(RecvError::Closed) => return,
         }
     }
 }
@@ -321,6 +364,7 @@ async fn heartbeat(
 struct HandlerService<J, S, H> {
     handler: H,
     state: S,
+    pool: PgPool,
     worker: Arc<str>,
     _job: PhantomData<fn() -> J>,
 }
@@ -355,6 +399,8 @@ where
             state: self.state.clone(),
             progress: claim.progress,
             worker: self.worker.clone(),
+            pool: self.pool.clone(),
+            cancel: claim.cancel,
         };
         (self.handler)(task.args, context).boxed()
     }

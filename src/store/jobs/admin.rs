@@ -213,7 +213,13 @@ pub async fn retry_now(conn: &mut PgConnection, id: JobId) -> Result<JobState> {
                 ids: Some(vec![id.0]),
                 ..JobFilter::default()
             };
-            replay(&mut *conn, &only_this, &[state], 1).await?;
+            let replayed = replay(&mut *conn, &only_this, &[state], 1).await?;
+            if let Some((_, holder)) = replayed.held.first() {
+                return Err(Error::Conflict(format!(
+                    "job {id} was not replayed: job {holder} holds its idempotency key (the same change was \
+                     queued again), so replaying it would do that work twice; look at job {holder} instead"
+                )));
+            }
         }
         JobState::Running | JobState::Completed => {
             return Err(Error::Conflict(format!(
@@ -229,22 +235,36 @@ pub async fn retry_now(conn: &mut PgConnection, id: JobId) -> Result<JobState> {
     Ok(JobState::Pending)
 }
 
-/// Cancels a pending or scheduled job.
+/// Cancels a pending, scheduled or running job; it gives its idempotency key back. A running attempt is told
+/// to stop (NOTIFY to its worker) and can no longer commit effects or a result: its claim is gone. If the
+/// attempt is committing its effects right now, the cancel waits for that commit and applies after it.
 pub async fn cancel(conn: &mut PgConnection, id: JobId) -> Result<()> {
     match lock_for_change(conn, id).await? {
-        JobState::Pending | JobState::Scheduled => {
-            sqlx::query(
-                "UPDATE jobs SET state = 'cancelled', finished_at = now(),
-                     unique_key = CASE WHEN unique_while_active THEN NULL ELSE unique_key END
-                 WHERE id = $1",
+        JobState::Pending | JobState::Scheduled | JobState::Running => {
+            let (attempt, was_running): (i32, bool) = sqlx::query_as(
+                "UPDATE jobs j SET state = 'cancelled', finished_at = now(), unique_key = NULL, locked_by = NULL,
+                     errors = CASE WHEN j.state = 'running' THEN j.errors || jsonb_build_array(jsonb_build_object(
+                         'attempt', j.attempt, 'at', now(), 'class', 'cancelled', 'worker', j.locked_by,
+                         'error', 'cancelled by an operator while running'))
+                         ELSE j.errors END
+                 FROM (SELECT id, state AS old_state FROM jobs WHERE id = $1) old
+                 WHERE j.id = old.id
+                 RETURNING j.attempt, old.old_state = 'running'",
             )
             .bind(id.0)
-            .execute(&mut *conn)
+            .fetch_one(&mut *conn)
             .await?;
+            if was_running {
+                sqlx::query("SELECT pg_notify($1, $2)")
+                    .bind(super::CANCEL_CHANNEL)
+                    .bind(format!("{}:{attempt}", id.0))
+                    .execute(&mut *conn)
+                    .await?;
+            }
             Ok(())
         }
         state => Err(Error::Conflict(format!(
-            "job {id} is {state}: only pending or scheduled jobs can be cancelled"
+            "job {id} is {state}: only pending, scheduled or running jobs can be cancelled"
         ))),
     }
 }
@@ -270,46 +290,93 @@ pub async fn reschedule(conn: &mut PgConnection, id: JobId, run_at: DateTime<Utc
     }
 }
 
+/// What a replay did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Replayed {
+    /// Jobs replayed.
+    pub count: u64,
+    /// Jobs not replayed because another job holds their idempotency key now: (job, the holder).
+    pub held: Vec<(JobId, JobId)>,
+}
+
 /// Replays up to `limit` jobs matching `filter` whose state is in `from` (dead and/or cancelled): each gets a
 /// fresh set of attempts and runs now; its history is kept, with a `replayed` entry marking the boundary.
-/// (A kind unique only while active released its key when the job died, so the replayed job runs without it.)
+/// Each takes its idempotency key back, so it is unique again as when it was enqueued; a job whose key
+/// another job holds by now (the same change was queued again meanwhile) is left as it is and reported with
+/// that job, since replaying it would do the same work twice. Of several matching jobs with one key, the
+/// newest is replayed.
 pub async fn replay(
     conn: &mut PgConnection,
     filter: &JobFilter,
     from: &[JobState],
     limit: i64,
-) -> Result<u64> {
+) -> Result<Replayed> {
     let from: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
     let sql = format!(
         r#"
         WITH picked AS (
-            SELECT j.id FROM jobs j
+            SELECT j.id, j.kind, j.idempotency_key,
+                   (SELECT o.id FROM jobs o WHERE o.kind = j.kind AND o.unique_key = j.idempotency_key) AS holder
+            FROM jobs j
             WHERE {} AND {VIEW_STATE} = ANY($8)
             ORDER BY j.id
             LIMIT $9
             FOR UPDATE OF j SKIP LOCKED
+        ),
+        ranked AS (
+            SELECT picked.*,
+                   first_value(id) OVER (PARTITION BY kind, idempotency_key ORDER BY id DESC) AS newest
+            FROM picked
+        ),
+        replayed AS (
+            UPDATE jobs j
+            SET state = 'available', run_at = now(), finished_at = NULL, attempt = 0, handbacks = 0,
+                locked_by = NULL, unique_key = j.idempotency_key,
+                errors = j.errors || jsonb_build_array(jsonb_build_object(
+                    'attempt', j.attempt, 'at', now(), 'class', 'replayed',
+                    'error', format('replayed by an operator after %s attempt(s)', j.attempt)))
+            FROM ranked
+            WHERE j.id = ranked.id AND ranked.holder IS NULL
+              AND (ranked.idempotency_key IS NULL OR ranked.id = ranked.newest)
+            RETURNING j.id, j.kind
         )
-        UPDATE jobs j
-        SET state = 'available', run_at = now(), finished_at = NULL, attempt = 0, locked_by = NULL,
-            errors = j.errors || jsonb_build_array(jsonb_build_object(
-                'attempt', j.attempt, 'at', now(), 'class', 'replayed',
-                'error', format('replayed by an operator after %s attempt(s)', j.attempt)))
-        FROM picked
-        WHERE j.id = picked.id
-        RETURNING j.kind
+        SELECT r.id, r.kind, NULL::int8 AS holder FROM replayed r
+        UNION ALL
+        SELECT ranked.id, ranked.kind, coalesce(ranked.holder, ranked.newest) FROM ranked
+        WHERE ranked.holder IS NOT NULL OR (ranked.idempotency_key IS NOT NULL AND ranked.id <> ranked.newest)
         "#,
         filter_sql(1)
     );
-    let kinds: Vec<String> = bind_filter(sqlx::query(AssertSqlSafe(sql)), filter)
+    let rows = bind_filter(sqlx::query(AssertSqlSafe(sql)), filter)
         .bind(&from)
         .bind(limit)
         .fetch_all(&mut *conn)
-        .await?
-        .iter()
-        .map(|row| row.try_get::<String, _>("kind"))
-        .collect::<Result<_, _>>()?;
+        .await
+        .map_err(|err| match Error::from(err) {
+            Error::Conflict(_) => Error::Conflict(
+                "another replay took one of these jobs' idempotency keys at the same moment; try again"
+                    .to_owned(),
+            ),
+            other => other,
+        })?;
+    let mut replayed = Replayed::default();
+    let mut kinds = Vec::new();
+    for row in rows {
+        let (id, kind, holder): (i64, String, Option<i64>) = (
+            row.try_get("id")?,
+            row.try_get("kind")?,
+            row.try_get("holder")?,
+        );
+        match holder {
+            None => {
+                replayed.count += 1;
+                kinds.push(kind);
+            }
+            Some(holder) => replayed.held.push((JobId(id), JobId(holder))),
+        }
+    }
     notify_kinds(conn, kinds.iter().map(String::as_str)).await?;
-    Ok(kinds.len() as u64)
+    Ok(replayed)
 }
 
 /// Deletes up to `limit` dead jobs matching `filter`.

@@ -25,6 +25,8 @@ pub struct Claimed {
     pub attempted_at: DateTime<Utc>,
     /// What earlier attempts checkpointed, if anything.
     pub progress: Option<Value>,
+    /// Attempts given back so far (snoozes, shutdown hand-backs).
+    pub handbacks: i32,
 }
 
 /// What claiming the jobs in `next` does, shared by both fetch paths: the attempt counts from here, the worker
@@ -37,7 +39,8 @@ macro_rules! claim_next {
             unique_key = CASE WHEN j.unique_while_pending THEN NULL ELSE j.unique_key END
         FROM next
         WHERE j.id = next.id
-        RETURNING j.id, j.args, j.attempt, j.max_attempts, j.enqueued_at, j.run_at, j.attempted_at, j.progress
+        RETURNING j.id, j.args, j.attempt, j.max_attempts, j.enqueued_at, j.run_at, j.attempted_at, j.progress,
+                  j.handbacks
         "#
     };
 }
@@ -69,10 +72,15 @@ pub async fn claim<'e>(
     .await?)
 }
 
-/// Like [`claim`], but shares the batch between tenants: it walks tenants with due jobs in key order starting
-/// after `after_tenant` (at most `limit` of them), and takes up to an equal share from each, oldest first.
-/// One tenant's backlog therefore cannot hold back another tenant's first job. Returns the claimed jobs and
-/// where the next claim should start (empty once the walk reached the last tenant).
+/// Like [`claim`], but shares the batch between tenants: it walks tenants with available jobs in key order
+/// starting after `after_tenant` (at most `4 * limit` of them), and takes up to an equal share of due jobs
+/// from each, oldest first. One tenant's backlog therefore cannot hold back another tenant's first job.
+/// Returns the claimed jobs and where the next claim should start (empty once the walk reached the last
+/// tenant).
+///
+/// Each step of the walk is one index probe (the next tenant with any available row), and each tenant's due
+/// rows are probed in run order (`jobs_fair_fetch`), so a tenant whose jobs all wait out a backoff costs two
+/// probes, not a scan of its rows. Within a tenant, fair kinds run oldest first: priority does not apply.
 pub async fn claim_fair<'e>(
     db: impl PgExecutor<'e>,
     kind: &str,
@@ -84,27 +92,32 @@ pub async fn claim_fair<'e>(
         r#"
         WITH RECURSIVE tenants(t, depth) AS (
             (SELECT coalesce(tenant_id, ''), 1 FROM jobs
-             WHERE kind = $1 AND state = 'available' AND run_at <= now() AND coalesce(tenant_id, '') > $4
+             WHERE kind = $1 AND state = 'available' AND coalesce(tenant_id, '') > $4
              ORDER BY coalesce(tenant_id, '') LIMIT 1)
             UNION ALL
             SELECT (SELECT coalesce(j.tenant_id, '') FROM jobs j
-                    WHERE j.kind = $1 AND j.state = 'available' AND j.run_at <= now()
-                      AND coalesce(j.tenant_id, '') > tenants.t
+                    WHERE j.kind = $1 AND j.state = 'available' AND coalesce(j.tenant_id, '') > tenants.t
                     ORDER BY coalesce(j.tenant_id, '') LIMIT 1),
                    tenants.depth + 1
-            FROM tenants WHERE tenants.t IS NOT NULL AND tenants.depth < $3
+            FROM tenants WHERE tenants.t IS NOT NULL AND tenants.depth < 4 * $3
         ),
         walked AS (SELECT t FROM tenants WHERE t IS NOT NULL),
-        share AS (SELECT greatest(1, ceil($3::float8 / greatest(count(*), 1)))::int AS n,
-                         CASE WHEN count(*) >= $3 THEN max(t) ELSE '' END AS resume
-                  FROM walked),
+        due AS (
+            SELECT walked.t FROM walked
+            WHERE EXISTS (SELECT 1 FROM jobs j
+                          WHERE j.kind = $1 AND j.state = 'available' AND j.run_at <= now()
+                            AND coalesce(j.tenant_id, '') = walked.t)
+        ),
+        share AS (SELECT greatest(1, ceil($3::float8 / greatest((SELECT count(*) FROM due), 1)))::int AS n,
+                         CASE WHEN (SELECT count(*) FROM walked) >= 4 * $3 THEN (SELECT max(t) FROM walked)
+                              ELSE '' END AS resume),
         next AS (
-            SELECT picked.id FROM walked CROSS JOIN share
+            SELECT picked.id FROM due CROSS JOIN share
             CROSS JOIN LATERAL (
                 SELECT j.id FROM jobs j
                 WHERE j.kind = $1 AND j.state = 'available' AND j.run_at <= now()
-                  AND coalesce(j.tenant_id, '') = walked.t
-                ORDER BY j.priority DESC, j.run_at, j.id
+                  AND coalesce(j.tenant_id, '') = due.t
+                ORDER BY j.run_at, j.id
                 LIMIT share.n
                 FOR UPDATE OF j SKIP LOCKED
             ) picked
@@ -115,7 +128,7 @@ pub async fn claim_fair<'e>(
         r#")
         SELECT claimed.*, (SELECT resume FROM share) AS resume FROM claimed
         UNION ALL
-        SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, (SELECT resume FROM share)
+        SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, (SELECT resume FROM share)
         WHERE NOT EXISTS (SELECT 1 FROM claimed)
         "#
     ))
@@ -141,6 +154,7 @@ pub async fn claim_fair<'e>(
                 run_at: row.try_get("run_at")?,
                 attempted_at: row.try_get("attempted_at")?,
                 progress: row.try_get("progress")?,
+                handbacks: row.try_get("handbacks")?,
             });
         }
     }

@@ -92,9 +92,9 @@ pub async fn insert(conn: &mut PgConnection, jobs: &[NewJob]) -> Result<Vec<Enqu
         ),
         inserted AS (
             INSERT INTO jobs (id, kind, queue, args, priority, max_attempts, run_at, unique_key,
-                              unique_while_active, tenant_id, provider, unique_while_pending)
+                              idempotency_key, unique_while_active, tenant_id, provider, unique_while_pending)
             SELECT id, kind, queue, args, priority, max_attempts, COALESCE(run_at, now()), unique_key,
-                   unique_while_active, tenant_id, provider, unique_while_pending
+                   unique_key, unique_while_active, tenant_id, provider, unique_while_pending
             FROM input
             ORDER BY ord
             ON CONFLICT (kind, unique_key) WHERE unique_key IS NOT NULL DO NOTHING

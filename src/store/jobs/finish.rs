@@ -23,11 +23,13 @@ pub enum Finish {
         /// What went wrong.
         error: AttemptError,
     },
-    /// Could not start yet: run again after `delay`, with the attempt given back.
+    /// Could not start yet: run again after `delay`, with the attempt given back (counted in `handbacks`).
     Snooze {
         /// How long to wait.
         delay: std::time::Duration,
     },
+    /// Claimed but never started (the worker fenced itself first): back to the queue as if never claimed.
+    Release,
 }
 
 /// One attempt's result, applied by [`finish`].
@@ -54,17 +56,22 @@ pub async fn finish<'e>(
     let mut states = Vec::with_capacity(completions.len());
     let mut delays: Vec<Option<f64>> = Vec::with_capacity(completions.len());
     let mut errors: Vec<Option<Value>> = Vec::with_capacity(completions.len());
-    let mut give_back = Vec::with_capacity(completions.len());
+    // How the attempt counter moves: 0 keeps it (the attempt counted), 1 gives it back as a hand-back
+    // (a snooze, counted in `handbacks`), 2 gives it back as if it was never claimed.
+    let mut give_back: Vec<i16> = Vec::with_capacity(completions.len());
     for c in completions {
         ids.push(c.id.0);
         attempts.push(c.attempt);
-        let (state, delay, error) = match &c.finish {
-            Finish::Completed => ("completed", None, None),
-            Finish::Retry { delay, error } => ("available", Some(delay.as_secs_f64()), Some(error)),
-            Finish::Dead { error } => ("dead", None, Some(error)),
-            Finish::Snooze { delay } => ("available", Some(delay.as_secs_f64()), None),
+        let (state, delay, error, back) = match &c.finish {
+            Finish::Completed => ("completed", None, None, 0),
+            Finish::Retry { delay, error } => {
+                ("available", Some(delay.as_secs_f64()), Some(error), 0)
+            }
+            Finish::Dead { error } => ("dead", None, Some(error), 0),
+            Finish::Snooze { delay } => ("available", Some(delay.as_secs_f64()), None, 1),
+            Finish::Release => ("available", Some(0.0), None, 2),
         };
-        give_back.push(matches!(c.finish, Finish::Snooze { .. }));
+        give_back.push(back);
         states.push(state);
         delays.push(delay);
         errors.push(error.map(|e| serde_json::to_value(e).unwrap_or(Value::Null)));
@@ -72,20 +79,24 @@ pub async fn finish<'e>(
     // Not a cached prepared statement: after a few runs PostgreSQL would switch to a generic plan that
     // cannot see how many rows `unnest` yields and walks every running row of the worker per result
     // (measured at 300-800 ms for 1000 results, against ~7 ms planned for the actual arrays).
+    // Dead and cancelled jobs give their idempotency key back whatever the kind's uniqueness: the change
+    // they stood for may be queued again once its cause is fixed.
     let rows: Vec<(i64,)> = sqlx::query_as(
         r#"
         WITH c AS (
-            SELECT * FROM unnest($1::int8[], $2::int4[], $3::text[], $4::float8[], $5::jsonb[], $7::bool[])
+            SELECT * FROM unnest($1::int8[], $2::int4[], $3::text[], $4::float8[], $5::jsonb[], $7::int2[])
                 AS c(id, attempt, state, delay, error, give_back)
         )
         UPDATE jobs j
         SET state = c.state,
-            attempt = CASE WHEN c.give_back THEN j.attempt - 1 ELSE j.attempt END,
+            attempt = CASE WHEN c.give_back > 0 THEN j.attempt - 1 ELSE j.attempt END,
+            handbacks = CASE WHEN c.give_back = 1 THEN j.handbacks + 1 ELSE j.handbacks END,
             run_at = CASE WHEN c.delay IS NULL THEN j.run_at ELSE now() + make_interval(secs => c.delay) END,
             finished_at = CASE WHEN c.state = 'available' THEN NULL ELSE now() END,
             locked_by = NULL,
             errors = CASE WHEN c.error IS NULL THEN j.errors ELSE j.errors || jsonb_build_array(c.error) END,
-            unique_key = CASE WHEN c.state <> 'available' AND j.unique_while_active THEN NULL ELSE j.unique_key END
+            unique_key = CASE WHEN c.state = 'dead' OR (c.state <> 'available' AND j.unique_while_active)
+                              THEN NULL ELSE j.unique_key END
         FROM c
         WHERE j.id = c.id AND j.attempt = c.attempt AND j.state = 'running' AND j.locked_by = $6
         RETURNING j.id
@@ -102,6 +113,27 @@ pub async fn finish<'e>(
     .fetch_all(db)
     .await?;
     Ok(rows.into_iter().map(|(id,)| JobId(id)).collect())
+}
+
+/// Proves, in the caller's transaction, that `worker` still runs attempt `attempt` of job `id`, and holds
+/// that fact until the transaction ends: the row is share-locked, so a rescue (which skips locked rows) or a
+/// cancel (which waits) cannot take the job from under effects about to commit. False when the claim is
+/// already lost; the caller must roll back.
+pub async fn hold_claim(
+    conn: &mut PgConnection,
+    id: JobId,
+    attempt: i32,
+    worker: &str,
+) -> Result<bool> {
+    let held: Option<i64> = sqlx::query_scalar(
+        "SELECT id FROM jobs WHERE id = $1 AND attempt = $2 AND locked_by = $3 AND state = 'running' FOR SHARE",
+    )
+    .bind(id.0)
+    .bind(attempt)
+    .bind(worker)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(held.is_some())
 }
 
 /// Saves a running job's progress in the caller's transaction, so it commits (or not) with the work it
@@ -126,8 +158,11 @@ pub async fn save_progress(
     Ok(done.rows_affected() == 1)
 }
 
-/// Hands running jobs of `worker` back to the queue without using up the attempt: the jobs a worker had
-/// claimed but not started, or interrupted at shutdown. `ids = None` releases all of them.
+/// Hands running jobs of `worker` back to the queue: the jobs a worker had claimed but not started, or
+/// interrupted at shutdown (`ids = None` releases all of them). With a `note` (an interruption) the attempt
+/// is given back only while the job has had fewer hand-backs than it has attempts; after that interruptions
+/// count, and one on the last attempt dead-letters the job, so a job that never finishes within a shutdown's
+/// grace cannot be handed back forever. Without a note (never started) it always is given back.
 pub async fn release<'e>(
     db: impl PgExecutor<'e>,
     worker: &str,
@@ -137,11 +172,24 @@ pub async fn release<'e>(
     let note = note.map(|n| serde_json::to_value(n).unwrap_or(Value::Null));
     let rows: Vec<(i64, String)> = sqlx::query_as(
         r#"
-        UPDATE jobs
-        SET state = 'available', run_at = now(), locked_by = NULL, attempt = GREATEST(attempt - 1, 0),
-            errors = CASE WHEN $3::jsonb IS NULL THEN errors ELSE errors || jsonb_build_array($3::jsonb) END
-        WHERE state = 'running' AND locked_by = $1 AND ($2::int8[] IS NULL OR id = ANY($2))
-        RETURNING id, kind
+        WITH r AS (
+            SELECT id, ($3::jsonb IS NOT NULL AND handbacks >= max_attempts) AS counted,
+                   ($3::jsonb IS NOT NULL AND handbacks >= max_attempts AND attempt >= max_attempts) AS spent
+            FROM jobs
+            WHERE state = 'running' AND locked_by = $1 AND ($2::int8[] IS NULL OR id = ANY($2))
+            FOR UPDATE
+        )
+        UPDATE jobs j
+        SET state = CASE WHEN r.spent THEN 'dead' ELSE 'available' END,
+            finished_at = CASE WHEN r.spent THEN now() END,
+            run_at = now(), locked_by = NULL,
+            attempt = CASE WHEN r.counted THEN j.attempt ELSE GREATEST(j.attempt - 1, 0) END,
+            handbacks = CASE WHEN $3::jsonb IS NULL THEN j.handbacks ELSE j.handbacks + 1 END,
+            errors = CASE WHEN $3::jsonb IS NULL THEN j.errors ELSE j.errors || jsonb_build_array($3::jsonb) END,
+            unique_key = CASE WHEN r.spent THEN NULL ELSE j.unique_key END
+        FROM r
+        WHERE j.id = r.id
+        RETURNING j.id, j.kind
         "#,
     )
     .bind(worker)

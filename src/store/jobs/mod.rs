@@ -30,6 +30,9 @@ use crate::error::Result;
 /// The channel workers LISTEN on; the payload is the kind that has new due work.
 pub const NOTIFY_CHANNEL: &str = "activekg_jobs";
 
+/// The channel that tells a worker to stop a cancelled attempt; the payload is `<job id>:<attempt>`.
+pub const CANCEL_CHANNEL: &str = "activekg_job_cancel";
+
 /// Wakes workers of the given kinds (delivered when the surrounding transaction commits).
 pub async fn notify_kinds<'a>(
     conn: &mut PgConnection,

@@ -19,21 +19,36 @@ pub struct Rescued {
 }
 
 /// Takes back up to `limit` running jobs whose worker has not heartbeated for `silent_for`, counting the lost
-/// attempt: requeued to run now, or dead-lettered when that was the last attempt. Safe to run on many
-/// processes at once (rows are claimed with SKIP LOCKED). Also forgets workers silent for a day.
+/// attempt: requeued to run now, or dead-lettered when that was the last attempt.
+///
+/// Silence alone is no proof of death: during a database outage every process is silent. So a job is taken
+/// back only when `rescuer` itself has heartbeated without a gap for the whole window (its `alive_since` is
+/// at least `silent_for` old and its last beat recent): the database was reachable, and the silent worker
+/// could have reached it too. After an outage every process's unbroken-heartbeat clock restarts, so live
+/// workers heartbeat again before anyone may rescue their jobs. (A worker cut off alone fences itself well
+/// before `silent_for`; see the engine's lease.) Safe on many processes at once (SKIP LOCKED). Also forgets
+/// workers silent for a day.
 pub async fn rescue_orphans(
     conn: &mut PgConnection,
+    rescuer: &str,
     silent_for: std::time::Duration,
     limit: i64,
 ) -> Result<Vec<Rescued>> {
     let silent_for = silent_for.as_secs_f64();
     let rows: Vec<(i64, String, String)> = sqlx::query_as(
         r#"
-        WITH orphans AS (
+        WITH witness AS (
+            SELECT 1 FROM job_workers
+            WHERE id = $3
+              AND alive_since <= now() - make_interval(secs => $1)
+              AND last_seen >= now() - make_interval(secs => $1 / 2)
+        ),
+        orphans AS (
             SELECT j.id
             FROM jobs j
             LEFT JOIN job_workers w ON w.id = j.locked_by
-            WHERE j.state = 'running'
+            WHERE EXISTS (SELECT 1 FROM witness)
+              AND j.state = 'running'
               AND (w.id IS NULL OR w.last_seen < now() - make_interval(secs => $1))
               AND j.attempted_at < now() - make_interval(secs => $1)
             ORDER BY j.id
@@ -47,10 +62,9 @@ pub async fn rescue_orphans(
             locked_by = NULL,
             errors = j.errors || jsonb_build_array(jsonb_build_object(
                 'attempt', j.attempt, 'at', now(), 'class', 'crash', 'worker', j.locked_by,
-                'error', format('worker %s stopped heartbeating during attempt %s (killed or crashed)',
-                                coalesce(j.locked_by, '?'), j.attempt))),
-            unique_key = CASE WHEN j.attempt >= j.max_attempts AND j.unique_while_active THEN NULL
-                              ELSE j.unique_key END
+                'error', format('worker %s stopped heartbeating during attempt %s (killed, crashed or cut off) while %s kept in touch',
+                                coalesce(j.locked_by, '?'), j.attempt, $3::text))),
+            unique_key = CASE WHEN j.attempt >= j.max_attempts THEN NULL ELSE j.unique_key END
         FROM orphans
         WHERE j.id = orphans.id
         RETURNING j.id, j.kind, j.state
@@ -58,6 +72,7 @@ pub async fn rescue_orphans(
     )
     .bind(silent_for)
     .bind(limit)
+    .bind(rescuer)
     .fetch_all(&mut *conn)
     .await?;
     sqlx::query("DELETE FROM job_workers WHERE last_seen < now() - interval '1 day'")
