@@ -28,6 +28,12 @@ pub enum Behavior {
     Abort,
     /// Panic.
     Panic,
+    /// Block forever, on every attempt.
+    Hang,
+    /// Sleep, then record an effect in the attempt's fenced transaction (`JobContext::begin`), then succeed.
+    EffectAfter { ms: u64 },
+    /// Fail with a retry delay no database interval can hold.
+    RetryForever,
 }
 
 /// The test kind: one slot, three attempts, 1.5 s backoff without jitter.
@@ -123,6 +129,70 @@ pub async fn create_probe_tables(pool: &PgPool) {
         .execute(pool)
         .await
         .unwrap();
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS test_effects (
+             id bigserial PRIMARY KEY, job_id bigint NOT NULL, attempt int NOT NULL, worker text NOT NULL,
+             at timestamptz NOT NULL DEFAULT clock_timestamp())",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+/// Records that this attempt's effect committed, in the attempt's fenced transaction.
+async fn record_effect(cx: &JobContext<PgPool>) -> Result<(), JobError> {
+    let mut tx = cx.begin().await?;
+    sqlx::query("INSERT INTO test_effects (job_id, attempt, worker) VALUES ($1, $2, $3)")
+        .bind(cx.id.0)
+        .bind(cx.attempt as i32)
+        .bind(&*cx.worker)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// A kind that records one effect per run, eight at a time (exactly-once checks across processes).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Tally {
+    pub n: u32,
+}
+
+impl Job for Tally {
+    const KIND: &'static str = "test_tally";
+
+    fn policy() -> Policy {
+        Policy {
+            concurrency: 8,
+            ..Policy::new("test")
+        }
+    }
+}
+
+pub async fn run_tally(_: Tally, cx: JobContext<PgPool>) -> Result<(), JobError> {
+    record_effect(&cx).await
+}
+
+/// A kind that can never start: it waits (snoozes) on every attempt, three times at most.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Waiter;
+
+impl Job for Waiter {
+    const KIND: &'static str = "test_waiter";
+
+    fn policy() -> Policy {
+        Policy {
+            max_snoozes: 3,
+            ..Policy::new("test")
+        }
+    }
+}
+
+pub async fn run_waiter(_: Waiter, _: JobContext<PgPool>) -> Result<(), JobError> {
+    Err(JobError::snooze(
+        Duration::ZERO,
+        "the thing it waits for never comes",
+    ))
 }
 
 async fn record(pool: &PgPool, cx: &JobContext<PgPool>, label: &str, event: &str) {
@@ -184,6 +254,15 @@ pub async fn run_probe(job: Probe, cx: JobContext<PgPool>) -> Result<(), JobErro
         Behavior::HangFirstAttempt => Ok(()),
         Behavior::Abort => std::process::abort(),
         Behavior::Panic => panic!("probe {} panicked on purpose", job.label),
+        Behavior::Hang => std::future::pending().await,
+        Behavior::EffectAfter { ms } => {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            record_effect(&cx).await
+        }
+        Behavior::RetryForever => Err(JobError::retry_after(
+            Duration::MAX,
+            "come back in a few billion years",
+        )),
     };
     record(
         &pool,
