@@ -80,7 +80,10 @@ impl ApiState {
             registry,
             started: Instant::now(),
             migrated: Arc::new(AtomicBool::new(false)),
-            gauges: Arc::new(GaugeSampler::new(Duration::from_secs(5))),
+            gauges: Arc::new(GaugeSampler::new(
+                Duration::from_secs(5),
+                Some(crate::jobs::connector_backlog),
+            )),
             verifiers: Arc::new(webhooks::Verifiers::new(&settings)),
             settings,
         }

@@ -107,6 +107,22 @@ pub fn chores(runtime: &mut Runtime) {
     ));
 }
 
+/// The guide's backlog gauge, `connector_worker_queue_depth{provider,tenant}` (pending and scheduled
+/// connector jobs), derived from the engine's queue counts when they are sampled.
+pub fn connector_backlog(rows: &[crate::store::jobs::QueueCounts]) {
+    let gauge = &crate::metrics::metrics().connector_queue_depth;
+    gauge.reset();
+    let mut by_provider: std::collections::BTreeMap<(&str, &str), i64> = Default::default();
+    for row in rows {
+        if let (Some(provider), Some(tenant)) = (&row.provider, &row.tenant_id) {
+            *by_provider.entry((provider, tenant)).or_default() += row.pending + row.scheduled;
+        }
+    }
+    for ((provider, tenant), depth) in by_provider {
+        gauge.with_label_values(&[provider, tenant]).set(depth);
+    }
+}
+
 /// How long webhook delivery ids are kept for de-duplication.
 pub const WEBHOOK_DEDUPE: std::time::Duration = std::time::Duration::from_secs(7 * 86_400);
 

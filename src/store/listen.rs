@@ -125,12 +125,13 @@ async fn run(
     hub.connected.store(false, Ordering::SeqCst);
 }
 
-/// Sleeps the backoff (doubling it, up to 30 s); true when stopped meanwhile.
+/// Sleeps the backoff (doubling it, up to 5 s: wake-ups missed meanwhile are covered by polling, but a
+/// database back from an outage should be heard from again within seconds); true when stopped meanwhile.
 async fn wait(stop: &CancellationToken, backoff: &mut Duration) -> bool {
     let stopped = tokio::select! {
         () = stop.cancelled() => true,
         () = tokio::time::sleep(*backoff) => false,
     };
-    *backoff = (*backoff * 2).min(Duration::from_secs(30));
+    *backoff = (*backoff * 2).min(Duration::from_secs(5));
     stopped
 }

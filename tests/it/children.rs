@@ -9,7 +9,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::helpers::fast_job_settings;
-use crate::kinds::{Tick, run_probe};
+use crate::kinds::{Tick, run_probe, run_tally};
 
 #[tokio::test]
 #[ignore = "only runs as a child process started by another test"]
@@ -24,8 +24,13 @@ async fn child_process_entry() {
     let pool = PgPool::connect(&db).await.unwrap();
     match role.as_str() {
         "worker" => {
-            let mut runtime = Runtime::new(pool.clone(), fast_job_settings());
+            let mut settings = fast_job_settings();
+            if let Ok(ms) = std::env::var("ACTIVEKG_CHILD_ORPHAN_TIMEOUT_MS") {
+                settings.orphan_timeout = Duration::from_millis(ms.parse().unwrap());
+            }
+            let mut runtime = Runtime::new(pool.clone(), settings);
             runtime.register(pool.clone(), run_probe);
+            runtime.register(pool.clone(), run_tally);
             let handle = runtime.start().await.unwrap();
             println!("READY {}", handle.worker_id());
             // Runs until the parent kills us (or a job aborts the process).

@@ -60,7 +60,11 @@ fn keyed(label: &str, behavior: Behavior, key: &str) -> Probe {
 async fn a_dead_job_gives_its_key_back_so_the_same_change_can_be_queued_again() {
     let db = fixture().await;
     let workers = start(&db.pool, fast_job_settings()).await;
-    let first = enqueue(&db.pool, &keyed("object", Behavior::FailUntilFixed, "obj@v1")).await;
+    let first = enqueue(
+        &db.pool,
+        &keyed("object", Behavior::FailUntilFixed, "obj@v1"),
+    )
+    .await;
     let first = first.id.unwrap();
     let dead = state(&db.pool, first, JobState::Dead, Duration::from_secs(10)).await;
     assert_eq!(dead.unique_key, None, "a dead job holds no key");
@@ -70,11 +74,21 @@ async fn a_dead_job_gives_its_key_back_so_the_same_change_can_be_queued_again() 
         .execute(&db.pool)
         .await
         .unwrap();
-    let again = enqueue(&db.pool, &keyed("object", Behavior::FailUntilFixed, "obj@v1")).await;
+    let again = enqueue(
+        &db.pool,
+        &keyed("object", Behavior::FailUntilFixed, "obj@v1"),
+    )
+    .await;
     assert!(again.inserted, "the change is queued again, not skipped");
     let again = again.id.unwrap();
     assert_ne!(again, first);
-    state(&db.pool, again, JobState::Completed, Duration::from_secs(10)).await;
+    state(
+        &db.pool,
+        again,
+        JobState::Completed,
+        Duration::from_secs(10),
+    )
+    .await;
 
     // Replaying the old dead job now would do the same work twice: it is refused, naming the holder.
     let refused = admin::retry(&db.pool, first).await.unwrap_err();
@@ -110,7 +124,11 @@ async fn a_replayed_job_takes_its_key_back() {
     workers.shutdown().await;
     admin::retry(&db.pool, id).await.unwrap();
     assert_eq!(
-        admin::get(&db.pool, id).await.unwrap().unique_key.as_deref(),
+        admin::get(&db.pool, id)
+            .await
+            .unwrap()
+            .unique_key
+            .as_deref(),
         Some("k1")
     );
     let duplicate = enqueue(&db.pool, &keyed("replayed", Behavior::Succeed, "k1")).await;
@@ -160,7 +178,11 @@ async fn a_running_job_is_cancelled_at_once_and_its_effects_never_commit() {
         .unwrap();
     state(&db.pool, next, JobState::Completed, Duration::from_secs(2)).await;
     tokio::time::sleep(Duration::from_millis(3500)).await;
-    assert_eq!(effects(&db.pool, id).await, 0, "the cancelled attempt committed nothing");
+    assert_eq!(
+        effects(&db.pool, id).await,
+        0,
+        "the cancelled attempt committed nothing"
+    );
     assert_eq!(
         admin::get(&db.pool, id).await.unwrap().state,
         JobState::Cancelled
@@ -198,7 +220,10 @@ async fn a_job_interrupted_at_every_shutdown_is_dead_once_interruptions_use_up_i
     };
     let mut shutdowns = 0;
     loop {
-        assert!(shutdowns < 10, "still handed back after {shutdowns} shutdowns");
+        assert!(
+            shutdowns < 10,
+            "still handed back after {shutdowns} shutdowns"
+        );
         let workers = start(&db.pool, settings.clone()).await;
         state(&db.pool, id, JobState::Running, Duration::from_secs(10)).await;
         workers.shutdown().await;
@@ -233,14 +258,23 @@ async fn one_result_the_database_refuses_does_not_hold_back_anyone_elses() {
     .await
     .unwrap();
     let workers = start(&db.pool, fast_job_settings()).await;
-    state(&db.pool, refused, JobState::Running, Duration::from_secs(10)).await;
+    state(
+        &db.pool,
+        refused,
+        JobState::Running,
+        Duration::from_secs(10),
+    )
+    .await;
     let mut others = Vec::new();
     for n in 0..20 {
         others.push(
-            enqueue(&db.pool, &Probe::new(&format!("other{n}"), Behavior::Succeed))
-                .await
-                .id
-                .unwrap(),
+            enqueue(
+                &db.pool,
+                &Probe::new(&format!("other{n}"), Behavior::Succeed),
+            )
+            .await
+            .id
+            .unwrap(),
         );
     }
     for id in &others {
@@ -254,7 +288,13 @@ async fn one_result_the_database_refuses_does_not_hold_back_anyone_elses() {
         .execute(&db.pool)
         .await
         .unwrap();
-    state(&db.pool, refused, JobState::Completed, Duration::from_secs(10)).await;
+    state(
+        &db.pool,
+        refused,
+        JobState::Completed,
+        Duration::from_secs(10),
+    )
+    .await;
     workers.shutdown().await;
     db.drop_db().await;
 }
@@ -277,7 +317,13 @@ async fn a_retry_delay_beyond_any_interval_is_capped_and_recorded() {
         .await
         .id
         .unwrap();
-    state(&db.pool, after, JobState::Completed, Duration::from_secs(10)).await;
+    state(
+        &db.pool,
+        after,
+        JobState::Completed,
+        Duration::from_secs(10),
+    )
+    .await;
     workers.shutdown().await;
     db.drop_db().await;
 }
@@ -375,5 +421,38 @@ async fn claiming_an_embedding_never_waits_for_a_transaction_writing_its_node() 
     // And the ingest can queue the node's next embedding and commit (the old way, this deadlocked).
     engine::enqueue(&mut ingest, &embed).await.unwrap();
     ingest.commit().await.unwrap();
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn a_worker_whose_pool_is_taken_by_its_jobs_still_heartbeats() {
+    let db = fixture().await;
+    // One connection in all, which the job takes for 5 s (over twice the orphan timeout).
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&db.url)
+        .await
+        .unwrap();
+    let workers = start(&pool, fast_job_settings()).await;
+    let rescuer = Runtime::new(db.pool.clone(), fast_job_settings())
+        .start()
+        .await
+        .unwrap();
+    let id = enqueue(
+        &db.pool,
+        &Probe::new("greedy", Behavior::HoldConnection { ms: 5000 }),
+    )
+    .await
+    .id
+    .unwrap();
+    let done = state(&db.pool, id, JobState::Completed, Duration::from_secs(20)).await;
+    assert!(
+        done.errors.is_empty(),
+        "neither fenced nor taken back while its pool was busy: {:?}",
+        done.errors
+    );
+    assert_eq!(workers.lease().fences(), 0);
+    workers.shutdown().await;
+    rescuer.shutdown().await;
     db.drop_db().await;
 }

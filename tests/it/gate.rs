@@ -34,6 +34,9 @@ struct Reads {
 struct HoldInner {
     method: Method,
     path: String,
+    /// Send the status and headers at once and the body a byte at a time (a slow object), instead of
+    /// holding the whole response.
+    trickle: bool,
     /// Requests still to be held.
     remaining: Mutex<usize>,
     held: Notify,
@@ -92,9 +95,20 @@ impl Gate {
 
     /// Holds the responses of the next `count` `method` requests for `path` (e.g. `/bucket/key`).
     pub fn hold(&self, method: Method, path: &str, count: usize) -> Hold {
+        self.add(method, path, count, false)
+    }
+
+    /// Makes the next `count` GETs of `path` slow: headers at once, then the body a byte every 50 ms until
+    /// released. A reader that gives up is seen to (its connection's writes fail).
+    pub fn trickle(&self, path: &str, count: usize) -> Hold {
+        self.add(Method::GET, path, count, true)
+    }
+
+    fn add(&self, method: Method, path: &str, count: usize, trickle: bool) -> Hold {
         let inner = Arc::new(HoldInner {
             method,
             path: path.to_owned(),
+            trickle,
             remaining: Mutex::new(count),
             held: Notify::new(),
             held_count: Mutex::new(0),
@@ -104,7 +118,8 @@ impl Gate {
         Hold(inner)
     }
 
-    /// The most GETs of `path` that were in flight at once, and how many there were in all.
+    /// The most GETs of `path` that were in flight at once (from arrival until the body is sent or the
+    /// reader goes away), and how many there were in all.
     pub fn reads(&self, path: &str) -> (usize, usize) {
         let reads = self
             .state
@@ -130,10 +145,10 @@ async fn forward(
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
-) -> (StatusCode, HeaderMap, Bytes) {
+) -> axum::response::Response {
     let path = uri.path().to_owned();
     // Counted from arrival until the response is sent, or the client gives up (the guard's drop).
-    let _reading = (method == Method::GET).then(|| Reading::start(&state, &path));
+    let reading = (method == Method::GET).then(|| Reading::start(&state, &path));
     let target = format!(
         "{}{}",
         state.upstream,
@@ -145,15 +160,12 @@ async fn forward(
             request = request.header(name, value);
         }
     }
-    let answer = match request.send().await {
+    let (status, out, bytes) = match request.send().await {
         Ok(response) => {
             let status = response.status();
             let mut out = HeaderMap::new();
             for (name, value) in response.headers() {
-                if !matches!(
-                    name.as_str(),
-                    "content-length" | "transfer-encoding" | "connection"
-                ) {
+                if !matches!(name.as_str(), "transfer-encoding" | "connection") {
                     out.append(name, value.clone());
                 }
             }
@@ -178,12 +190,60 @@ async fn forward(
             }
         })
         .cloned();
-    if let Some(hold) = hold {
-        *hold.held_count.lock().unwrap() += 1;
-        hold.held.notify_waiters();
-        let _ = hold.release.acquire().await.map(|p| p.forget());
+    let mut response = axum::response::Response::builder().status(status);
+    for (name, value) in &out {
+        response = response.header(name, value);
     }
-    answer
+    let body = match hold {
+        Some(hold) if hold.trickle => {
+            *hold.held_count.lock().unwrap() += 1;
+            hold.held.notify_waiters();
+            axum::body::Body::from_stream(trickle(bytes, hold, reading))
+        }
+        Some(hold) => {
+            *hold.held_count.lock().unwrap() += 1;
+            hold.held.notify_waiters();
+            let _ = hold.release.acquire().await.map(|p| p.forget());
+            drop(reading);
+            axum::body::Body::from(bytes)
+        }
+        None => {
+            drop(reading);
+            axum::body::Body::from(bytes)
+        }
+    };
+    response.body(body).unwrap()
+}
+
+/// The body a byte every 50 ms until the hold is released, then the rest; the reading counts as in flight
+/// until the stream ends or is dropped (the reader went away).
+fn trickle(
+    bytes: Bytes,
+    hold: Arc<HoldInner>,
+    reading: Option<Reading>,
+) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> {
+    futures::stream::unfold(
+        (bytes, hold, reading),
+        |(mut rest, hold, reading)| async move {
+            if rest.is_empty() {
+                return None;
+            }
+            let released = tokio::select! {
+                permit = hold.release.acquire() => { if let Ok(p) = permit { p.forget(); } true }
+                () = tokio::time::sleep(std::time::Duration::from_millis(50)) => false,
+            };
+            let chunk = if released || rest.len() == 1 {
+                if released {
+                    // Leave the permit for the next reader of this hold.
+                    hold.release.add_permits(1);
+                }
+                rest.split_to(rest.len())
+            } else {
+                rest.split_to(1)
+            };
+            Some((Ok(chunk), (rest, hold, reading)))
+        },
+    )
 }
 
 struct Reading {

@@ -585,3 +585,53 @@ async fn a_missing_connector_is_retried_then_dead_lettered_as_no_config() {
     );
     fixture.stop().await;
 }
+
+#[tokio::test]
+async fn after_the_cause_of_a_dead_letter_is_fixed_a_backfill_ingests_the_same_objects_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let big = "A report that is longer than the limit allows. ".repeat(40);
+    std::fs::write(dir.path().join("report.txt"), &big).unwrap();
+    let config = serde_json::json!({ "path": dir.path().display().to_string() });
+    // CONNECTOR_MAX_FILE_SIZE_MB set too low: the object dies as too_large.
+    let mut fixture = Fixture::new(Provider::Local, config, 1000).await;
+    let backfill = |fixture: &Fixture| {
+        let (pool, registry, tenant) = (
+            fixture.pool().clone(),
+            fixture.deps.registry.clone(),
+            fixture.tenant.clone(),
+        );
+        async move {
+            let (run, _) =
+                backfill_page::start(&pool, &registry, &tenant, Provider::Local, None, None)
+                    .await
+                    .unwrap();
+            run
+        }
+    };
+    backfill(&fixture).await;
+    fixture.settle(Duration::from_secs(30)).await;
+    let dead: Vec<String> = sqlx::query_scalar(
+        "SELECT errors -> -1 ->> 'code' FROM jobs WHERE kind = 'ingest_object' AND state = 'dead'",
+    )
+    .fetch_all(fixture.pool())
+    .await
+    .unwrap();
+    assert_eq!(dead, ["too_large"]);
+
+    // The operator raises the limit and restarts the workers, then backfills again.
+    fixture.workers.take().unwrap().shutdown().await;
+    fixture.deps.max_file_bytes = 10 << 20;
+    let mut runtime = Runtime::new(fixture.pool().clone(), fast_job_settings());
+    jobs::register(&mut runtime, &fixture.deps, Some(&["connector".to_owned()]));
+    fixture.workers = Some(runtime.start().await.unwrap());
+    let run = backfill(&fixture).await;
+    fixture.settle(Duration::from_secs(30)).await;
+    let status = backfill_page::status(fixture.pool(), run).await.unwrap();
+    assert_eq!(
+        (status.enqueued, status.skipped),
+        (1, 0),
+        "the object that died is queued again, not skipped as already seen"
+    );
+    assert_eq!(graph_counts(fixture.pool(), &fixture.tenant).await.0, 1);
+    fixture.stop().await;
+}

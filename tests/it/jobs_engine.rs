@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
 use crate::helpers::{TestDb, eventually, fast_job_settings};
-use crate::kinds::{Behavior, Noop, Probe, create_probe_tables, run_noop, run_probe};
+use crate::kinds::{Behavior, Probe, create_probe_tables, run_noop, run_probe};
 
 async fn start_workers(pool: &PgPool, settings: JobSettings) -> RuntimeHandle {
     let mut runtime = Runtime::new(pool.clone(), settings);
@@ -572,40 +572,6 @@ async fn pruning_removes_only_finished_jobs_past_their_retention() {
         .await
         .unwrap();
     assert_eq!(left, ["new-done", "young-dead", "pending"]);
-    db.drop_db().await;
-}
-
-#[tokio::test]
-async fn many_jobs_all_complete_exactly_once_across_two_worker_processes() {
-    let db = fixture().await;
-    let first = start_workers(&db.pool, fast_job_settings()).await;
-    let second = start_workers(&db.pool, fast_job_settings()).await;
-    let jobs: Vec<Noop> = (0..500).map(|n| Noop { n }).collect();
-    let mut conn = db.pool.acquire().await.unwrap();
-    engine::enqueue_many(&mut conn, &jobs).await.unwrap();
-    drop(conn);
-    eventually(
-        Duration::from_secs(30),
-        "500 no-op jobs to complete",
-        || async {
-            let done: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM jobs WHERE kind = 'test_noop' AND state = 'completed'",
-            )
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
-            (done == 500).then_some(())
-        },
-    )
-    .await;
-    first.shutdown().await;
-    second.shutdown().await;
-    let rerun: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM jobs WHERE kind = 'test_noop' AND attempt <> 1")
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
-    assert_eq!(rerun, 0, "every job ran exactly one attempt");
     db.drop_db().await;
 }
 

@@ -34,6 +34,8 @@ pub enum Behavior {
     EffectAfter { ms: u64 },
     /// Fail with a retry delay no database interval can hold.
     RetryForever,
+    /// Hold a connection of the worker's pool for a while (a slow query, a long transaction).
+    HoldConnection { ms: u64 },
 }
 
 /// The test kind: one slot, three attempts, 1.5 s backoff without jitter.
@@ -258,6 +260,12 @@ pub async fn run_probe(job: Probe, cx: JobContext<PgPool>) -> Result<(), JobErro
         Behavior::EffectAfter { ms } => {
             tokio::time::sleep(Duration::from_millis(ms)).await;
             record_effect(&cx).await
+        }
+        Behavior::HoldConnection { ms } => {
+            let conn = pool.acquire().await?;
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            drop(conn);
+            Ok(())
         }
         Behavior::RetryForever => Err(JobError::retry_after(
             Duration::MAX,

@@ -162,7 +162,10 @@ async fn an_older_upsert_that_finishes_after_a_newer_one_does_not_restore_stale_
     slow_read.release();
     object.finished(older).await;
     let (version, deleted, text) = object.document().await.unwrap();
-    assert_eq!(version, new, "the older read did not overwrite the newer version");
+    assert_eq!(
+        version, new,
+        "the older read did not overwrite the newer version"
+    );
     assert!(!deleted);
     assert!(text.contains("new wording"), "{text}");
     object.stop().await;
@@ -229,7 +232,10 @@ async fn content_is_never_recorded_under_a_version_it_is_not() {
     slow_look.release();
     object.finished(job).await;
     let (version, _, text) = object.document().await.unwrap();
-    assert_eq!(version, two, "the content read is recorded under its own version");
+    assert_eq!(
+        version, two,
+        "the content read is recorded under its own version"
+    );
     assert!(text.contains("Draft two"), "{text}");
     object.stop().await;
 }

@@ -309,3 +309,96 @@ async fn a_polling_connector_registered_through_the_api_shows_its_pass_and_curso
     assert_eq!(run["started_by"], "poll");
     app.stop().await;
 }
+
+/// Starts a poll pass for a fresh polling connector and returns it, with the job of its first page.
+async fn one_pass(
+    db: &TestDb,
+    registry: &activekg::registry::Registry,
+    tenant: &str,
+) -> (Uuid, i64) {
+    let tenant = TenantId::parse(tenant).unwrap();
+    let mut config = emulators::s3_config(&emulators::unique_bucket("never"));
+    config["poll_interval_seconds"] = json!(5);
+    registry
+        .register(&tenant, Provider::S3, config)
+        .await
+        .unwrap();
+    let run = poll_connectors::start_due(&db.pool).await.unwrap()[0];
+    let job: i64 = sqlx::query_scalar(
+        "SELECT id FROM jobs WHERE kind = 'backfill_page' AND args->>'run_id' = $1",
+    )
+    .bind(run.to_string())
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    (run, job)
+}
+
+async fn poll_freed(pool: &PgPool, tenant: &str) -> (Option<Uuid>, Option<String>) {
+    sqlx::query_as("SELECT current_run, last_error FROM connector_polls WHERE tenant_id = $1")
+        .bind(tenant)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_pass_is_closed_when_its_page_job_ends_by_any_path() {
+    let db = TestDb::new().await;
+    let registry = crate::helpers::registry(&db.pool);
+    let failed = activekg::metrics::metrics()
+        .poller_runs
+        .with_label_values(&["s3", "failed"]);
+    let before = failed.get();
+
+    // An operator cancels the page job.
+    let (cancelled, job) = one_pass(&db, &registry, "cancelled").await;
+    activekg::jobs::engine::admin::cancel(&db.pool, activekg::domain::JobId(job))
+        .await
+        .unwrap();
+    let run = run_state(&db.pool, cancelled).await;
+    assert_eq!(run.state, "failed");
+    assert_eq!(
+        poll_freed(&db.pool, "cancelled").await.0,
+        None,
+        "its connector is free again"
+    );
+
+    // The page job's worker dies on its last attempt and the job is taken back as dead.
+    let (orphaned, job) = one_pass(&db, &registry, "orphaned").await;
+    sqlx::query(
+        "UPDATE jobs SET state = 'running', attempt = max_attempts, locked_by = 'ghost:1:dead',
+                attempted_at = now() - interval '1 hour' WHERE id = $1",
+    )
+    .bind(job)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    // The page's arguments no longer decode (a job written by another version).
+    let (garbled, job) = one_pass(&db, &registry, "garbled").await;
+    sqlx::query("UPDATE jobs SET args = args || '{\"page\": \"not a number\"}' WHERE id = $1")
+        .bind(job)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let (_, workers) = page_workers(&db).await;
+    for (run, tenant) in [(orphaned, "orphaned"), (garbled, "garbled")] {
+        let closed = eventually(Duration::from_secs(15), "the pass to be closed", || async {
+            let run = run_state(&db.pool, run).await;
+            (run.state == "failed").then_some(run)
+        })
+        .await;
+        let (current, error) = poll_freed(&db.pool, tenant).await;
+        assert_eq!(current, None);
+        assert_eq!(
+            error, closed.error,
+            "the connector records why its pass failed"
+        );
+    }
+    // The next tick counts the three failed passes, exactly once.
+    poll_connectors::start_due(&db.pool).await.unwrap();
+    poll_connectors::start_due(&db.pool).await.unwrap();
+    assert_eq!(failed.get() - before, 3);
+    workers.shutdown().await;
+    db.drop_db().await;
+}

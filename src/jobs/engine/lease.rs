@@ -244,46 +244,65 @@ async fn heartbeat(
     // fencing `fence_after` later on our clock is still well before `T` on the database's.
     let mut last_ok = Instant::now();
     let mut failures: u32 = 0;
+    // The beat in flight, if any, with when it was sent. It runs beside the fence timer, so a beat that
+    // hangs (a cut network) cannot delay the fence.
+    let mut in_flight: Option<(Instant, futures::future::BoxFuture<'static, BeatResult>)> = None;
     loop {
         let fence_at = tokio::time::Instant::from_std(last_ok + timing.fence_after);
+        let idle = in_flight.is_none();
+        let beat = async {
+            match in_flight.as_mut() {
+                Some((_, beat)) => beat.await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep_until(fence_at), if !lease.is_fenced() => {
                 lease.fence(last_ok.elapsed());
-                continue;
             }
-            _ = ticker.tick() => {}
-        }
-        let sent = Instant::now();
-        let beat = async {
-            if store::heartbeat(&pool, lease.id(), timing.gap).await? {
-                Ok(())
-            } else {
-                tracing::warn!(process = %lease.id(), "process row was missing; registering again");
-                register(&pool, lease.id(), &host, &identity).await
-            }
-        };
-        match tokio::time::timeout(timing.beat, beat).await {
-            Ok(Ok(())) => {
-                last_ok = sent;
-                failures = 0;
-                lease.restore();
-            }
-            Ok(Err(err)) => {
-                failures += 1;
-                if failures == 1 || failures.is_multiple_of(25) {
-                    tracing::warn!(%err, failures, "heartbeat failed");
+            result = beat => {
+                let (sent, _) = in_flight.take().expect("a beat was in flight");
+                match result {
+                    Ok(()) => {
+                        last_ok = sent;
+                        failures = 0;
+                        lease.restore();
+                    }
+                    Err(why) => {
+                        failures += 1;
+                        if failures == 1 || failures.is_multiple_of(25) {
+                            tracing::warn!(failures, %why, "heartbeat failed");
+                        }
+                    }
                 }
             }
-            Err(_) => {
-                failures += 1;
-                if failures == 1 || failures.is_multiple_of(25) {
-                    tracing::warn!(failures, timeout = ?timing.beat, "heartbeat timed out");
-                }
+            _ = ticker.tick(), if idle => {
+                let (pool, lease, host, identity) =
+                    (pool.clone(), lease.clone(), host.clone(), identity.clone());
+                let gap = timing.gap;
+                let beat = async move {
+                    let attempt = async {
+                        if store::heartbeat(&pool, lease.id(), gap).await? {
+                            Ok(())
+                        } else {
+                            tracing::warn!(process = %lease.id(), "process row was missing; registering again");
+                            register(&pool, lease.id(), &host, &identity).await
+                        }
+                    };
+                    match tokio::time::timeout(timing.beat, attempt).await {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(err)) => Err(err.to_string()),
+                        Err(_) => Err(format!("no answer within {:?}", timing.beat)),
+                    }
+                };
+                in_flight = Some((Instant::now(), Box::pin(beat)));
             }
         }
     }
 }
+
+type BeatResult = Result<(), String>;
 
 #[cfg(test)]
 mod tests {

@@ -125,19 +125,24 @@ pub async fn overview(pool: &PgPool, orphan_timeout: Duration) -> Result<Overvie
     })
 }
 
+/// Gauges another room derives from the same counts (e.g. the connector backlog), refreshed with ours.
+pub type ExtraGauges = fn(&[QueueCounts]);
+
 /// Samples the queue gauges into the metrics registry, at most once per `every`.
 #[derive(Debug)]
 pub struct GaugeSampler {
     every: Duration,
     last: Mutex<Option<Instant>>,
+    extra: Option<ExtraGauges>,
 }
 
 impl GaugeSampler {
-    /// A sampler that queries at most once per `every`.
-    pub fn new(every: Duration) -> Self {
+    /// A sampler that queries at most once per `every`, and hands the counts to `extra` too.
+    pub fn new(every: Duration, extra: Option<ExtraGauges>) -> Self {
         Self {
             every,
             last: Mutex::new(None),
+            extra,
         }
     }
 
@@ -154,19 +159,13 @@ impl GaugeSampler {
         m.queue_depth.reset();
         m.queue_oldest_pending_age.reset();
         m.queue_tenant_depth.reset();
-        m.connector_queue_depth.reset();
         m.workers_alive.reset();
         let mut by_kind: BTreeMap<(&str, &str), Counts> = BTreeMap::new();
         let mut by_tenant: BTreeMap<(&str, &str), i64> = BTreeMap::new();
-        let mut by_provider: BTreeMap<(&str, &str), i64> = BTreeMap::new();
         for row in &rows {
             by_kind.entry((&row.queue, &row.kind)).or_default().add(row);
             if let Some(tenant) = &row.tenant_id {
                 *by_tenant.entry((&row.queue, tenant)).or_default() += row.pending + row.scheduled;
-                if let Some(provider) = &row.provider {
-                    *by_provider.entry((provider, tenant)).or_default() +=
-                        row.pending + row.scheduled;
-                }
             }
         }
         for ((queue, kind), counts) in &by_kind {
@@ -189,17 +188,23 @@ impl GaugeSampler {
                 .with_label_values(&[queue, tenant])
                 .set(depth);
         }
-        for ((provider, tenant), depth) in by_provider {
-            m.connector_queue_depth
-                .with_label_values(&[provider, tenant])
-                .set(depth);
+        if let Some(extra) = self.extra {
+            extra(&rows);
         }
-        for worker in workers
-            .iter()
-            .filter(|w| w.silent_seconds < orphan_timeout.as_secs_f64())
-        {
+        let alive = || {
+            workers
+                .iter()
+                .filter(|w| w.silent_seconds < orphan_timeout.as_secs_f64())
+        };
+        for worker in alive().filter(|w| !w.kinds.is_empty()) {
             m.workers_alive.with_label_values(&[&worker.host]).inc();
         }
+        // Nobody firing schedules means no purge, no polling: the NoSchedulerRunning alert reads this.
+        m.schedulers_alive.with_label_values(&[] as &[&str]).set(
+            alive()
+                .filter(|w| w.roles.iter().any(|r| r == "scheduler"))
+                .count() as i64,
+        );
         *last = Some(Instant::now());
         Ok(())
     }

@@ -86,7 +86,8 @@ pub async fn finish<'e>(
         WITH c AS (
             SELECT * FROM unnest($1::int8[], $2::int4[], $3::text[], $4::float8[], $5::jsonb[], $7::int2[])
                 AS c(id, attempt, state, delay, error, give_back)
-        )
+        ),
+        done AS (
         UPDATE jobs j
         SET state = c.state,
             attempt = CASE WHEN c.give_back > 0 THEN j.attempt - 1 ELSE j.attempt END,
@@ -99,7 +100,14 @@ pub async fn finish<'e>(
                               THEN NULL ELSE j.unique_key END
         FROM c
         WHERE j.id = c.id AND j.attempt = c.attempt AND j.state = 'running' AND j.locked_by = $6
-        RETURNING j.id
+        RETURNING j.id, j.kind, j.state, j.run_at
+        ),
+        -- Jobs due again at once (handed back, retried without delay) wake a worker now, not at its next poll.
+        woken AS (
+            SELECT count(pg_notify($8, kind)) AS n
+            FROM (SELECT DISTINCT kind FROM done WHERE state = 'available' AND run_at <= now()) due
+        )
+        SELECT done.id FROM done CROSS JOIN woken
         "#,
     )
     .bind(&ids)
@@ -109,6 +117,7 @@ pub async fn finish<'e>(
     .bind(&errors)
     .bind(worker)
     .bind(&give_back)
+    .bind(super::NOTIFY_CHANNEL)
     .persistent(false)
     .fetch_all(db)
     .await?;
