@@ -62,12 +62,16 @@ pub struct Lease {
 }
 
 impl Lease {
+    /// A lease that does not hold yet: the process claims nothing until its first heartbeat (which also
+    /// registers it) reaches the database.
     fn new(id: Arc<str>) -> Self {
+        let epoch = CancellationToken::new();
+        epoch.cancel();
         Self {
             inner: Arc::new(Inner {
                 id,
-                fenced: AtomicBool::new(false),
-                epoch: Mutex::new(CancellationToken::new()),
+                fenced: AtomicBool::new(true),
+                epoch: Mutex::new(epoch),
                 wake_on_restore: Mutex::new(Vec::new()),
                 fences: AtomicU64::new(0),
             }),
@@ -163,19 +167,15 @@ pub struct Presence {
 }
 
 impl Presence {
-    /// Registers this process and starts its heartbeat (over a connection of its own, so a busy pool
-    /// cannot starve it).
-    pub async fn start(
-        pool: &PgPool,
-        identity: Identity,
-        orphan_timeout: Duration,
-    ) -> crate::error::Result<Self> {
+    /// Starts this process's heartbeat (over a connection of its own, so a busy pool cannot starve it). The
+    /// first beat registers the process; until it gets through (the database may be down at start) the
+    /// lease does not hold and nothing is claimed.
+    pub fn start(pool: &PgPool, identity: Identity, orphan_timeout: Duration) -> Self {
         let host = gethostname::gethostname().to_string_lossy().into_owned();
         let pid = std::process::id();
         let nonce: u32 = rand::random();
         let id: Arc<str> = format!("{host}:{pid}:{nonce:08x}").into();
         let dedicated = crate::store::dedicated_pool(pool, 1);
-        register(&dedicated, &id, &host, &identity).await?;
         let lease = Lease::new(id);
         let stop = CancellationToken::new();
         let task = tokio::spawn(heartbeat(
@@ -186,12 +186,12 @@ impl Presence {
             Timing::new(orphan_timeout),
             stop.clone(),
         ));
-        Ok(Self {
+        Self {
             lease,
             pool: dedicated,
             stop,
             task,
-        })
+        }
     }
 
     /// The lease.
@@ -244,6 +244,7 @@ async fn heartbeat(
     // fencing `fence_after` later on our clock is still well before `T` on the database's.
     let mut last_ok = Instant::now();
     let mut failures: u32 = 0;
+    let mut registered = false;
     // The beat in flight, if any, with when it was sent. It runs beside the fence timer, so a beat that
     // hangs (a cut network) cannot delay the fence.
     let mut in_flight: Option<(Instant, futures::future::BoxFuture<'static, BeatResult>)> = None;
@@ -267,6 +268,7 @@ async fn heartbeat(
                     Ok(()) => {
                         last_ok = sent;
                         failures = 0;
+                        registered = true;
                         lease.restore();
                     }
                     Err(why) => {
@@ -283,7 +285,9 @@ async fn heartbeat(
                 let gap = timing.gap;
                 let beat = async move {
                     let attempt = async {
-                        if store::heartbeat(&pool, lease.id(), gap).await? {
+                        if !registered {
+                            register(&pool, lease.id(), &host, &identity).await
+                        } else if store::heartbeat(&pool, lease.id(), gap).await? {
                             Ok(())
                         } else {
                             tracing::warn!(process = %lease.id(), "process row was missing; registering again");
@@ -324,6 +328,11 @@ mod tests {
     #[test]
     fn fencing_cancels_running_attempts_and_new_ones_until_restored() {
         let lease = Lease::new("p".into());
+        assert!(
+            lease.is_fenced(),
+            "nothing is claimed before the first heartbeat"
+        );
+        lease.restore();
         let running = lease.attempt_token();
         lease.fence(Duration::from_secs(1));
         assert!(running.is_cancelled() && lease.is_fenced());

@@ -191,7 +191,7 @@ impl Runtime {
             kinds: self.starters.iter().map(|(k, _)| (*k).to_owned()).collect(),
             roles,
         };
-        let presence = Presence::start(&self.pool, identity, self.settings.orphan_timeout).await?;
+        let presence = Presence::start(&self.pool, identity, self.settings.orphan_timeout);
         let lease = presence.lease().clone();
         let worker_id = lease.id().clone();
 

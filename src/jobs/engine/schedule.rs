@@ -113,21 +113,9 @@ impl Scheduler {
         fire(&self.pool, entry, now).await
     }
 
-    /// Records every schedule and starts keeping time; stops when `stop` is cancelled.
+    /// Starts keeping time for every schedule (each first records itself, retrying while the database is
+    /// unreachable); stops when `stop` is cancelled.
     pub async fn start(self, stop: CancellationToken) -> Result<JoinHandle<()>> {
-        let now = Utc::now();
-        for entry in &self.entries {
-            // A new schedule starts at its latest past tick, so deploying it does not fire immediately.
-            let initial = entry.cron.latest_tick(now).unwrap_or(now);
-            store::upsert_schedule(
-                &self.pool,
-                &entry.name,
-                entry.cron.source(),
-                entry.kind,
-                initial,
-            )
-            .await?;
-        }
         let mut tasks = Vec::new();
         for entry in self.entries {
             tasks.push(tokio::spawn(keep_time(
@@ -144,8 +132,28 @@ impl Scheduler {
     }
 }
 
-/// Catches up, then fires on every tick until stopped; restarts the cron worker if it ever fails.
+/// Records the schedule, catches up, then fires on every tick until stopped; restarts the cron worker if it
+/// ever fails.
 async fn keep_time(pool: PgPool, entry: Entry, stop: CancellationToken) {
+    // A new schedule starts at its latest past tick, so deploying it does not fire immediately.
+    let mut delay = Duration::from_millis(250);
+    loop {
+        let now = Utc::now();
+        let initial = entry.cron.latest_tick(now).unwrap_or(now);
+        match store::upsert_schedule(&pool, &entry.name, entry.cron.source(), entry.kind, initial)
+            .await
+        {
+            Ok(_) => break,
+            Err(err) => {
+                tracing::warn!(schedule = %entry.name, %err, retry_in = ?delay, "could not record the schedule; retrying");
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
     loop {
         if let Err(err) = fire(&pool, &entry, Utc::now()).await {
             tracing::warn!(schedule = %entry.name, %err, "could not fire the catch-up tick");
