@@ -26,9 +26,19 @@ pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 
 /// Opens a pool. Connections identify as `application_name = 'activekg'`, which the runbook's
 /// `pg_stat_activity` queries filter on.
+///
+/// The server is asked to notice vanished clients within minutes, not TCP's two hours: a worker cut off in
+/// the middle of a transaction holds its job's claim lock (see `jobs::hold_claim`), and its job can only be
+/// taken back once the server has dropped that session.
 pub fn pool(url: &str, size: u32) -> Result<PgPool, sqlx::Error> {
     let options = PgConnectOptions::from_str(url)?
         .application_name("activekg")
+        .options([
+            ("idle_in_transaction_session_timeout", "300s"),
+            ("tcp_keepalives_idle", "60"),
+            ("tcp_keepalives_interval", "10"),
+            ("tcp_keepalives_count", "6"),
+        ])
         .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(2));
     Ok(PgPoolOptions::new()
         .max_connections(size)
