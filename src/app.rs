@@ -309,6 +309,7 @@ pub async fn run(
         registry: registry.clone(),
         sources: Arc::default(),
         max_file_bytes: settings.max_file_size_bytes,
+        extractor: Arc::new(extractor(&settings)?),
         sns: Arc::new(crate::webhooks::sns::CertFetcher::new(
             settings.sns_cert_base_url.clone(),
         )),
@@ -632,6 +633,26 @@ async fn jobs_verb(pool: PgPool, settings: Settings, action: JobsAction) -> Resu
         }
     }
     Ok(())
+}
+
+/// Extraction runs in child processes of this very binary (or of `ACTIVEKG_EXTRACTOR`).
+fn extractor(settings: &Settings) -> Result<crate::extract::sandbox::Sandbox, AppError> {
+    let program = match &settings.extract.program {
+        Some(program) => program.clone(),
+        None => std::env::current_exe().map_err(|e| {
+            AppError::Unavailable(format!(
+                "cannot find this binary to run extractions with ({e}); set ACTIVEKG_EXTRACTOR"
+            ))
+        })?,
+    };
+    Ok(crate::extract::sandbox::Sandbox::new(
+        program,
+        crate::extract::sandbox::Limits {
+            memory_mb: u64::from(settings.extract.memory_mb),
+            cpu_seconds: u64::from(settings.extract.cpu_seconds),
+            wall: settings.extract.timeout,
+        },
+    ))
 }
 
 /// Without any key-encryption key (only the embedded default allows that), uses a development key kept

@@ -85,6 +85,19 @@ pub struct JobSettings {
     pub keep_dead: Duration,
 }
 
+/// The limits of the extraction child processes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExtractSettings {
+    /// `ACTIVEKG_EXTRACTOR`: the binary to run as `<it> extract-child` (this one when unset).
+    pub program: Option<std::path::PathBuf>,
+    /// `ACTIVEKG_EXTRACT_MEMORY_MB`: heap one extraction may use.
+    pub memory_mb: u32,
+    /// `ACTIVEKG_EXTRACT_CPU_SECONDS`: CPU time one extraction may use.
+    pub cpu_seconds: u32,
+    /// `ACTIVEKG_EXTRACT_TIMEOUT_SECONDS`: wall-clock time before an extraction is killed.
+    pub timeout: Duration,
+}
+
 /// Which embedder turns text into vectors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EmbeddingBackend {
@@ -182,6 +195,8 @@ pub struct Settings {
     pub kek: Option<KeyEncryptionKeys>,
     /// `CONNECTOR_MAX_FILE_SIZE_MB`, in bytes.
     pub max_file_size_bytes: u64,
+    /// How documents are extracted: in child processes, under these limits.
+    pub extract: ExtractSettings,
     /// Embedding backend, model, batching and caps.
     pub embedding: EmbeddingSettings,
     /// `PURGER_BATCH_SIZE`.
@@ -310,6 +325,25 @@ impl Settings {
         out.insert(
             "CONNECTOR_MAX_FILE_SIZE_MB",
             (self.max_file_size_bytes / 1024 / 1024).to_string(),
+        );
+        out.insert(
+            "ACTIVEKG_EXTRACTOR",
+            self.extract
+                .program
+                .as_ref()
+                .map_or_else(|| "<this binary>".to_owned(), |p| p.display().to_string()),
+        );
+        out.insert(
+            "ACTIVEKG_EXTRACT_MEMORY_MB",
+            self.extract.memory_mb.to_string(),
+        );
+        out.insert(
+            "ACTIVEKG_EXTRACT_CPU_SECONDS",
+            self.extract.cpu_seconds.to_string(),
+        );
+        out.insert(
+            "ACTIVEKG_EXTRACT_TIMEOUT_SECONDS",
+            self.extract.timeout.as_secs().to_string(),
         );
         let e = &self.embedding;
         out.insert("EMBEDDING_BACKEND", e.backend.as_str().to_owned());
@@ -637,6 +671,12 @@ impl Env {
         }
         let kek = self.keys();
         let max_file_size_mb = self.number("CONNECTOR_MAX_FILE_SIZE_MB", 10, 1, 100_000);
+        let extract = ExtractSettings {
+            program: self.text("ACTIVEKG_EXTRACTOR").map(Into::into),
+            memory_mb: self.number("ACTIVEKG_EXTRACT_MEMORY_MB", 1024, 64, 1 << 20),
+            cpu_seconds: self.number("ACTIVEKG_EXTRACT_CPU_SECONDS", 60, 1, 86_400),
+            timeout: self.seconds("ACTIVEKG_EXTRACT_TIMEOUT_SECONDS", 120.0, 1.0, 86_400.0),
+        };
         let data_dir = self
             .text("ACTIVEKG_DATA_DIR")
             .unwrap_or_else(|| ".activekg".to_owned());
@@ -713,6 +753,7 @@ impl Env {
             sns_cert_base_url,
             kek,
             max_file_size_bytes: u64::from(max_file_size_mb) * 1024 * 1024,
+            extract,
             embedding,
             purger_batch_size,
             purger_retention_days,

@@ -11,6 +11,13 @@ use clap::Parser;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    // A sandboxed extraction (see `extract::sandbox`): no configuration, no runtime, no logging.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == "extract-child")
+    {
+        return activekg::extract::sandbox::child_main();
+    }
     single_threaded_model_calls();
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Serve);

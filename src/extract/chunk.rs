@@ -26,7 +26,7 @@ impl Default for ChunkPolicy {
 }
 
 /// One chunk of a document.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Chunk {
     /// Position in the document, from 0.
     pub index: usize,
@@ -119,6 +119,9 @@ pub fn chunk(text: &str, policy: ChunkPolicy, wp: &WordPiece) -> Vec<Chunk> {
         first = next;
     }
     let mut chunks = Vec::with_capacity(ranges.len());
+    // Chunk starts and ends only move forward, so character offsets are counted from the previous ones:
+    // linear in the text's length, however many chunks it has.
+    let (mut starts, mut ends) = (CharCursor::default(), CharCursor::default());
     for (first, last) in ranges {
         let (start, end) = (pieces[first].start, pieces[last].end);
         let slice = &text[start..end];
@@ -129,12 +132,28 @@ pub fn chunk(text: &str, policy: ChunkPolicy, wp: &WordPiece) -> Vec<Chunk> {
         chunks.push(Chunk {
             index: chunks.len(),
             text: slice.to_owned(),
-            char_start: text[..start].chars().count(),
-            char_end: text[..end].chars().count(),
+            char_start: starts.advance(text, start),
+            char_end: ends.advance(text, end),
             tokens,
         });
     }
     chunks
+}
+
+/// A byte offset and the number of characters before it, moved forward only.
+#[derive(Debug, Default)]
+struct CharCursor {
+    byte: usize,
+    chars: usize,
+}
+
+impl CharCursor {
+    /// The character offset of byte offset `to` (not before the cursor).
+    fn advance(&mut self, text: &str, to: usize) -> usize {
+        self.chars += text[self.byte..to].chars().count();
+        self.byte = to;
+        self.chars
+    }
 }
 
 #[cfg(test)]
@@ -240,6 +259,19 @@ mod tests {
                 "chunk {} overlaps its predecessor",
                 pair[1].index
             );
+        }
+    }
+
+    #[test]
+    fn character_offsets_are_exact_for_every_chunk_of_a_long_text() {
+        // Offsets are counted incrementally (linear time); they must still match the text exactly.
+        let text = "Ünïcode wörds in a short séntence. ".repeat(8_000);
+        let chunks = chunk(&text, ChunkPolicy::default(), wp());
+        assert!(chunks.len() > 200);
+        let chars: Vec<char> = text.chars().collect();
+        for c in &chunks {
+            let sliced: String = chars[c.char_start..c.char_end].iter().collect();
+            assert_eq!(sliced, c.text, "chunk {}", c.index);
         }
     }
 

@@ -1,11 +1,14 @@
 //! Text from documents, and chunks of it sized for the embedding model.
 //!
 //! Pure and synchronous: bytes in, text out. Formats are chosen by content type, then extension, then magic
-//! bytes. A corrupt or unsupported file is an [`ExtractError`] with the reason, never garbage text; callers run
-//! this off the async runtime (PDF parsing can be slow) and treat errors as permanent.
+//! bytes. A corrupt or unsupported file is an [`ExtractError`] with the reason, never garbage text, and no
+//! file yields more text than [`text_limit`] allows. The service runs extraction in a child process
+//! ([`sandbox`]), so what the walkers cannot bound (a PDF parser's recursion, a decompression bomb) ends
+//! only that child.
 
 pub mod chunk;
 mod formats;
+pub mod sandbox;
 pub mod tokens;
 
 use sha2::{Digest, Sha256};
@@ -13,7 +16,8 @@ use sha2::{Digest, Sha256};
 pub use chunk::{Chunk, ChunkPolicy, chunk};
 
 /// Document formats we read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Format {
     /// Portable Document Format.
     Pdf,
@@ -147,6 +151,12 @@ pub enum ExtractError {
     },
 }
 
+/// The most text a file of `size` bytes may yield: eight times its size (JSON paths and CSV headers repeat,
+/// DOCX and PDF inflate), at least 1 MiB, at most 64 MiB.
+pub fn text_limit(size: usize) -> usize {
+    size.saturating_mul(8).clamp(1 << 20, 64 << 20)
+}
+
 /// Extracts the text of `bytes`, whose key and declared content type help pick the format.
 pub fn extract(
     bytes: &[u8],
@@ -159,14 +169,19 @@ pub fn extract(
             key: key.to_owned(),
         })?;
     let corrupt = |reason: String| ExtractError::Corrupt { format, reason };
+    let limit = text_limit(bytes.len());
     let (text, title) = match format {
-        Format::Pdf => (formats::pdf(bytes).map_err(corrupt)?, None),
-        Format::Docx => formats::docx(bytes).map_err(corrupt)?,
-        Format::Html => formats::html(&formats::utf8(bytes).map_err(corrupt)?),
-        Format::Markdown => formats::markdown(&formats::utf8(bytes).map_err(corrupt)?),
+        Format::Pdf => (formats::pdf(bytes, limit).map_err(corrupt)?, None),
+        Format::Docx => formats::docx(bytes, limit).map_err(corrupt)?,
+        Format::Html => {
+            formats::html(&formats::utf8(bytes).map_err(corrupt)?, limit).map_err(corrupt)?
+        }
+        Format::Markdown => {
+            formats::markdown(&formats::utf8(bytes).map_err(corrupt)?, limit).map_err(corrupt)?
+        }
         Format::Text => (formats::utf8(bytes).map_err(corrupt)?, None),
-        Format::Json => (formats::json(bytes).map_err(corrupt)?, None),
-        Format::Csv => (formats::csv(bytes).map_err(corrupt)?, None),
+        Format::Json => (formats::json(bytes, limit).map_err(corrupt)?, None),
+        Format::Csv => (formats::csv(bytes, limit).map_err(corrupt)?, None),
     };
     Ok(Extracted {
         format,

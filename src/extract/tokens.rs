@@ -84,6 +84,10 @@ fn is_control(c: char) -> bool {
     if matches!(c, '\t' | '\n' | '\r') {
         return false;
     }
+    // ASCII (most text) without the table lookup, which is the costliest step of counting otherwise.
+    if c.is_ascii() {
+        return c.is_ascii_control();
+    }
     matches!(
         get_general_category(c),
         GeneralCategory::Control
@@ -99,17 +103,19 @@ fn is_whitespace(c: char) -> bool {
 }
 
 fn is_punctuation(c: char) -> bool {
-    c.is_ascii_punctuation()
-        || matches!(
-            get_general_category(c),
-            GeneralCategory::ConnectorPunctuation
-                | GeneralCategory::DashPunctuation
-                | GeneralCategory::ClosePunctuation
-                | GeneralCategory::FinalPunctuation
-                | GeneralCategory::InitialPunctuation
-                | GeneralCategory::OtherPunctuation
-                | GeneralCategory::OpenPunctuation
-        )
+    if c.is_ascii() {
+        return c.is_ascii_punctuation();
+    }
+    matches!(
+        get_general_category(c),
+        GeneralCategory::ConnectorPunctuation
+            | GeneralCategory::DashPunctuation
+            | GeneralCategory::ClosePunctuation
+            | GeneralCategory::FinalPunctuation
+            | GeneralCategory::InitialPunctuation
+            | GeneralCategory::OtherPunctuation
+            | GeneralCategory::OpenPunctuation
+    )
 }
 
 fn is_cjk(c: char) -> bool {
@@ -133,6 +139,11 @@ fn normalize(text: &str) -> String {
         } else {
             cleaned.push(c);
         }
+    }
+    if cleaned.is_ascii() {
+        // Nothing to decompose and no accents to strip.
+        cleaned.make_ascii_lowercase();
+        return cleaned;
     }
     cleaned
         .nfd()

@@ -14,7 +14,10 @@ use super::embed_node::{Caps, EmbedAction, EmbedNode, Room};
 use super::engine::{self, Backoff, Job, JobContext, JobError, Policy, Uniqueness};
 use crate::connectors::{ObjectMeta, ObjectSource, SourceError, Sources};
 use crate::domain::{ChangeOp, NodeId, Provider, TenantId};
-use crate::extract::{self, ChunkPolicy, Extracted, tokens::WordPiece};
+use crate::extract::{
+    self,
+    sandbox::{Extraction, Sandbox, SandboxError},
+};
 use crate::metrics::metrics;
 use crate::registry::{LoadError, Registry};
 use crate::store::graph::{self, ChunkWrite};
@@ -91,6 +94,8 @@ pub struct Deps {
     pub sources: Arc<Sources>,
     /// `CONNECTOR_MAX_FILE_SIZE_MB`, in bytes.
     pub max_file_bytes: u64,
+    /// Where documents are extracted and chunked, out of this process.
+    pub extractor: Arc<Sandbox>,
     /// Pending-embedding caps: over them, ingest waits (without using attempts) rather than queue more.
     pub embedding_caps: Caps,
 }
@@ -304,18 +309,17 @@ async fn ingest_once<S: ObjectSource>(
         Err(SourceError::Changed(_) | SourceError::NotFound(_)) => return Ok(Pass::Changed),
         Err(other) => return Err(source_error(other)),
     };
-    let key = job.key.clone();
-    let content_type = meta.content_type.clone();
-    let (extracted, chunks) = tokio::task::spawn_blocking(move || {
-        let extracted = extract::extract(&bytes, content_type.as_deref(), &key)?;
-        let chunks = extract::chunk(&extracted.text, ChunkPolicy::default(), WordPiece::minilm());
-        Ok::<_, extract::ExtractError>((extracted, chunks))
-    })
-    .await
-    .map_err(|e| JobError::transient_with_code("processing", format!("extraction crashed: {e}")))?
-    .map_err(|e| JobError::permanent("parse", e))?;
+    // In a child process: a hostile file can end only that child (see extract::sandbox).
+    let extraction = deps
+        .extractor
+        .run(bytes, meta.content_type.clone(), &job.key)
+        .await
+        .map_err(|e| match e {
+            SandboxError::Unavailable(_) => JobError::transient_with_code("processing", e),
+            SandboxError::Refused(_) | SandboxError::Broke(_) => JobError::permanent("parse", e),
+        })?;
 
-    write(cx, source, job, target, &meta, &extracted, &chunks).await
+    write(cx, source, job, target, &meta, &extraction).await
 }
 
 /// Whether the store still has exactly `meta`'s version (asked under the object's lock).
@@ -348,11 +352,11 @@ async fn write<S: ObjectSource>(
     job: &IngestObject,
     target: &Target,
     meta: &ObjectMeta,
-    extracted: &Extracted,
-    chunks: &[extract::Chunk],
+    extracted: &Extraction,
 ) -> Result<Pass, JobError> {
     let (tenant, document) = (&target.tenant, target.document);
-    let content_hash = extracted.content_hash();
+    let chunks = &extracted.chunks;
+    let content_hash = &extracted.content_hash;
     let mut tx = cx.begin().await?;
     // Every ingest of this object waits here for the others; then the store says whether what we read is
     // still its current version. If not, a newer change (or a delete) is, or will be, written by its own job.

@@ -41,6 +41,8 @@ pub struct Deps {
     pub sources: Arc<Sources>,
     /// `CONNECTOR_MAX_FILE_SIZE_MB`, in bytes.
     pub max_file_bytes: u64,
+    /// Where documents are extracted (child processes under limits).
+    pub extractor: Arc<crate::extract::sandbox::Sandbox>,
     /// Where SNS confirmations are sent from (redirected for emulators).
     pub sns: Arc<crate::webhooks::sns::CertFetcher>,
     /// The embedder.
@@ -58,6 +60,7 @@ pub fn register(runtime: &mut Runtime, deps: &Deps, queues: Option<&[String]>) {
             registry: deps.registry.clone(),
             sources: deps.sources.clone(),
             max_file_bytes: deps.max_file_bytes,
+            extractor: deps.extractor.clone(),
             embedding_caps: deps.embedding_caps,
         };
         runtime.register(ingest, ingest_object::run);

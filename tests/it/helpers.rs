@@ -185,6 +185,7 @@ pub fn job_deps(pool: &PgPool, settings: &JobSettings) -> activekg::jobs::Deps {
         registry: registry(pool),
         sources: std::sync::Arc::default(),
         max_file_bytes: 10 * 1024 * 1024,
+        extractor: std::sync::Arc::new(extractor()),
         sns: std::sync::Arc::new(activekg::webhooks::sns::CertFetcher::new(None)),
         embeddings: std::sync::Arc::new(activekg::embedding::Service::new(hash_embedding())),
         embedding_caps: activekg::jobs::embed_node::Caps {
@@ -192,6 +193,18 @@ pub fn job_deps(pool: &PgPool, settings: &JobSettings) -> activekg::jobs::Deps {
             total: 0,
         },
     }
+}
+
+/// Extraction children of the real `activekg` binary (this test binary cannot be one), with test limits.
+pub fn extractor() -> activekg::extract::sandbox::Sandbox {
+    activekg::extract::sandbox::Sandbox::new(
+        env!("CARGO_BIN_EXE_activekg").into(),
+        activekg::extract::sandbox::Limits {
+            memory_mb: 1024,
+            cpu_seconds: 30,
+            wall: Duration::from_secs(60),
+        },
+    )
 }
 
 /// Embedding settings for the model-free `hash` embedder.
@@ -235,6 +248,11 @@ pub fn settings(db: &TestDb, extra: &[(&str, &str)]) -> Settings {
         ("ACTIVEKG_JOBS_ORPHAN_TIMEOUT_SECONDS".into(), "3".into()),
         // Model-free by default; tests of the real model ask for EMBEDDING_BACKEND=local.
         ("EMBEDDING_BACKEND".into(), "hash".into()),
+        // Extraction children are the real binary (this test binary cannot be one).
+        (
+            "ACTIVEKG_EXTRACTOR".into(),
+            env!("CARGO_BIN_EXE_activekg").into(),
+        ),
     ];
     vars.extend(
         extra

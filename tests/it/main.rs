@@ -20,6 +20,7 @@ mod engine_faults;
 mod extract;
 mod fixtures;
 mod gate;
+mod hostile;
 mod http_shell;
 mod ingestion;
 mod jobs_admin_api;
