@@ -170,6 +170,14 @@ async fn pipeline(
         registry,
         sources: Arc::default(),
         max_file_bytes: 1 << 20,
+        extractor: Arc::new(activekg::extract::sandbox::Sandbox::new(
+            env!("CARGO_BIN_EXE_activekg").into(),
+            activekg::extract::sandbox::Limits {
+                memory_mb: 1024,
+                cpu_seconds: 60,
+                wall: std::time::Duration::from_secs(120),
+            },
+        )),
         sns: Arc::new(activekg::webhooks::sns::CertFetcher::new(None)),
         embeddings: Arc::new(Service::with_embedder(settings(backend), embedder)),
         embedding_caps: Caps {

@@ -337,8 +337,9 @@ pub async fn run(
             }
             let router = api::router(state.clone());
             let token = shutdown.clone();
+            let limits = server_limits(&settings);
             Some(tokio::spawn(async move {
-                api::serve(listener, router, token).await
+                api::serve(listener, router, token, limits).await
             }))
         }
         (true, None) => {
@@ -351,8 +352,9 @@ pub async fn run(
             tracing::info!(?addr, "serving /metrics, /health and /readyz");
             let router = api::probes_router(state.clone());
             let token = shutdown.clone();
+            let limits = server_limits(&settings);
             Some(tokio::spawn(async move {
-                api::serve(listener, router, token).await
+                api::serve(listener, router, token, limits).await
             }))
         }
         (false, None) => None,
@@ -633,6 +635,15 @@ async fn jobs_verb(pool: PgPool, settings: Settings, action: JobsAction) -> Resu
         }
     }
     Ok(())
+}
+
+fn server_limits(settings: &Settings) -> api::ServerLimits {
+    api::ServerLimits {
+        max_connections: settings.http_max_connections as usize,
+        header_timeout: settings.http_header_timeout,
+        body_timeout: settings.http_body_timeout,
+        request_timeout: settings.http_request_timeout,
+    }
 }
 
 /// Extraction runs in child processes of this very binary (or of `ACTIVEKG_EXTRACTOR`).

@@ -169,6 +169,14 @@ pub struct Settings {
     pub admin_auth_disabled: bool,
     /// `ACTIVEKG_MAX_BODY_BYTES`: request bodies above this are refused with 413.
     pub max_body_bytes: usize,
+    /// `ACTIVEKG_HTTP_MAX_CONNECTIONS`: connections the HTTP server keeps open at once.
+    pub http_max_connections: u32,
+    /// `ACTIVEKG_HTTP_HEADER_TIMEOUT_SECONDS`: time to send request headers (and most idle keep-alive).
+    pub http_header_timeout: Duration,
+    /// `ACTIVEKG_HTTP_BODY_TIMEOUT_SECONDS`: time to send a request body.
+    pub http_body_timeout: Duration,
+    /// `ACTIVEKG_HTTP_REQUEST_TIMEOUT_SECONDS`: time a request may take in all.
+    pub http_request_timeout: Duration,
     /// `PUBSUB_VERIFY_SECRET`: shared token for Pub/Sub push.
     pub pubsub_verify_secret: Option<Secret>,
     /// `PUBSUB_VERIFY_OIDC`: verify Pub/Sub push OIDC tokens.
@@ -641,6 +649,17 @@ impl Env {
         }
         let admin_auth_disabled = self.flag("ACTIVEKG_ADMIN_AUTH_DISABLED", false);
         let max_body_bytes = self.number("ACTIVEKG_MAX_BODY_BYTES", 2 * 1024 * 1024, 1024, 1 << 30);
+        let http_max_connections = self.number("ACTIVEKG_HTTP_MAX_CONNECTIONS", 1024, 1, 1_000_000);
+        let http_header_timeout =
+            self.seconds("ACTIVEKG_HTTP_HEADER_TIMEOUT_SECONDS", 10.0, 0.1, 3600.0);
+        let http_body_timeout =
+            self.seconds("ACTIVEKG_HTTP_BODY_TIMEOUT_SECONDS", 30.0, 0.1, 3600.0);
+        let http_request_timeout = self.seconds(
+            "ACTIVEKG_HTTP_REQUEST_TIMEOUT_SECONDS",
+            150.0,
+            1.0,
+            86_400.0,
+        );
         let pubsub_verify_secret = self.text("PUBSUB_VERIFY_SECRET").map(Secret::new);
         let pubsub_verify_oidc = self.flag("PUBSUB_VERIFY_OIDC", false);
         let pubsub_oidc_audience = self.text("PUBSUB_OIDC_AUDIENCE");
@@ -741,6 +760,10 @@ impl Env {
             admin_token,
             admin_auth_disabled,
             max_body_bytes: max_body_bytes as usize,
+            http_max_connections,
+            http_header_timeout,
+            http_body_timeout,
+            http_request_timeout,
             pubsub_verify_secret,
             pubsub_verify_oidc,
             pubsub_oidc_audience,

@@ -20,6 +20,8 @@ pub struct Metrics {
     pub http_requests: IntCounterVec,
     /// HTTP request latency by method and matched route.
     pub http_duration: HistogramVec,
+    /// Connections closed at once because `ACTIVEKG_HTTP_MAX_CONNECTIONS` were open.
+    pub http_connections_refused: IntCounterVec,
     /// Jobs inserted, by kind (duplicates skipped by idempotency key are not counted).
     pub jobs_enqueued: IntCounterVec,
     /// Jobs skipped at enqueue because one with the same idempotency key exists, by kind.
@@ -150,6 +152,11 @@ impl Metrics {
                 "http_request_duration_seconds",
                 "HTTP request latency by method and route.",
                 &["method", "route"],
+            )?,
+            http_connections_refused: counter(
+                "http_connections_refused_total",
+                "Connections closed at once because ACTIVEKG_HTTP_MAX_CONNECTIONS were already open.",
+                &[],
             )?,
             jobs_enqueued: counter(
                 "activekg_jobs_enqueued_total",

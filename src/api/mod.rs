@@ -26,6 +26,7 @@ use axum::response::Response;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
@@ -62,6 +63,8 @@ pub struct ApiState {
     pub vector_index: Arc<std::sync::OnceLock<crate::store::embeddings::VectorIndex>>,
     /// This process's Pub/Sub streaming subscriptions.
     pub subscriptions: crate::workflows::subscriber::Subscriptions,
+    /// Whether the database answers, checked in the background (health checks read it).
+    pub probe: Arc<crate::store::probe::Probe>,
 }
 
 impl ApiState {
@@ -73,6 +76,7 @@ impl ApiState {
         embeddings: Arc<crate::embedding::Service>,
     ) -> Self {
         Self {
+            probe: crate::store::probe::Probe::spawn(&pool),
             embeddings,
             vector_index: Arc::default(),
             subscriptions: Default::default(),
@@ -208,13 +212,96 @@ async fn record_metrics(request: Request, next: Next) -> Response {
     response
 }
 
-/// Serves `router` on `listener` until `shutdown`, then finishes in-flight requests.
+/// How much of itself the server lets clients take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// Connections open at once; more are closed as soon as they are accepted.
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers, and the most a kept-alive connection may sit idle.
+    pub header_timeout: std::time::Duration,
+    /// Time a client has to send a request's body.
+    pub body_timeout: std::time::Duration,
+    /// Time a request may take in all (long enough for `wait_seconds` of up to 120 s).
+    pub request_timeout: std::time::Duration,
+}
+
+/// Serves `router` on `listener` until `shutdown`, then finishes in-flight requests (for at most 30 s).
+///
+/// A client that opens connections and sends nothing (or a byte at a time) holds each for at most the
+/// header timeout, and never more than `max_connections` at once: the process keeps file descriptors for
+/// its database and its other clients.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     shutdown: CancellationToken,
+    limits: ServerLimits,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let router = router
+        .layer(tower_http::timeout::RequestBodyDeadlineLayer::new(
+            limits.body_timeout,
+        ))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            limits.request_timeout,
+        ));
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut refused: u64 = 0;
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(err) => {
+                // Out of file descriptors (or a connection reset before accept): wait a moment
+                // rather than spin.
+                tracing::warn!(%err, "could not accept a connection");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            refused += 1;
+            if refused == 1 || refused.is_multiple_of(1000) {
+                tracing::warn!(
+                    limit = limits.max_connections,
+                    refused,
+                    "too many open connections (ACTIVEKG_HTTP_MAX_CONNECTIONS): closing new ones at once"
+                );
+            }
+            metrics()
+                .http_connections_refused
+                .with_label_values(&[] as &[&str])
+                .inc();
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(router.clone().map_request(
+            |request: axum::http::Request<hyper::body::Incoming>| {
+                request.map(axum::body::Body::new)
+            },
+        ));
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_timeout)
+            .keep_alive(true)
+            .serve_connection(TokioIo::new(stream), service);
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            let _ = connection.await;
+            drop(slot);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(std::time::Duration::from_secs(30), graceful.shutdown())
         .await
+        .is_err()
+    {
+        tracing::warn!("in-flight requests did not finish within 30 s of shutdown");
+    }
+    Ok(())
 }

@@ -2,8 +2,6 @@
 //! notifications): authenticate, parse, and hand the changes to the intake workflow; answer 2xx only once the
 //! jobs are committed. Bodies are capped at 1 MiB. Malformed bodies get a 400 with the reason.
 
-use std::time::Duration;
-
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Query, State};
@@ -21,7 +19,6 @@ use crate::domain::Provider;
 use crate::jobs::confirm_sns_subscription::ConfirmSnsSubscription;
 use crate::jobs::engine;
 use crate::metrics::metrics;
-use crate::store;
 use crate::webhooks::oidc::{OidcError, OidcVerifier};
 use crate::webhooks::sns::{CertError, CertFetcher, SnsKind, SnsMessage};
 use crate::webhooks::{pubsub, s3_events};
@@ -371,11 +368,8 @@ pub struct WebhookHealth {
     pub keys_age_seconds: Option<u64>,
 }
 
-async fn database_up(state: &ApiState) -> bool {
-    matches!(
-        tokio::time::timeout(Duration::from_secs(2), store::ping(&state.pool)).await,
-        Ok(Ok(_))
-    )
+fn database_up(state: &ApiState) -> bool {
+    state.probe.reachability().reachable
 }
 
 /// 503 when degraded, so a load balancer or probe stops sending deliveries that would fail.
@@ -412,7 +406,7 @@ async fn s3_health(State(state): State<ApiState>) -> (StatusCode, Json<WebhookHe
         "none"
     };
     health(
-        database_up(&state).await,
+        database_up(&state),
         authentication,
         state.verifiers.sns.cached(),
         None,
@@ -462,12 +456,8 @@ async fn gcs_health(State(state): State<ApiState>) -> (StatusCode, Json<GcsHealt
         None if state.settings.pubsub_verify_secret.is_some() => ("secret", 0, None),
         None => ("none", 0, None),
     };
-    let (status, Json(webhook)) = health(
-        database_up(&state).await,
-        authentication,
-        keys_cached,
-        keys_age,
-    );
+    let (status, Json(webhook)) =
+        health(database_up(&state), authentication, keys_cached, keys_age);
     let subscribers = state
         .subscriptions
         .snapshot()

@@ -11,6 +11,7 @@ pub mod jobs;
 pub mod listen;
 pub mod nodes;
 pub mod polls;
+pub mod probe;
 pub mod webhooks;
 
 use std::str::FromStr;

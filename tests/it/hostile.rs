@@ -22,7 +22,9 @@ fn pdf(objects: &[Vec<u8>]) -> Vec<u8> {
         out.extend_from_slice(b"\nendobj\n");
     }
     let xref = out.len();
-    out.extend_from_slice(format!("xref\n0 {}\n0000000000 65535 f \n", objects.len() + 1).as_bytes());
+    out.extend_from_slice(
+        format!("xref\n0 {}\n0000000000 65535 f \n", objects.len() + 1).as_bytes(),
+    );
     for offset in offsets {
         out.extend_from_slice(format!("{offset:010} 00000 n \n").as_bytes());
     }
@@ -121,7 +123,9 @@ fn json_wide_keys() -> Vec<u8> {
 
 /// CSV with 20,000 long headers and short rows: every value repeats its header.
 fn csv_header_bomb() -> Vec<u8> {
-    let headers: Vec<String> = (0..20_000).map(|i| format!("header_{i:05}_{}", "h".repeat(30))).collect();
+    let headers: Vec<String> = (0..20_000)
+        .map(|i| format!("header_{i:05}_{}", "h".repeat(30)))
+        .collect();
     let mut csv = headers.join(",");
     csv.push('\n');
     let row = vec!["1"; 20_000].join(",");
@@ -164,8 +168,14 @@ fn corpus() -> Vec<(&'static str, Vec<u8>)> {
         ("parent-loop.pdf", pdf_parent_loop()),
         ("flate-bomb-1g.pdf", pdf_flate_bomb(1 << 30)),
         ("nested-div.html", html_nested("<div>", "</div>", 100_000)),
-        ("nested-span.html", html_nested("<span>", "</span>", 100_000)),
-        ("nested-table.html", html_nested("<table><tr><td>", "</td></tr></table>", 33_000)),
+        (
+            "nested-span.html",
+            html_nested("<span>", "</span>", 100_000),
+        ),
+        (
+            "nested-table.html",
+            html_nested("<table><tr><td>", "</td></tr></table>", 33_000),
+        ),
         ("nested-unclosed.html", html_nested("<b><i>", "", 50_000)),
         ("json-deep-paths.json", json_path_amplification()),
         ("json-wide-keys.json", json_wide_keys()),
@@ -173,13 +183,18 @@ fn corpus() -> Vec<(&'static str, Vec<u8>)> {
         ("docx-60mb-text.docx", docx_sixty_megabytes()),
     ];
     for (name, bytes) in &files {
-        assert!(bytes.len() < 10 << 20, "{name} is {} bytes, over the object cap", bytes.len());
+        assert!(
+            bytes.len() < 10 << 20,
+            "{name} is {} bytes, over the object cap",
+            bytes.len()
+        );
     }
     files
 }
 
 #[tokio::test]
-async fn hostile_files_end_as_parse_dead_letters_while_other_tenants_documents_flow_and_the_service_stays_up() {
+async fn hostile_files_end_as_parse_dead_letters_while_other_tenants_documents_flow_and_the_service_stays_up()
+ {
     let hostile = tempfile::tempdir().unwrap();
     for (name, bytes) in corpus() {
         std::fs::write(hostile.path().join(name), bytes).unwrap();
@@ -205,26 +220,40 @@ async fn hostile_files_end_as_parse_dead_letters_while_other_tenants_documents_f
     }
     let started = Instant::now();
     let response = app
-        .admin_post("/_admin/connectors/local/backfill", &json!({"tenant_id": "mallory"}))
+        .admin_post(
+            "/_admin/connectors/local/backfill",
+            &json!({"tenant_id": "mallory"}),
+        )
         .await;
     assert!(response.status().is_success());
 
     // While the hostile files are being refused, another tenant's document goes through.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    std::fs::write(friendly.path().join("memo.txt"), "Lunch is at noon on Friday.").unwrap();
+    std::fs::write(
+        friendly.path().join("memo.txt"),
+        "Lunch is at noon on Friday.",
+    )
+    .unwrap();
     let response = app
-        .admin_post("/_admin/connectors/local/backfill", &json!({"tenant_id": "alice"}))
+        .admin_post(
+            "/_admin/connectors/local/backfill",
+            &json!({"tenant_id": "alice"}),
+        )
         .await;
     assert!(response.status().is_success());
-    let alice_ready = eventually(Duration::from_secs(60), "alice's document to be ingested", || async {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM nodes WHERE tenant_id = 'alice' AND entity_type = 'Document'",
-        )
-        .fetch_one(&app.db.pool)
-        .await
-        .unwrap();
-        (n == 1).then(|| started.elapsed())
-    })
+    let alice_ready = eventually(
+        Duration::from_secs(60),
+        "alice's document to be ingested",
+        || async {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM nodes WHERE tenant_id = 'alice' AND entity_type = 'Document'",
+            )
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+            (n == 1).then(|| started.elapsed())
+        },
+    )
     .await;
 
     let files = corpus().len() as i64;
@@ -244,7 +273,7 @@ async fn hostile_files_end_as_parse_dead_letters_while_other_tenants_documents_f
     )
     .await;
     let took = started.elapsed();
-    for (key, code, error) in &dead {
+    for (key, _, error) in &dead {
         eprintln!("{key}: {error}");
     }
     for (key, code, error) in &dead {
@@ -258,6 +287,8 @@ async fn hostile_files_end_as_parse_dead_letters_while_other_tenants_documents_f
     .unwrap();
     assert_eq!(documents, 0, "nothing half-written");
     assert_eq!(app.get("/health").await.status(), 200, "the service is up");
-    eprintln!("alice's document was ready after {alice_ready:?}; all {files} hostile files refused after {took:?}");
+    eprintln!(
+        "alice's document was ready after {alice_ready:?}; all {files} hostile files refused after {took:?}"
+    );
     app.stop().await;
 }

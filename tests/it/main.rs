@@ -35,5 +35,6 @@ mod polling;
 mod purger;
 mod rotation;
 mod runbook;
+mod server_limits;
 mod subscriber;
 mod webhooks;
