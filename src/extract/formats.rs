@@ -278,7 +278,7 @@ pub(super) fn html(source: &str, limit: usize) -> Result<(String, Option<String>
         .unwrap_or_else(|| document.root_element());
     // Depth inside a skipped element (0: not skipping), and nesting depth (no real page nests this deep).
     let (mut skipping, mut depth) = (0usize, 0usize);
-    for edge in body.traverse().skip(1) {
+    for edge in body.traverse() {
         match edge {
             Edge::Open(node) if node.value().is_element() && depth == HTML_MAX_DEPTH => {
                 return Err(format!(
