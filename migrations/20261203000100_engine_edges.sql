@@ -85,3 +85,9 @@ AFTER UPDATE OF state ON jobs
 FOR EACH ROW
 WHEN (NEW.kind = 'backfill_page' AND NEW.state IN ('dead', 'cancelled') AND NEW.state IS DISTINCT FROM OLD.state)
 EXECUTE FUNCTION activekg_backfill_page_ended();
+
+-- Objects a backfill or poll pass listed but cannot ingest (a key with NUL, a file name that is not UTF-8)
+-- are that object's failure, counted and sampled here, never the whole page's.
+ALTER TABLE backfill_runs
+    ADD COLUMN failed   BIGINT NOT NULL DEFAULT 0,
+    ADD COLUMN failures JSONB  NOT NULL DEFAULT '[]'::jsonb;

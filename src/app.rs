@@ -296,7 +296,15 @@ pub async fn run(
         )
     })?;
     let keyring = Keyring::new(kek).map_err(AppError::Config)?;
-    let registry = Arc::new(Registry::new(pool.clone(), Arc::new(keyring)));
+    let registry = Arc::new(Registry::confined(
+        pool.clone(),
+        Arc::new(keyring),
+        crate::connectors::config::Confinement {
+            local_roots: settings.local_roots.clone(),
+            endpoints: settings.connector_endpoints.clone(),
+            production: settings.production,
+        },
+    ));
     // One LISTEN connection for the process, outside the pool: job wake-ups, cancels, config changes.
     let listener_stop = CancellationToken::new();
     let mut channels = jobs::engine::runtime::CHANNELS.to_vec();

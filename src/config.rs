@@ -199,6 +199,21 @@ pub struct Settings {
     /// `ACTIVEKG_SNS_CERT_BASE_URL`: fetch SNS certificates and confirmation URLs from this base instead of
     /// AWS (for emulators; the URLs in messages are still checked against AWS's rules).
     pub sns_cert_base_url: Option<String>,
+    /// `ACTIVEKG_SNS_TOPIC_ALLOWLIST`: topic ARNs whose subscriptions this server confirms, besides those
+    /// some enabled S3 connector's `topic_allowlist` names.
+    pub sns_topic_allowlist: Vec<String>,
+    /// `ACTIVEKG_SNS_MAX_AGE_SECONDS`: SNS messages older than this are refused as replays.
+    pub sns_max_age: Duration,
+    /// `PUBSUB_ALLOW_UNAUTHENTICATED`: accept Pub/Sub pushes without any credential (development only).
+    pub pubsub_allow_unauthenticated: bool,
+    /// `ACTIVEKG_LOCAL_ROOTS`: the folders local connectors (and `credentials_path` files) may read.
+    pub local_roots: Vec<std::path::PathBuf>,
+    /// `ACTIVEKG_CONNECTOR_ENDPOINTS`: hosts (`host` or `host:port`) other than the providers' own that
+    /// connectors may send credentials to (S3-compatible stores, emulators).
+    pub connector_endpoints: Vec<String>,
+    /// Whether the database is a production one (a DSN whose host is not this machine): development-only
+    /// switches are refused, and connectors are confined as configured.
+    pub production: bool,
     /// `CONNECTOR_KEK_V1..Vn` and `CONNECTOR_KEK_ACTIVE_VERSION`; `None` when no key is configured.
     pub kek: Option<KeyEncryptionKeys>,
     /// `CONNECTOR_MAX_FILE_SIZE_MB`, in bytes.
@@ -265,7 +280,10 @@ impl Settings {
         out.insert(
             "ACTIVEKG_DSN",
             match &self.database {
-                DatabaseSource::Dsn(_) => "<set>".to_owned(),
+                DatabaseSource::Dsn(_) if self.production => {
+                    "<set: on another host, so development-only switches are refused>".to_owned()
+                }
+                DatabaseSource::Dsn(_) => "<set: on this host>".to_owned(),
                 DatabaseSource::Embedded { data_dir, .. } => {
                     format!("<unset: embedded default, data in {}>", data_dir.display())
                 }
@@ -280,6 +298,62 @@ impl Settings {
             self.admin_auth_disabled.to_string(),
         );
         out.insert("ACTIVEKG_MAX_BODY_BYTES", self.max_body_bytes.to_string());
+        out.insert(
+            "ACTIVEKG_HTTP_MAX_CONNECTIONS",
+            self.http_max_connections.to_string(),
+        );
+        out.insert(
+            "ACTIVEKG_HTTP_HEADER_TIMEOUT_SECONDS",
+            seconds(self.http_header_timeout),
+        );
+        out.insert(
+            "ACTIVEKG_HTTP_BODY_TIMEOUT_SECONDS",
+            seconds(self.http_body_timeout),
+        );
+        out.insert(
+            "ACTIVEKG_HTTP_REQUEST_TIMEOUT_SECONDS",
+            seconds(self.http_request_timeout),
+        );
+        out.insert(
+            "PUBSUB_ALLOW_UNAUTHENTICATED",
+            self.pubsub_allow_unauthenticated.to_string(),
+        );
+        let open = if self.production {
+            "none"
+        } else {
+            "any (development)"
+        };
+        let list = |items: &[String], empty: &str| {
+            if items.is_empty() {
+                empty.to_owned()
+            } else {
+                items.join(",")
+            }
+        };
+        out.insert(
+            "ACTIVEKG_SNS_TOPIC_ALLOWLIST",
+            list(
+                &self.sns_topic_allowlist,
+                "<unset: only topics an enabled S3 connector allows>",
+            ),
+        );
+        out.insert("ACTIVEKG_SNS_MAX_AGE_SECONDS", seconds(self.sns_max_age));
+        let roots: Vec<String> = self
+            .local_roots
+            .iter()
+            .map(|r| r.display().to_string())
+            .collect();
+        out.insert(
+            "ACTIVEKG_LOCAL_ROOTS",
+            list(&roots, &format!("<unset: {open} folders>")),
+        );
+        out.insert(
+            "ACTIVEKG_CONNECTOR_ENDPOINTS",
+            list(
+                &self.connector_endpoints,
+                &format!("<unset: the providers' own, and {open} others>"),
+            ),
+        );
         out.insert("PUBSUB_VERIFY_SECRET", secret(&self.pubsub_verify_secret));
         out.insert("PUBSUB_VERIFY_OIDC", self.pubsub_verify_oidc.to_string());
         out.insert(
@@ -460,6 +534,19 @@ impl Env {
             return Duration::from_secs_f64(default);
         }
         Duration::from_secs_f64(value)
+    }
+
+    /// A comma-separated list (empty when unset).
+    fn list(&self, name: &str) -> Vec<String> {
+        self.raw(name)
+            .map(|v| {
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     fn flag(&mut self, name: &str, default: bool) -> bool {
@@ -677,6 +764,29 @@ impl Env {
         let pubsub_oidc_email = self.text("PUBSUB_OIDC_EMAIL");
         let sns_verify = self.flag("ACTIVEKG_SNS_VERIFY", true);
         let sns_cert_base_url = self.text("ACTIVEKG_SNS_CERT_BASE_URL");
+        let sns_topic_allowlist = self.list("ACTIVEKG_SNS_TOPIC_ALLOWLIST");
+        let sns_max_age =
+            self.seconds("ACTIVEKG_SNS_MAX_AGE_SECONDS", 3600.0, 60.0, 6.0 * 86_400.0);
+        let pubsub_allow_unauthenticated = self.flag("PUBSUB_ALLOW_UNAUTHENTICATED", false);
+        if pubsub_verify_oidc && pubsub_oidc_email.is_none() {
+            self.problems.push(
+                "PUBSUB_OIDC_EMAIL is missing: with PUBSUB_VERIFY_OIDC=true, name the service account your push subscription authenticates as (any Google account can mint a token for an audience)".to_owned(),
+            );
+        }
+        let local_roots: Vec<std::path::PathBuf> = self
+            .list("ACTIVEKG_LOCAL_ROOTS")
+            .into_iter()
+            .map(Into::into)
+            .collect();
+        for root in &local_roots {
+            if !root.is_absolute() {
+                self.problems.push(format!(
+                    "ACTIVEKG_LOCAL_ROOTS: {} is not an absolute path",
+                    root.display()
+                ));
+            }
+        }
+        let connector_endpoints = self.list("ACTIVEKG_CONNECTOR_ENDPOINTS");
         for (name, url) in [
             ("PUBSUB_OIDC_JWKS_URL", Some(&pubsub_oidc_jwks_url)),
             ("ACTIVEKG_SNS_CERT_BASE_URL", sns_cert_base_url.as_ref()),
@@ -738,6 +848,39 @@ impl Env {
                 false
             }
         };
+        // A database on another machine is a production deployment: development-only switches stop
+        // start-up there, each named, rather than quietly opening the service.
+        let production = match &database {
+            DatabaseSource::Dsn(dsn) => !is_local_dsn(dsn.expose()),
+            DatabaseSource::Embedded { .. } => false,
+        };
+        if production {
+            let mut development = Vec::new();
+            if admin_auth_disabled {
+                development.push("ACTIVEKG_ADMIN_AUTH_DISABLED=true (the admin API would be open)");
+            }
+            if pubsub_allow_unauthenticated {
+                development.push("PUBSUB_ALLOW_UNAUTHENTICATED=true (anyone could push events)");
+            }
+            if !sns_verify {
+                development.push("ACTIVEKG_SNS_VERIFY=false (SNS signatures would not be checked)");
+            }
+            if sns_cert_base_url.is_some() {
+                development.push(
+                    "ACTIVEKG_SNS_CERT_BASE_URL (SNS certificates would come from an emulator)",
+                );
+            }
+            if pubsub_oidc_jwks_url.starts_with("http://") {
+                development.push(
+                    "PUBSUB_OIDC_JWKS_URL over plain http (OIDC keys could be forged in transit)",
+                );
+            }
+            for switch in development {
+                self.problems.push(format!(
+                    "{switch}: this is a development-only setting, refused with a production database (ACTIVEKG_DSN on another host); remove it"
+                ));
+            }
+        }
         // In production (a DSN was given) connector secrets must be encryptable from the first request;
         // only the zero-configuration quickstart may run without a key (it generates a local one).
         if kek.is_none() && !matches!(database, DatabaseSource::Embedded { .. }) {
@@ -774,6 +917,12 @@ impl Env {
             pubsub_oidc_email,
             sns_verify,
             sns_cert_base_url,
+            sns_topic_allowlist,
+            sns_max_age,
+            pubsub_allow_unauthenticated,
+            local_roots,
+            connector_endpoints,
+            production,
             kek,
             max_file_size_bytes: u64::from(max_file_size_mb) * 1024 * 1024,
             extract,
@@ -785,6 +934,27 @@ impl Env {
             log_json,
         })
     }
+}
+
+/// Whether a PostgreSQL URL's host is this machine (loopback, `localhost` or a Unix socket).
+fn is_local_dsn(dsn: &str) -> bool {
+    let Some(rest) = dsn.split_once("://").map(|(_, rest)| rest) else {
+        return false;
+    };
+    let authority = rest.split(['/', '?']).next().unwrap_or("");
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = match host_port.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host_port.split(':').next().unwrap_or(""),
+    };
+    if host.is_empty() {
+        // No host: a Unix socket (`postgres:///db?host=/run/postgresql`) or libpq's default.
+        return true;
+    }
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// A Fernet key is 32 random bytes in URL-safe base64 with padding.
@@ -964,6 +1134,7 @@ mod tests {
         let ok = Settings::from_vars(production(&[
             ("PUBSUB_VERIFY_OIDC", "true"),
             ("PUBSUB_OIDC_AUDIENCE", "https://kg.example/_webhooks/gcs"),
+            ("PUBSUB_OIDC_EMAIL", "pusher@p.iam.gserviceaccount.com"),
         ]));
         assert!(ok.is_ok());
     }
@@ -985,5 +1156,76 @@ mod tests {
     fn generated_keys_are_valid_fernet_keys() {
         assert!(is_fernet_key(&generate_fernet_key()));
         assert!(is_fernet_key(KEY));
+    }
+
+    #[test]
+    fn development_switches_stop_start_up_with_a_production_database_each_named() {
+        let err = Settings::from_vars(production(&[
+            ("ACTIVEKG_ADMIN_AUTH_DISABLED", "true"),
+            ("PUBSUB_ALLOW_UNAUTHENTICATED", "true"),
+            ("ACTIVEKG_SNS_VERIFY", "false"),
+            ("ACTIVEKG_SNS_CERT_BASE_URL", "http://moto:5000"),
+            ("PUBSUB_OIDC_JWKS_URL", "http://keys.example/certs"),
+        ]))
+        .unwrap_err();
+        for name in [
+            "ACTIVEKG_ADMIN_AUTH_DISABLED",
+            "PUBSUB_ALLOW_UNAUTHENTICATED",
+            "ACTIVEKG_SNS_VERIFY",
+            "ACTIVEKG_SNS_CERT_BASE_URL",
+            "PUBSUB_OIDC_JWKS_URL",
+        ] {
+            assert!(
+                err.problems
+                    .iter()
+                    .any(|p| p.starts_with(name) && p.contains("development-only")),
+                "{name}: {err}"
+            );
+        }
+        // The same switches are fine against a database on this machine.
+        let local = Settings::from_vars(vec![
+            ("ACTIVEKG_DSN", "postgres://u@127.0.0.1:5432/kg"),
+            ("CONNECTOR_KEK_V1", KEY),
+            ("ACTIVEKG_ADMIN_AUTH_DISABLED", "true"),
+            ("PUBSUB_ALLOW_UNAUTHENTICATED", "true"),
+        ])
+        .unwrap();
+        assert!(!local.production);
+    }
+
+    #[test]
+    fn a_database_is_local_only_on_this_machine() {
+        for local in [
+            "postgres://u:p@localhost/kg",
+            "postgres://u@127.0.0.1:5432/kg",
+            "postgresql://[::1]:5432/kg",
+            "postgres:///kg?host=/run/postgresql",
+            "postgres://127.0.0.2/kg",
+        ] {
+            assert!(is_local_dsn(local), "{local}");
+        }
+        for remote in [
+            "postgres://u:p@db:5432/kg",
+            "postgres://u:p@10.0.0.5/kg",
+            "postgres://u:localhost@db.example.com/kg",
+            "postgres://localhost.evil.example/kg",
+        ] {
+            assert!(!is_local_dsn(remote), "{remote}");
+        }
+    }
+
+    #[test]
+    fn oidc_needs_the_expected_service_account() {
+        let err = Settings::from_vars(production(&[
+            ("PUBSUB_VERIFY_OIDC", "true"),
+            ("PUBSUB_OIDC_AUDIENCE", "https://kg.example/_webhooks/gcs"),
+        ]))
+        .unwrap_err();
+        assert!(
+            err.problems
+                .iter()
+                .any(|p| p.starts_with("PUBSUB_OIDC_EMAIL")),
+            "{err}"
+        );
     }
 }

@@ -487,6 +487,11 @@ pub struct BackfillRunView {
     pub enqueued: i64,
     /// Objects whose same version was already queued.
     pub skipped: i64,
+    /// Objects listed that cannot be ingested (a key with NUL, a file name that is not UTF-8).
+    pub failed: i64,
+    /// The first 100 of those, with why.
+    #[schema(value_type = Vec<Object>)]
+    pub failures: serde_json::Value,
     /// `api` (a backfill) or `poll` (a poller's pass).
     pub started_by: String,
     /// A poller's pass queues only objects changed at or after this.
@@ -551,6 +556,8 @@ async fn backfill_status(
         seen: run.seen,
         enqueued: run.enqueued,
         skipped: run.skipped,
+        failed: run.failed,
+        failures: run.failures,
         started_by: run.started_by,
         changed_since: run.changed_since,
         error: run.error,

@@ -1,11 +1,13 @@
 //! `/_webhooks/s3` (SNS deliveries of S3 notifications) and `/_webhooks/gcs` (Pub/Sub pushes of GCS
-//! notifications): authenticate, parse, and hand the changes to the intake workflow; answer 2xx only once the
-//! jobs are committed. Bodies are capped at 1 MiB. Malformed bodies get a 400 with the reason.
+//! notifications). Each provider has one verifying extractor ([`VerifiedSns`], [`VerifiedPush`]): a handler
+//! only ever sees a delivery that passed, so the handlers just route the changes through the intake
+//! workflow and answer 2xx once the jobs are committed. Bodies are capped at 1 MiB; malformed ones get a
+//! 400 with the reason. Answers never name tenants.
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
+use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -19,10 +21,12 @@ use crate::domain::Provider;
 use crate::jobs::confirm_sns_subscription::ConfirmSnsSubscription;
 use crate::jobs::engine;
 use crate::metrics::metrics;
-use crate::webhooks::oidc::{OidcError, OidcVerifier};
-use crate::webhooks::sns::{CertError, CertFetcher, SnsKind, SnsMessage};
+use crate::webhooks::oidc::OidcVerifier;
+use crate::webhooks::pubsub::{Push, PushRefusal, PushVerifier};
+use crate::webhooks::sns::{CertFetcher, SnsKind, SnsMessage, SnsRefusal, SnsVerifier};
 use crate::webhooks::{pubsub, s3_events};
-use crate::workflows::intake::{self, Intake};
+use crate::workflows::intake::{self, Intake, TopicLookup};
+use crate::workflows::pubsub_topics::TopicResolver;
 
 /// Webhook bodies larger than this are refused (SNS messages are at most 256 KiB).
 const BODY_LIMIT: usize = 1024 * 1024;
@@ -30,24 +34,35 @@ const BODY_LIMIT: usize = 1024 * 1024;
 /// What webhooks verify with.
 #[derive(Debug)]
 pub struct Verifiers {
-    /// SNS signing certificates.
-    pub sns: CertFetcher,
-    /// Google OIDC tokens, when `PUBSUB_VERIFY_OIDC=true`.
-    pub oidc: Option<OidcVerifier>,
+    /// SNS deliveries.
+    pub sns: SnsVerifier,
+    /// Pub/Sub pushes.
+    pub push: PushVerifier,
+    /// Which topic a pushing subscription reads.
+    pub topics: TopicResolver,
 }
 
 impl Verifiers {
     /// Built from the settings.
     pub fn new(settings: &Settings) -> Self {
         Self {
-            sns: CertFetcher::new(settings.sns_cert_base_url.clone()),
-            oidc: settings.pubsub_verify_oidc.then(|| {
-                OidcVerifier::new(
-                    settings.pubsub_oidc_jwks_url.clone(),
-                    settings.pubsub_oidc_audience.clone().unwrap_or_default(),
-                    settings.pubsub_oidc_email.clone(),
-                )
-            }),
+            sns: SnsVerifier {
+                certs: CertFetcher::new(settings.sns_cert_base_url.clone()),
+                check_signatures: settings.sns_verify,
+                max_age: settings.sns_max_age,
+            },
+            push: PushVerifier {
+                oidc: settings.pubsub_verify_oidc.then(|| {
+                    OidcVerifier::new(
+                        settings.pubsub_oidc_jwks_url.clone(),
+                        settings.pubsub_oidc_audience.clone().unwrap_or_default(),
+                        settings.pubsub_oidc_email.clone().unwrap_or_default(),
+                    )
+                }),
+                secret: settings.pubsub_verify_secret.clone(),
+                allow_unauthenticated: settings.pubsub_allow_unauthenticated,
+            },
+            topics: TopicResolver::default(),
         }
     }
 }
@@ -68,16 +83,9 @@ pub struct WebhookAnswer {
     pub result: String,
     /// Ingest jobs queued.
     pub jobs: usize,
-    /// Tenants they are for.
-    pub tenants: Vec<String>,
 }
 
-fn answer(
-    provider: Provider,
-    result: &str,
-    jobs: usize,
-    tenants: Vec<String>,
-) -> Json<WebhookAnswer> {
+fn answer(provider: Provider, result: &str, jobs: usize) -> Json<WebhookAnswer> {
     metrics()
         .webhook_events
         .with_label_values(&[provider.as_str(), result])
@@ -85,7 +93,6 @@ fn answer(
     Json(WebhookAnswer {
         result: result.to_owned(),
         jobs,
-        tenants,
     })
 }
 
@@ -116,11 +123,172 @@ fn malformed(provider: Provider, reason: String) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "malformed", reason)
 }
 
+/// The body, under the route's limit.
+async fn body(request: Request, state: &ApiState) -> Result<Bytes, ApiError> {
+    Bytes::from_request(request, state)
+        .await
+        .map_err(|rejection| {
+            let status = rejection.status();
+            let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+                "payload_too_large"
+            } else {
+                "bad_request"
+            };
+            ApiError::new(status, code, rejection.body_text())
+        })
+}
+
+/// An SNS delivery whose shape, signature and age have been checked.
+#[derive(Debug)]
+pub struct VerifiedSns {
+    message: SnsMessage,
+    kind: SnsKind,
+}
+
+impl FromRequest<ApiState> for VerifiedSns {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &ApiState) -> Result<Self, ApiError> {
+        let provider = Provider::S3;
+        let body = body(request, state).await?;
+        match state.verifiers.sns.verify(&body, Utc::now()).await {
+            Ok((message, kind, result)) => {
+                verified(provider, result);
+                Ok(Self { message, kind })
+            }
+            Err(SnsRefusal::Malformed(reason)) => Err(malformed(provider, reason)),
+            Err(SnsRefusal::CertUrl(reason)) => Err(refused(
+                provider,
+                "cert_url_invalid",
+                StatusCode::FORBIDDEN,
+                "signature_invalid",
+                reason,
+            )),
+            Err(SnsRefusal::CertUnavailable(reason)) => Err(refused(
+                provider,
+                "cert_unavailable",
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                format!("cannot fetch the signing certificate ({reason}); retry later"),
+            )),
+            Err(SnsRefusal::Signature(reason)) => Err(refused(
+                provider,
+                "signature_invalid",
+                StatusCode::FORBIDDEN,
+                "signature_invalid",
+                reason,
+            )),
+            Err(SnsRefusal::Stale(reason)) => Err(refused(
+                provider,
+                "stale",
+                StatusCode::FORBIDDEN,
+                "stale_message",
+                reason,
+            )),
+        }
+    }
+}
+
+/// Authentication on the push URL.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct PushQuery {
+    /// The shared token, when the subscription puts it in the URL rather than the `X-PubSub-Token` header.
+    pub token: Option<String>,
+}
+
+/// A Pub/Sub push whose credentials have been checked.
+#[derive(Debug)]
+pub struct VerifiedPush(Push);
+
+impl FromRequest<ApiState> for VerifiedPush {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &ApiState) -> Result<Self, ApiError> {
+        let provider = Provider::Gcs;
+        let (authorization, token) = {
+            let header = |name: &str| {
+                request
+                    .headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            };
+            let token = header("x-pubsub-token")
+                .or_else(|| request.uri().query().and_then(token_parameter));
+            (header("authorization"), token)
+        };
+        match state
+            .verifiers
+            .push
+            .verify(authorization.as_deref(), token.as_deref())
+            .await
+        {
+            Ok(result) => verified(provider, result),
+            Err(PushRefusal::Missing { result, message }) => {
+                return Err(refused(
+                    provider,
+                    result,
+                    StatusCode::UNAUTHORIZED,
+                    "token_missing",
+                    message,
+                ));
+            }
+            Err(PushRefusal::Invalid { result, message }) => {
+                return Err(refused(
+                    provider,
+                    result,
+                    StatusCode::FORBIDDEN,
+                    "token_invalid",
+                    message,
+                ));
+            }
+            Err(PushRefusal::Unavailable(reason)) => {
+                return Err(refused(
+                    provider,
+                    "keys_unavailable",
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    reason,
+                ));
+            }
+            Err(PushRefusal::NotConfigured) => {
+                return Err(refused(
+                    provider,
+                    "not_configured",
+                    StatusCode::UNAUTHORIZED,
+                    "authentication_not_configured",
+                    "this server does not accept unauthenticated pushes: set PUBSUB_VERIFY_SECRET (and put the token \
+                     on the push endpoint) or PUBSUB_VERIFY_OIDC with PUBSUB_OIDC_AUDIENCE and PUBSUB_OIDC_EMAIL"
+                        .to_owned(),
+                ));
+            }
+        }
+        let body = body(request, state).await?;
+        pubsub::parse(&body)
+            .map(Self)
+            .map_err(|reason| malformed(provider, reason))
+    }
+}
+
+/// The `token` query parameter.
+fn token_parameter(query: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (name, value) = pair.split_once('=')?;
+        (name == "token").then(|| {
+            percent_encoding::percent_decode_str(&value.replace('+', " "))
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+    })
+}
+
 async fn route(
     state: &ApiState,
     provider: Provider,
     message_id: &str,
     topics: &[&str],
+    lookup: Option<TopicLookup<'_>>,
     changes: &[crate::webhooks::ObjectChange],
 ) -> Result<Json<WebhookAnswer>, ApiError> {
     let source = format!("webhook:{provider}");
@@ -130,15 +298,16 @@ async fn route(
         provider,
         message_id,
         topics,
+        lookup,
         changes,
         &source,
     )
     .await?
     {
-        Intake::Accepted { jobs, tenants } => Ok(answer(provider, "accepted", jobs, tenants)),
-        Intake::Duplicate => Ok(answer(provider, "duplicate", 0, Vec::new())),
-        Intake::NoConnector => Ok(answer(provider, "no_connector", 0, Vec::new())),
-        Intake::TopicRejected { tenants } => {
+        Intake::Accepted { jobs, .. } => Ok(answer(provider, "accepted", jobs)),
+        Intake::Duplicate => Ok(answer(provider, "duplicate", 0)),
+        Intake::NoConnector => Ok(answer(provider, "no_connector", 0)),
+        Intake::TopicRejected { .. } => {
             metrics()
                 .webhook_events
                 .with_label_values(&[provider.as_str(), "rejected"])
@@ -147,9 +316,8 @@ async fn route(
                 StatusCode::FORBIDDEN,
                 "topic_rejected",
                 format!(
-                    "topic not in allowlist: the {provider} connector of tenant(s) {} does not allow {topics:?}; \
-                     add it to topic_allowlist with PATCH /_admin/connectors/{provider}/config",
-                    tenants.join(", ")
+                    "topic not in allowlist: no connector reading this bucket allows {topics:?}; add the topic to \
+                     its topic_allowlist with PATCH /_admin/connectors/{provider}/config"
                 ),
             ))
         }
@@ -161,64 +329,39 @@ async fn route(
     request_body(content = String, content_type = "text/plain", description = "An SNS message (JSON)"),
     responses((status = 200, description = "Processed; jobs are committed", body = WebhookAnswer),
         (status = 400, description = "Not an SNS message or not an S3 notification", body = ErrorBody),
-        (status = 403, description = "Bad signature, refused certificate URL, or topic not allowed", body = ErrorBody),
+        (status = 403, description = "Bad signature, refused certificate URL, a message too old to be anything \
+            but a replay, a topic not allowed, or a subscription to a topic no connector allows", body = ErrorBody),
         (status = 413, body = ErrorBody),
         (status = 503, description = "The signing certificate could not be fetched; SNS will retry", body = ErrorBody)))]
 async fn s3_webhook(
     State(state): State<ApiState>,
-    body: Bytes,
+    VerifiedSns { message, kind }: VerifiedSns,
 ) -> Result<Json<WebhookAnswer>, ApiError> {
     let provider = Provider::S3;
-    let message = SnsMessage::parse(&body).map_err(|reason| malformed(provider, reason))?;
-    let kind = message
-        .kind()
-        .map_err(|reason| malformed(provider, reason))?;
-    if state.settings.sns_verify {
-        let key = match state
-            .verifiers
-            .sns
-            .public_key(&message.signing_cert_url)
-            .await
-        {
-            Ok(key) => key,
-            Err(CertError::Refused(reason)) => {
-                return Err(refused(
-                    provider,
-                    "cert_url_invalid",
-                    StatusCode::FORBIDDEN,
-                    "signature_invalid",
-                    reason,
-                ));
-            }
-            Err(CertError::Unavailable(reason)) => {
-                return Err(refused(
-                    provider,
-                    "cert_unavailable",
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "unavailable",
-                    format!("cannot fetch the signing certificate ({reason}); retry later"),
-                ));
-            }
-        };
-        message.verify(&key).map_err(|reason| {
-            refused(
-                provider,
-                "signature_invalid",
-                StatusCode::FORBIDDEN,
-                "signature_invalid",
-                reason,
-            )
-        })?;
-        verified(provider, "signature_ok");
-    } else {
-        verified(provider, "skipped");
-    }
     match kind {
         SnsKind::SubscriptionConfirmation => {
             let subscribe_url = message.subscribe_url.clone().unwrap_or_default();
             crate::webhooks::sns::check_subscribe_url(&subscribe_url).map_err(|reason| {
                 ApiError::new(StatusCode::FORBIDDEN, "subscribe_url_refused", reason)
             })?;
+            // Anyone can subscribe their own topic to this URL; only topics an operator allowed get in.
+            let topic = message.topic_arn.as_str();
+            let allowed = state
+                .settings
+                .sns_topic_allowlist
+                .iter()
+                .any(|t| t == topic)
+                || state.registry.topic_allowed(provider, topic).await?;
+            if !allowed {
+                tracing::warn!(%topic, "SNS subscription refused: the topic is not allowed; to allow it, add it to an S3 \
+                    connector's topic_allowlist (PATCH /_admin/connectors/s3/config) or to ACTIVEKG_SNS_TOPIC_ALLOWLIST");
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "topic_not_allowed",
+                    "this server confirms subscriptions only for topics it allows: add the topic ARN to an S3 \
+                     connector's topic_allowlist or to ACTIVEKG_SNS_TOPIC_ALLOWLIST, then let SNS resend the confirmation",
+                ));
+            }
             let mut conn = state
                 .pool
                 .acquire()
@@ -230,23 +373,24 @@ async fn s3_webhook(
                 message_id: message.message_id.clone(),
             };
             engine::enqueue(&mut conn, &confirm).await?;
-            tracing::info!(topic = %message.topic_arn, "SNS subscription confirmation received; confirming");
-            Ok(answer(provider, "subscription_confirmation", 0, Vec::new()))
+            tracing::info!(%topic, "SNS subscription confirmation received; confirming");
+            Ok(answer(provider, "subscription_confirmation", 0))
         }
         SnsKind::UnsubscribeConfirmation => {
             tracing::info!(topic = %message.topic_arn, "SNS subscription removed");
-            Ok(answer(provider, "ignored", 0, Vec::new()))
+            Ok(answer(provider, "ignored", 0))
         }
         SnsKind::Notification => match s3_events::parse(&message.message)
             .map_err(|reason| malformed(provider, reason))?
         {
-            None => Ok(answer(provider, "test_event", 0, Vec::new())),
+            None => Ok(answer(provider, "test_event", 0)),
             Some(changes) => {
                 route(
                     &state,
                     provider,
                     &message.message_id,
                     &[message.topic_arn.as_str()],
+                    None,
                     &changes,
                 )
                 .await
@@ -255,99 +399,35 @@ async fn s3_webhook(
     }
 }
 
-/// Authentication and routing hints on the push URL.
-#[derive(Debug, Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-pub struct PushQuery {
-    /// The shared token, when the subscription puts it in the URL rather than the `X-PubSub-Token` header.
-    pub token: Option<String>,
-    /// The topic the subscription reads (matched against tenants' `topic_allowlist`).
-    pub topic: Option<String>,
-}
-
 /// Receive GCS object notifications pushed by a Pub/Sub subscription.
 #[utoipa::path(post, path = "/_webhooks/gcs", tag = "webhooks", params(PushQuery),
     request_body(content = Object, description = "A Pub/Sub push envelope"),
     responses((status = 200, description = "Processed; jobs are committed", body = WebhookAnswer),
         (status = 400, description = "Not a push envelope of a GCS notification", body = ErrorBody),
-        (status = 401, description = "No token", body = ErrorBody),
+        (status = 401, description = "No credential, or none configured on this server", body = ErrorBody),
         (status = 403, description = "Wrong token, invalid OIDC token, or topic not allowed", body = ErrorBody),
         (status = 413, body = ErrorBody),
-        (status = 503, description = "Google's keys could not be fetched; Pub/Sub will retry", body = ErrorBody)))]
+        (status = 503, description = "Google's keys, or the subscription's topic, could not be fetched; Pub/Sub will retry", body = ErrorBody)))]
 async fn gcs_webhook(
     State(state): State<ApiState>,
-    Query(query): Query<PushQuery>,
-    headers: HeaderMap,
-    body: Bytes,
+    VerifiedPush(push): VerifiedPush,
 ) -> Result<Json<WebhookAnswer>, ApiError> {
     let provider = Provider::Gcs;
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    if let Some(oidc) = &state.verifiers.oidc {
-        match oidc.verify(header("authorization")).await {
-            Ok(()) => verified(provider, "oidc_ok"),
-            Err(OidcError::Missing) => {
-                return Err(refused(provider, "token_missing", StatusCode::UNAUTHORIZED, "token_missing",
-                    "the push carries no OIDC bearer token: enable authentication on the push subscription".to_owned()));
-            }
-            Err(OidcError::Invalid(reason)) => {
-                return Err(refused(
-                    provider,
-                    "signature_invalid",
-                    StatusCode::FORBIDDEN,
-                    "token_invalid",
-                    reason,
-                ));
-            }
-            Err(OidcError::Unavailable(reason)) => {
-                return Err(refused(
-                    provider,
-                    "keys_unavailable",
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "unavailable",
-                    reason,
-                ));
-            }
-        }
-    } else if let Some(secret) = &state.settings.pubsub_verify_secret {
-        match header("x-pubsub-token").or(query.token.as_deref()) {
-            None => {
-                return Err(refused(
-                    provider,
-                    "token_missing",
-                    StatusCode::UNAUTHORIZED,
-                    "token_missing",
-                    "no X-PubSub-Token header or token query parameter".to_owned(),
-                ));
-            }
-            Some(token) if pubsub::token_matches(token, secret.expose()) => {
-                verified(provider, "secret_ok")
-            }
-            Some(_) => {
-                return Err(refused(
-                    provider,
-                    "signature_invalid",
-                    StatusCode::FORBIDDEN,
-                    "token_invalid",
-                    "the token does not match PUBSUB_VERIFY_SECRET".to_owned(),
-                ));
-            }
-        }
-    } else {
-        verified(provider, "skipped");
-    }
-    let push = pubsub::parse(&body).map_err(|reason| malformed(provider, reason))?;
     let delivery = push.delivery_id();
     let Some(change) = push.change else {
-        return Ok(answer(provider, "ignored", 0, Vec::new()));
+        return Ok(answer(provider, "ignored", 0));
     };
-    let mut topics: Vec<&str> = vec![push.subscription.as_str()];
-    topics.extend(header("x-goog-topic"));
-    topics.extend(query.topic.as_deref());
+    // A push names its subscription only; allowlists name topics, so the topic is asked of Pub/Sub.
+    let lookup = TopicLookup {
+        resolver: &state.verifiers.topics,
+        subscription: &push.subscription,
+    };
     route(
         &state,
         provider,
         &delivery,
-        &topics,
+        &[push.subscription.as_str()],
+        Some(lookup),
         std::slice::from_ref(&change),
     )
     .await
@@ -400,7 +480,7 @@ fn health(
 #[utoipa::path(get, path = "/_webhooks/s3/health", tag = "webhooks",
     responses((status = 200, body = WebhookHealth), (status = 503, description = "Degraded", body = WebhookHealth)))]
 async fn s3_health(State(state): State<ApiState>) -> (StatusCode, Json<WebhookHealth>) {
-    let authentication = if state.settings.sns_verify {
+    let authentication = if state.verifiers.sns.check_signatures {
         "sns_signature"
     } else {
         "none"
@@ -408,7 +488,7 @@ async fn s3_health(State(state): State<ApiState>) -> (StatusCode, Json<WebhookHe
     health(
         database_up(&state),
         authentication,
-        state.verifiers.sns.cached(),
+        state.verifiers.sns.certs.cached(),
         None,
     )
 }
@@ -420,8 +500,8 @@ pub struct SubscriberHealth {
     pub subscription: String,
     /// The Pub/Sub endpoint, when not Google's.
     pub endpoint: Option<String>,
-    /// Tenants whose GCS connectors name it.
-    pub tenants: Vec<String>,
+    /// The topic it reads, as Pub/Sub says (matched against topic allowlists).
+    pub topic: Option<String>,
     /// Whether the stream is up (its last connection check passed).
     pub connected: bool,
     /// Reconnects since the process started.
@@ -432,6 +512,10 @@ pub struct SubscriberHealth {
     pub last_message_at: Option<DateTime<Utc>>,
     /// Why the last connection ended.
     pub last_error: Option<String>,
+    /// Messages acknowledged without jobs because no connector reading their bucket allows the topic.
+    pub rejected: u64,
+    /// Why the last of those was refused.
+    pub last_rejection: Option<String>,
 }
 
 /// What the GCS webhook and the Pub/Sub subscriber depend on.
@@ -448,13 +532,20 @@ pub struct GcsHealth {
 #[utoipa::path(get, path = "/_webhooks/gcs/health", tag = "webhooks",
     responses((status = 200, body = GcsHealth), (status = 503, description = "Degraded", body = GcsHealth)))]
 async fn gcs_health(State(state): State<ApiState>) -> (StatusCode, Json<GcsHealth>) {
-    let (authentication, keys_cached, keys_age) = match &state.verifiers.oidc {
+    let push = &state.verifiers.push;
+    let (authentication, keys_cached, keys_age) = match &push.oidc {
         Some(oidc) => {
-            let (keys, age) = oidc.cache_state().await;
-            ("oidc", keys, age.map(|a| a.as_secs()))
+            let (keys, age) = oidc.cache_state();
+            let mode = if push.secret.is_some() {
+                "oidc+secret"
+            } else {
+                "oidc"
+            };
+            (mode, keys, age.map(|a| a.as_secs()))
         }
-        None if state.settings.pubsub_verify_secret.is_some() => ("secret", 0, None),
-        None => ("none", 0, None),
+        None if push.secret.is_some() => ("secret", 0, None),
+        None if push.allow_unauthenticated => ("none", 0, None),
+        None => ("refused", 0, None),
     };
     let (status, Json(webhook)) =
         health(database_up(&state), authentication, keys_cached, keys_age);
@@ -465,12 +556,14 @@ async fn gcs_health(State(state): State<ApiState>) -> (StatusCode, Json<GcsHealt
         .map(|s| SubscriberHealth {
             subscription: s.subscription,
             endpoint: s.endpoint,
-            tenants: s.tenants,
+            topic: s.topic,
             connected: s.connected,
             reconnects: s.reconnects,
             messages: s.messages,
             last_message_at: s.last_message_at,
             last_error: s.last_error,
+            rejected: s.rejected,
+            last_rejection: s.last_rejection,
         })
         .collect();
     (

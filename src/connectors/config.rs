@@ -92,6 +92,107 @@ pub struct LocalConfig {
     pub poll_interval_seconds: Option<u32>,
 }
 
+/// What this server lets connector configurations reach: folders on its disk and endpoints other than the
+/// providers' own. The admin token manages connectors, and must not become a way to read any file of the
+/// host or to send credentials to any URL.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Confinement {
+    /// Folders local connectors and `credentials_path` files must be inside. Empty: none in production,
+    /// any in development.
+    pub local_roots: Vec<std::path::PathBuf>,
+    /// Hosts (`host` or `host:port`) custom endpoints may name. Empty: none in production, any in development.
+    pub endpoints: Vec<String>,
+    /// Whether this is a production deployment (see `config::Settings::production`).
+    pub production: bool,
+}
+
+impl Confinement {
+    fn check_path(&self, field: &str, path: &str) -> Result<(), String> {
+        let path = std::path::Path::new(path);
+        if path
+            .components()
+            .any(|c| matches!(c, std::path::Component::ParentDir))
+        {
+            return Err(format!("{field} {} must not contain `..`", path.display()));
+        }
+        if self.local_roots.is_empty() {
+            return if self.production {
+                Err(format!(
+                    "{field} {}: this server reads no files for connectors (set ACTIVEKG_LOCAL_ROOTS to the folders it may read)",
+                    path.display()
+                ))
+            } else {
+                Ok(())
+            };
+        }
+        // Symlinks are resolved where the path exists, so a link inside a root cannot point out of it.
+        let real = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+        let inside = self.local_roots.iter().any(|root| {
+            let root = std::fs::canonicalize(root).unwrap_or_else(|_| root.clone());
+            real.starts_with(root)
+        });
+        if inside {
+            Ok(())
+        } else {
+            Err(format!(
+                "{field} {} is outside the folders this server lets connectors read (ACTIVEKG_LOCAL_ROOTS)",
+                path.display()
+            ))
+        }
+    }
+
+    fn check_endpoint(&self, field: &str, url: &str) -> Result<(), String> {
+        if !self.production && self.endpoints.is_empty() {
+            return Ok(());
+        }
+        let authority = url
+            .split_once("://")
+            .map_or(url, |(_, rest)| rest)
+            .split(['/', '?', '#'])
+            .next()
+            .unwrap_or("");
+        let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
+        let host = authority
+            .rsplit_once(':')
+            .filter(|(_, port)| port.chars().all(|c| c.is_ascii_digit()))
+            .map_or(authority, |(host, _)| host);
+        if self.endpoints.iter().any(|allowed| {
+            allowed.eq_ignore_ascii_case(authority) || allowed.eq_ignore_ascii_case(host)
+        }) {
+            Ok(())
+        } else {
+            Err(format!(
+                "{field} {url:?}: connectors send credentials to their endpoint, and this server allows only the \
+                 providers' own and those in ACTIVEKG_CONNECTOR_ENDPOINTS"
+            ))
+        }
+    }
+
+    /// Whether `config` stays within what this server allows.
+    pub fn check(&self, config: &ConnectorConfig) -> Result<(), String> {
+        match config {
+            ConnectorConfig::S3(c) => c
+                .endpoint
+                .as_deref()
+                .map_or(Ok(()), |e| self.check_endpoint("endpoint", e)),
+            ConnectorConfig::Gcs(c) => {
+                for (field, endpoint) in [
+                    ("endpoint", &c.endpoint),
+                    ("pubsub_endpoint", &c.pubsub_endpoint),
+                ] {
+                    if let Some(endpoint) = endpoint {
+                        self.check_endpoint(field, endpoint)?;
+                    }
+                }
+                c.credentials_path
+                    .as_deref()
+                    .map_or(Ok(()), |p| self.check_path("credentials_path", p))
+            }
+            ConnectorConfig::Local(c) => self.check_path("path", &c.path),
+        }
+    }
+}
+
 /// A connector's configuration, typed by provider.
 #[derive(Debug, Clone)]
 pub enum ConnectorConfig {

@@ -194,6 +194,7 @@ impl ObjectSource for GcsSource {
         Ok(Page {
             objects: listed.items.unwrap_or_default().iter().map(meta).collect(),
             next_token: listed.next_page_token.filter(|t| !t.is_empty()),
+            refused: Vec::new(),
         })
     }
 }

@@ -10,6 +10,9 @@ use tokio::io::AsyncReadExt;
 use super::config::LocalConfig;
 use super::source::{ObjectMeta, ObjectSource, Page, SourceError};
 
+/// Files a listing cannot offer, as `(name as best shown, why)` (see `Page::refused`).
+type Refused = Vec<(String, String)>;
+
 /// A folder of files.
 #[derive(Debug, Clone)]
 pub struct LocalSource {
@@ -71,9 +74,10 @@ impl LocalSource {
         }))
     }
 
-    /// Every file key under the root, sorted.
-    fn walk(&self) -> Result<Vec<String>, SourceError> {
+    /// Every file key under the root, sorted, and the files whose names cannot be keys (not UTF-8).
+    fn walk(&self) -> Result<(Vec<String>, Refused), SourceError> {
         let mut keys = Vec::new();
+        let mut refused = Vec::new();
         let mut dirs = vec![self.root.clone()];
         while let Some(dir) = dirs.pop() {
             let entries = match std::fs::read_dir(&dir) {
@@ -96,16 +100,23 @@ impl LocalSource {
                 } else if kind.is_file()
                     && let Ok(relative) = entry.path().strip_prefix(&self.root)
                 {
-                    let key: Vec<String> = relative
+                    let key: Option<Vec<&str>> = relative
                         .components()
-                        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                        .map(|c| c.as_os_str().to_str())
                         .collect();
-                    keys.push(key.join("/"));
+                    match key {
+                        Some(parts) => keys.push(parts.join("/")),
+                        None => refused.push((
+                            relative.to_string_lossy().into_owned(),
+                            "the file name is not UTF-8, so it cannot be an object key".to_owned(),
+                        )),
+                    }
                 }
             }
         }
         keys.sort();
-        Ok(keys)
+        refused.sort();
+        Ok((keys, refused))
     }
 }
 
@@ -173,9 +184,13 @@ impl ObjectSource for LocalSource {
         page_size: u32,
     ) -> Result<Page, SourceError> {
         let source = self.clone();
-        let keys = tokio::task::spawn_blocking(move || source.walk())
+        let (keys, mut refused) = tokio::task::spawn_blocking(move || source.walk())
             .await
             .map_err(|e| SourceError::Unavailable(format!("listing failed: {e}")))??;
+        // Names that are not keys are reported with the first page only.
+        if page_token.is_some() {
+            refused.clear();
+        }
         let mut objects = Vec::new();
         let mut remaining = keys
             .into_iter()
@@ -203,6 +218,7 @@ impl ObjectSource for LocalSource {
         Ok(Page {
             objects,
             next_token,
+            refused,
         })
     }
 }

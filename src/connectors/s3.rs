@@ -187,6 +187,7 @@ impl ObjectSource for S3Source {
         Ok(Page {
             objects,
             next_token,
+            refused: Vec::new(),
         })
     }
 }

@@ -28,6 +28,9 @@ pub struct Page {
     pub objects: Vec<ObjectMeta>,
     /// Pass back to get the next page; `None` at the end of the listing.
     pub next_token: Option<String>,
+    /// Objects listed that cannot be ingested, with why (a name that is not UTF-8, say), shown as best as
+    /// their names can be.
+    pub refused: Vec<(String, String)>,
 }
 
 /// Why a backend call failed.

@@ -13,7 +13,7 @@ use uuid::Uuid;
 use super::engine::{self, Backoff, Job, JobContext, JobError, Policy, Uniqueness};
 use super::ingest_object::{IngestObject, QUEUE};
 use crate::connectors::{ObjectSource, SourceError, Sources};
-use crate::domain::{ChangeOp, Provider, TenantId};
+use crate::domain::{ChangeOp, Provider, TenantId, storable_key};
 use crate::metrics::metrics;
 use crate::registry::{LoadError, Registry};
 use crate::store::backfill::{self, Origin, PageCounts};
@@ -125,9 +125,30 @@ pub async fn run(page: BackfillPage, cx: JobContext<Deps>) -> Result<(), JobErro
             (Some(since), Some(updated)) => updated >= since,
             _ => true,
         };
+    // An object whose key this service cannot store is that object's failure, not the page's.
+    let mut failures: Vec<serde_json::Value> = listed
+        .refused
+        .iter()
+        .map(|(key, reason)| serde_json::json!({"key": key, "reason": reason}))
+        .collect();
+    for object in &listed.objects {
+        if let Err(reason) = storable_key(&object.key) {
+            failures.push(
+                serde_json::json!({"key": object.key.replace('\0', "\\0"), "reason": reason}),
+            );
+        }
+    }
+    if !failures.is_empty() {
+        tracing::warn!(run = %page.run_id, count = failures.len(), "objects that cannot be ingested were listed; recorded on the run");
+        metrics()
+            .ingest_errors
+            .with_label_values(&[page.provider.as_str(), &tenant.to_string()])
+            .inc_by(failures.len() as u64);
+    }
     let jobs: Vec<IngestObject> = listed
         .objects
         .iter()
+        .filter(|object| storable_key(&object.key).is_ok())
         .filter(changed)
         .take(usize::try_from(remaining).unwrap_or(usize::MAX))
         .map(|object| IngestObject {
@@ -150,6 +171,7 @@ pub async fn run(page: BackfillPage, cx: JobContext<Deps>) -> Result<(), JobErro
         enqueued,
         skipped,
         newest_change: listed.objects.iter().filter_map(|o| o.updated).max(),
+        failures,
     };
     backfill::advance(&mut tx, page.run_id, counts, next.is_none()).await?;
     if next.is_none() && run.is_poll_pass() {

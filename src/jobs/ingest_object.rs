@@ -55,6 +55,8 @@ impl Job for IngestObject {
             concurrency: 4,
             uniqueness: Uniqueness::Retained,
             fair: true,
+            // A full embedding backlog can take hours to drain; waiting for it is not a failure.
+            max_snoozes: 2000,
             ..Policy::new(QUEUE)
         }
     }

@@ -11,11 +11,11 @@ use sqlx::PgPool;
 
 use super::engine::{Backoff, Job, JobContext, JobError, Policy, Uniqueness};
 use crate::metrics::metrics;
-use crate::registry::{Registry, RotationFailure};
+use crate::registry::{Registry, RotatedRow, RotationFailure};
 use crate::store::connectors::RotationScope;
 
-/// Most failed rows listed in a run's result (all are counted).
-const LISTED_FAILURES: usize = 100;
+/// Most failed and moved rows listed in a run's result (all are counted).
+const LISTED_ROWS: usize = 100;
 
 /// Arguments of a rotation run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -66,6 +66,9 @@ pub struct RotationProgress {
     pub errors: u64,
     /// The first of those rows, with the reason.
     pub failed: Vec<RotationFailure>,
+    /// The first rows moved, each with the versions it moved between.
+    #[serde(default)]
+    pub moved: Vec<RotatedRow>,
     /// Batches committed.
     pub batches: u64,
     /// The last row processed, `(tenant_id, provider)`.
@@ -99,8 +102,10 @@ pub async fn run(job: RotateKeys, cx: JobContext<Deps>) -> Result<(), JobError> 
         next.rotated += batch.rotated;
         next.skipped += batch.skipped;
         next.errors += batch.failed.len() as u64;
-        let room = LISTED_FAILURES.saturating_sub(next.failed.len());
+        let room = LISTED_ROWS.saturating_sub(next.failed.len());
         next.failed.extend(batch.failed.iter().take(room).cloned());
+        let room = LISTED_ROWS.saturating_sub(next.moved.len());
+        next.moved.extend(batch.moved.iter().take(room).cloned());
         next.batches += 1;
         next.cursor = batch.last.clone().or(next.cursor);
         next.done = (batch.rows as i64) < batch_size;

@@ -15,6 +15,7 @@ use sqlx::{PgConnection, PgPool};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::connectors::config::Confinement;
 use crate::connectors::{ConnectorConfig, secret_fields};
 use crate::crypto::{self, FieldError, Keyring, Rotation};
 use crate::domain::{Provider, TenantId};
@@ -106,6 +107,21 @@ pub struct RotationFailure {
     pub field: String,
     /// Why.
     pub reason: String,
+    /// The key version the row stays at.
+    pub key_version: u32,
+}
+
+/// A row a rotation moved, and from which key version to which.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RotatedRow {
+    /// Tenant.
+    pub tenant_id: String,
+    /// Provider.
+    pub provider: String,
+    /// The version its secrets were sealed with.
+    pub from_version: u32,
+    /// The version they are sealed with now.
+    pub to_version: u32,
 }
 
 /// What one rotation batch did.
@@ -119,6 +135,8 @@ pub struct RotationBatch {
     pub skipped: u64,
     /// Rows left untouched because a secret does not decrypt.
     pub failed: Vec<RotationFailure>,
+    /// Rows moved to the active key (rotated and skipped alike).
+    pub moved: Vec<RotatedRow>,
     /// The last row looked at: the cursor for the next batch.
     pub last: Option<(String, String)>,
 }
@@ -128,6 +146,7 @@ pub struct RotationBatch {
 pub struct Registry {
     pool: PgPool,
     keyring: Arc<Keyring>,
+    confinement: Confinement,
     cache: Cache,
 }
 
@@ -154,13 +173,25 @@ fn provider_of(row: &ConnectorRow) -> Result<Provider> {
 }
 
 impl Registry {
-    /// A registry over `pool` sealing with `keyring`.
+    /// A registry over `pool` sealing with `keyring`, without confinement (tests, tools).
     pub fn new(pool: PgPool, keyring: Arc<Keyring>) -> Self {
+        Self::confined(pool, keyring, Confinement::default())
+    }
+
+    /// A registry whose configurations must stay within `confinement`.
+    pub fn confined(pool: PgPool, keyring: Arc<Keyring>, confinement: Confinement) -> Self {
         Self {
             pool,
             keyring,
+            confinement,
             cache: Cache::new(std::time::Duration::from_secs(30)),
         }
+    }
+
+    fn validate(&self, provider: Provider, doc: &Map<String, Value>) -> Result<ConnectorConfig> {
+        let config = ConnectorConfig::parse(provider, doc).map_err(Error::Invalid)?;
+        self.confinement.check(&config).map_err(Error::Invalid)?;
+        Ok(config)
     }
 
     /// The key version new secrets are sealed with.
@@ -192,7 +223,7 @@ impl Registry {
     ) -> Result<ConnectorSummary> {
         let mut doc = as_object(config, "config")?;
         let enabled = take_enabled(&mut doc)?.unwrap_or(true);
-        ConnectorConfig::parse(provider, &doc).map_err(Error::Invalid)?;
+        self.validate(provider, &doc)?;
         let version = crypto::seal_fields(&mut doc, secret_fields(provider), &self.keyring);
         let mut conn = self.pool.acquire().await?;
         let row = store::insert(&mut conn, tenant.as_str(), provider, &Value::Object(doc), enabled, version)
@@ -237,7 +268,7 @@ impl Registry {
                 e.field
             ))
         })?;
-        ConnectorConfig::parse(provider, &doc).map_err(Error::Invalid)?;
+        self.validate(provider, &doc)?;
         let version = crypto::seal_fields(&mut doc, secret_fields(provider), &self.keyring);
         let row = store::update(
             &mut tx,
@@ -367,6 +398,11 @@ impl Registry {
             .collect())
     }
 
+    /// Whether some enabled `provider` connector allows `topic` (names it in its `topic_allowlist`).
+    pub async fn topic_allowed(&self, provider: Provider, topic: &str) -> Result<bool> {
+        store::topic_allowed(&self.pool, provider, topic).await
+    }
+
     /// A connector decrypted and typed, through the cache; `None` when the tenant has none.
     pub async fn load(
         &self,
@@ -463,22 +499,15 @@ impl Registry {
         for row in rows {
             let provider = provider_of(&row)?;
             let doc = as_object(row.config.clone(), "the stored configuration")?;
-            match crypto::rotate(&doc, secret_fields(provider), &self.keyring) {
+            let from_version = u32::try_from(row.key_version).unwrap_or_default();
+            let stored = match crypto::rotate(&doc, secret_fields(provider), &self.keyring) {
                 Rotation::Rotated(rotated) => {
-                    store::store_rotated(
-                        conn,
-                        &row.tenant_id,
-                        &row.provider,
-                        &Value::Object(rotated),
-                        active,
-                    )
-                    .await?;
                     batch.rotated += 1;
+                    Value::Object(rotated)
                 }
                 Rotation::NothingSealed => {
-                    store::store_rotated(conn, &row.tenant_id, &row.provider, &row.config, active)
-                        .await?;
                     batch.skipped += 1;
+                    row.config
                 }
                 Rotation::Failed(error) => {
                     metrics()
@@ -492,9 +521,20 @@ impl Registry {
                         provider: row.provider,
                         field: error.field,
                         reason: error.error.to_string(),
+                        key_version: from_version,
                     });
+                    continue;
                 }
-            }
+            };
+            store::store_rotated(conn, &row.tenant_id, &row.provider, &stored, active).await?;
+            tracing::info!(tenant = %row.tenant_id, %provider, from_version, to_version = active,
+                "connector config moved to the active key");
+            batch.moved.push(RotatedRow {
+                tenant_id: row.tenant_id,
+                provider: row.provider,
+                from_version,
+                to_version: active,
+            });
         }
         Ok(batch)
     }

@@ -42,6 +42,10 @@ pub struct BackfillRun {
     pub changed_since: Option<DateTime<Utc>>,
     /// The newest change time among the objects listed so far.
     pub newest_change: Option<DateTime<Utc>>,
+    /// Objects listed that could not be ingested.
+    pub failed: i64,
+    /// The first of those (`[{key, reason}]`, at most 100).
+    pub failures: serde_json::Value,
 }
 
 impl BackfillRun {
@@ -104,7 +108,7 @@ pub async fn get(conn: &mut PgConnection, id: Uuid, lock: bool) -> Result<Option
 }
 
 /// One page's counts.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct PageCounts {
     /// Objects listed.
     pub seen: i64,
@@ -114,6 +118,8 @@ pub struct PageCounts {
     pub skipped: i64,
     /// The newest change time among the objects listed.
     pub newest_change: Option<DateTime<Utc>>,
+    /// Objects that could not be ingested, `[{key, reason}]`.
+    pub failures: Vec<serde_json::Value>,
 }
 
 /// Adds one page's counts; `finished` closes the run as completed.
@@ -127,6 +133,11 @@ pub async fn advance(
         "UPDATE backfill_runs
          SET pages = pages + 1, seen = seen + $2, enqueued = enqueued + $3, skipped = skipped + $4,
              newest_change = GREATEST(newest_change, $6),
+             failed = failed + jsonb_array_length($7),
+             failures = CASE WHEN jsonb_array_length(failures) >= 100 THEN failures
+                             ELSE failures || (SELECT coalesce(jsonb_agg(f), '[]'::jsonb) FROM (
+                                 SELECT f FROM jsonb_array_elements($7) f LIMIT 100 - jsonb_array_length(failures)) x)
+                        END,
              state = CASE WHEN $5 THEN 'completed' ELSE state END,
              finished_at = CASE WHEN $5 THEN now() ELSE finished_at END
          WHERE id = $1",
@@ -137,6 +148,7 @@ pub async fn advance(
     .bind(page.skipped)
     .bind(finished)
     .bind(page.newest_change)
+    .bind(serde_json::Value::Array(page.failures))
     .execute(&mut *conn)
     .await?;
     Ok(())

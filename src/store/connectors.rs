@@ -119,6 +119,24 @@ pub async fn by_bucket<'e>(
     .await?)
 }
 
+/// Whether some enabled `provider` connector names `topic` in its `topic_allowlist`.
+pub async fn topic_allowed<'e>(
+    db: impl PgExecutor<'e>,
+    provider: Provider,
+    topic: &str,
+) -> Result<bool> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM connector_configs
+                        WHERE provider = $1 AND enabled
+                          AND jsonb_typeof(config->'topic_allowlist') = 'array'
+                          AND config->'topic_allowlist' ? $2)",
+    )
+    .bind(provider.as_str())
+    .bind(topic)
+    .fetch_one(db)
+    .await?)
+}
+
 /// Tenants whose enabled GCS connector names a Pub/Sub subscription to pull from.
 pub async fn pulling_tenants<'e>(db: impl PgExecutor<'e>) -> Result<Vec<String>> {
     Ok(sqlx::query_scalar(

@@ -2,6 +2,7 @@
 //! pushes of GCS notifications ([`pubsub`], [`oidc`]). Parsing and verification live here, pure where they
 //! can be; turning verified events into jobs is `workflows::intake`'s.
 
+pub mod keys;
 pub mod oidc;
 pub mod pubsub;
 pub mod s3_events;

@@ -1,17 +1,20 @@
 //! Google-signed OIDC tokens on Pub/Sub pushes: RS256 JWTs checked against Google's JWKS (URL configurable,
-//! for tests), with the configured audience, Google's issuer, expiry, and optionally the pushing service
-//! account's email.
+//! for tests), with the configured audience, Google's issuer, expiry, and the pushing service
+//! account's verified email (required: any Google account can mint a token for any audience).
 //!
-//! The key set is cached. When a token names an unknown key, one request fetches the set while concurrent
-//! ones wait for it, so a burst on a cold cache fetches once and every request verifies.
+//! The key set is cached (see [`super::keys`]). When a token names an unknown key, one request fetches the
+//! set while concurrent ones wait for it, so a burst on a cold cache fetches once and every request
+//! verifies; a forged key id cannot make us fetch more than every 30 s.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
-use tokio::sync::{Mutex, RwLock};
+
+use super::keys::{FetchError, KeyFetcher};
 
 /// Google's issuers.
 const ISSUERS: &[&str] = &["https://accounts.google.com", "accounts.google.com"];
@@ -41,19 +44,14 @@ struct Claims {
     email_verified: bool,
 }
 
-struct Keys {
-    by_kid: HashMap<String, DecodingKey>,
-    fetched: Option<Instant>,
-}
+type Keys = Arc<HashMap<String, DecodingKey>>;
 
 /// See the module docs.
 pub struct OidcVerifier {
-    client: reqwest::Client,
     jwks_url: String,
     audience: String,
-    email: Option<String>,
-    keys: RwLock<Keys>,
-    refreshing: Mutex<()>,
+    email: String,
+    keys: KeyFetcher<Keys>,
 }
 
 impl std::fmt::Debug for OidcVerifier {
@@ -67,28 +65,22 @@ impl std::fmt::Debug for OidcVerifier {
 }
 
 impl OidcVerifier {
-    /// A verifier for tokens with `audience`, from `email` when given, signed by keys at `jwks_url`.
-    pub fn new(jwks_url: String, audience: String, email: Option<String>) -> Self {
+    /// A verifier for tokens with `audience`, from service account `email`, signed by keys at `jwks_url`.
+    pub fn new(jwks_url: String, audience: String, email: String) -> Self {
         Self {
-            client: reqwest::Client::builder()
-                .timeout(Duration::from_secs(5))
-                .build()
-                .expect("a plain reqwest client builds"),
             jwks_url,
             audience,
             email,
-            keys: RwLock::new(Keys {
-                by_kid: HashMap::new(),
-                fetched: None,
-            }),
-            refreshing: Mutex::new(()),
+            keys: KeyFetcher::new(KEYS_TTL, MIN_REFETCH, 256 * 1024),
         }
     }
 
     /// How many keys are cached, and how long ago they were fetched.
-    pub async fn cache_state(&self) -> (usize, Option<Duration>) {
-        let keys = self.keys.read().await;
-        (keys.by_kid.len(), keys.fetched.map(|at| at.elapsed()))
+    pub fn cache_state(&self) -> (usize, Option<Duration>) {
+        (
+            self.keys.peek(&self.jwks_url).map_or(0, |keys| keys.len()),
+            self.keys.age(&self.jwks_url),
+        )
     }
 
     /// Verifies the `Authorization` header's bearer token.
@@ -121,67 +113,52 @@ impl OidcVerifier {
         let claims = jsonwebtoken::decode::<Claims>(token, &key, &validation)
             .map_err(|e| OidcError::Invalid(e.to_string()))?
             .claims;
-        if let Some(expected) = &self.email {
-            if claims.email.as_deref() != Some(expected.as_str()) {
-                return Err(OidcError::Invalid(format!(
-                    "the token is for {:?}, not the expected service account",
-                    claims.email.unwrap_or_default()
-                )));
-            }
-            if !claims.email_verified {
-                return Err(OidcError::Invalid(
-                    "the token's email is not verified".to_owned(),
-                ));
-            }
+        // Any Google service account can mint a token for our audience: only the expected one may push.
+        if claims.email.as_deref() != Some(self.email.as_str()) {
+            return Err(OidcError::Invalid(format!(
+                "the token is for {:?}, not the expected service account (PUBSUB_OIDC_EMAIL)",
+                claims.email.unwrap_or_default()
+            )));
+        }
+        if !claims.email_verified {
+            return Err(OidcError::Invalid(
+                "the token's email is not verified".to_owned(),
+            ));
         }
         Ok(())
     }
 
     async fn key(&self, kid: &str) -> Result<DecodingKey, OidcError> {
-        {
-            let keys = self.keys.read().await;
-            if let Some(key) = keys.by_kid.get(kid)
-                && keys.fetched.is_some_and(|at| at.elapsed() < KEYS_TTL)
-            {
+        for again in [false, true] {
+            let keys = self
+                .keys
+                .get(
+                    &self.jwks_url,
+                    again,
+                    |client| client.get(&self.jwks_url),
+                    parse_key_set,
+                )
+                .await
+                .map_err(|e| match e {
+                    FetchError::Unavailable(m) | FetchError::Refused(m) => {
+                        OidcError::Unavailable(m)
+                    }
+                })?;
+            if let Some(key) = keys.get(kid) {
                 return Ok(key.clone());
             }
         }
-        // One fetch at a time; whoever waited here finds the keys the first one fetched.
-        let _turn = self.refreshing.lock().await;
-        {
-            let keys = self.keys.read().await;
-            let fresh = keys.fetched.is_some_and(|at| at.elapsed() < MIN_REFETCH);
-            match keys.by_kid.get(kid) {
-                Some(key) if keys.fetched.is_some_and(|at| at.elapsed() < KEYS_TTL) => {
-                    return Ok(key.clone());
-                }
-                None if fresh => {
-                    return Err(OidcError::Invalid(format!("unknown signing key {kid:?}")));
-                }
-                _ => {}
-            }
-        }
-        let set: JwkSet = self
-            .client
-            .get(&self.jwks_url)
-            .send()
-            .await
-            .and_then(reqwest::Response::error_for_status)
-            .map_err(|e| OidcError::Unavailable(e.to_string()))?
-            .json()
-            .await
-            .map_err(|e| OidcError::Unavailable(format!("the key set is not JSON: {e}")))?;
-        let mut by_kid = HashMap::new();
-        for jwk in &set.keys {
-            if let (Some(id), Ok(key)) = (jwk.common.key_id.clone(), DecodingKey::from_jwk(jwk)) {
-                by_kid.insert(id, key);
-            }
-        }
-        let found = by_kid.get(kid).cloned();
-        *self.keys.write().await = Keys {
-            by_kid,
-            fetched: Some(Instant::now()),
-        };
-        found.ok_or_else(|| OidcError::Invalid(format!("unknown signing key {kid:?}")))
+        Err(OidcError::Invalid(format!("unknown signing key {kid:?}")))
     }
+}
+
+fn parse_key_set(body: &[u8]) -> Result<Keys, String> {
+    let set: JwkSet =
+        serde_json::from_slice(body).map_err(|e| format!("the key set is not JSON: {e}"))?;
+    Ok(Arc::new(
+        set.keys
+            .iter()
+            .filter_map(|jwk| Some((jwk.common.key_id.clone()?, DecodingKey::from_jwk(jwk).ok()?)))
+            .collect(),
+    ))
 }

@@ -71,8 +71,11 @@ pub fn delivery_id(
 
 /// Parses a push body into the change it announces.
 pub fn parse(body: &[u8]) -> Result<Push, String> {
-    let envelope: Envelope =
+    let value: serde_json::Value =
         serde_json::from_slice(body).map_err(|e| format!("not a Pub/Sub push envelope: {e}"))?;
+    crate::domain::refuse_nul(&value)?;
+    let envelope: Envelope =
+        serde_json::from_value(value).map_err(|e| format!("not a Pub/Sub push envelope: {e}"))?;
     let message = envelope.message;
     let message_id = message
         .message_id
@@ -102,6 +105,16 @@ pub fn notification(
     attributes: &HashMap<String, String>,
     publish_time: Option<DateTime<Utc>>,
 ) -> Result<(String, Option<ObjectChange>), String> {
+    // Pulled messages do not pass through `parse`.
+    if let Some(name) = attributes
+        .iter()
+        .find_map(|(k, v)| (k.contains('\0') || v.contains('\0')).then_some(k))
+    {
+        return Err(format!(
+            "message.attributes.{} contains a NUL character, which this service cannot store",
+            name.replace('\0', "\\0")
+        ));
+    }
     let attribute = |name: &str| {
         attributes
             .get(name)
@@ -126,7 +139,11 @@ pub fn notification(
             }
             Some(ObjectChange {
                 bucket: attribute("bucketId")?,
-                key: attribute("objectId")?,
+                key: attribute("objectId").and_then(|key| {
+                    crate::domain::storable_key(&key)
+                        .map_err(|e| format!("message.attributes.objectId: {e}"))?;
+                    Ok(key)
+                })?,
                 op,
                 // A delete of generation G and the upload of G are different changes.
                 version: generation.map(|g| {
@@ -145,6 +162,97 @@ pub fn notification(
         }
     };
     Ok((event_type, change))
+}
+
+/// Why a push is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PushRefusal {
+    /// No credential was presented (401); `result` is the metric's label.
+    Missing {
+        /// `token_missing`.
+        result: &'static str,
+        /// What is missing.
+        message: String,
+    },
+    /// A credential was presented and is wrong (403).
+    Invalid {
+        /// `token_invalid` or `signature_invalid`.
+        result: &'static str,
+        /// Why.
+        message: String,
+    },
+    /// Google's keys could not be fetched (503; Pub/Sub retries).
+    Unavailable(String),
+    /// No way to authenticate pushes is configured, and unauthenticated pushes are not allowed (401).
+    NotConfigured,
+}
+
+/// How pushes prove they come from our subscription: a Google-signed OIDC token from the expected service
+/// account, the shared token, or both (each configured one must pass). Without either, pushes are refused
+/// unless the development-only `PUBSUB_ALLOW_UNAUTHENTICATED` is set.
+#[derive(Debug)]
+pub struct PushVerifier {
+    /// `PUBSUB_VERIFY_OIDC`.
+    pub oidc: Option<super::oidc::OidcVerifier>,
+    /// `PUBSUB_VERIFY_SECRET`.
+    pub secret: Option<crate::config::Secret>,
+    /// `PUBSUB_ALLOW_UNAUTHENTICATED`.
+    pub allow_unauthenticated: bool,
+}
+
+impl PushVerifier {
+    /// Checks a push's credentials (`Authorization` header, and the token from `X-PubSub-Token` or
+    /// `?token=`); on success, the result to count.
+    pub async fn verify(
+        &self,
+        authorization: Option<&str>,
+        token: Option<&str>,
+    ) -> Result<&'static str, PushRefusal> {
+        if self.oidc.is_none() && self.secret.is_none() {
+            return if self.allow_unauthenticated {
+                Ok("skipped")
+            } else {
+                Err(PushRefusal::NotConfigured)
+            };
+        }
+        if let Some(oidc) = &self.oidc {
+            use super::oidc::OidcError;
+            oidc.verify(authorization).await.map_err(|e| match e {
+                OidcError::Missing => PushRefusal::Missing {
+                    result: "token_missing",
+                    message: "the push carries no OIDC bearer token: enable authentication on the push subscription"
+                        .to_owned(),
+                },
+                OidcError::Invalid(reason) => PushRefusal::Invalid {
+                    result: "signature_invalid",
+                    message: reason,
+                },
+                OidcError::Unavailable(reason) => PushRefusal::Unavailable(reason),
+            })?;
+        }
+        if let Some(secret) = &self.secret {
+            match token {
+                None => {
+                    return Err(PushRefusal::Missing {
+                        result: "token_missing",
+                        message: "no X-PubSub-Token header or token query parameter".to_owned(),
+                    });
+                }
+                Some(token) if token_matches(token, secret.expose()) => {}
+                Some(_) => {
+                    return Err(PushRefusal::Invalid {
+                        result: "token_invalid",
+                        message: "the token does not match PUBSUB_VERIFY_SECRET".to_owned(),
+                    });
+                }
+            }
+        }
+        Ok(if self.oidc.is_some() {
+            "oidc_ok"
+        } else {
+            "secret_ok"
+        })
+    }
 }
 
 /// Constant-time comparison of a presented shared token with the configured one.

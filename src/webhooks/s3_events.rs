@@ -48,13 +48,19 @@ pub fn decode_key(raw: &str) -> Result<String, String> {
     let spaced = raw.replace('+', " ");
     percent_encoding::percent_decode_str(&spaced)
         .decode_utf8()
-        .map(|key| key.into_owned())
         .map_err(|_| format!("object key {raw:?} does not decode to UTF-8"))
+        .and_then(|key| {
+            crate::domain::storable_key(&key).map_err(|e| format!("object key {raw:?}: {e}"))?;
+            Ok(key.into_owned())
+        })
 }
 
 /// The changes an S3 notification announces; `Ok(None)` for an s3:TestEvent.
 pub fn parse(message: &str) -> Result<Option<Vec<ObjectChange>>, String> {
-    let notification: Notification = serde_json::from_str(message)
+    let value: serde_json::Value = serde_json::from_str(message)
+        .map_err(|e| format!("the SNS Message is not an S3 event notification: {e}"))?;
+    crate::domain::refuse_nul(&value).map_err(|e| format!("in the SNS Message, {e}"))?;
+    let notification: Notification = serde_json::from_value(value)
         .map_err(|e| format!("the SNS Message is not an S3 event notification: {e}"))?;
     if notification.event.as_deref() == Some("s3:TestEvent") {
         return Ok(None);

@@ -2,12 +2,12 @@
 //! 2 = SHA256, over the canonical string of the message type), and the rules for the certificate and
 //! subscription URLs. Pure except for [`CertFetcher`], which fetches and caches signing certificates.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine as _;
 use serde::Deserialize;
+
+use super::keys::{FetchError, KeyFetcher};
 
 /// What an SNS delivery is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,8 +54,11 @@ pub struct SnsMessage {
 impl SnsMessage {
     /// Parses a delivery body; the error says what is wrong.
     pub fn parse(body: &[u8]) -> Result<Self, String> {
-        let message: Self =
+        let value: serde_json::Value =
             serde_json::from_slice(body).map_err(|e| format!("not an SNS message: {e}"))?;
+        crate::domain::refuse_nul(&value)?;
+        let message: Self =
+            serde_json::from_value(value).map_err(|e| format!("not an SNS message: {e}"))?;
         message.kind()?;
         if message.message_id.is_empty() || message.message_id.len() > 256 {
             return Err("MessageId is empty or too long".to_owned());
@@ -169,13 +172,12 @@ pub fn public_key_from_pem(pem: &[u8]) -> Result<Vec<u8>, String> {
     Ok(cert.public_key().subject_public_key.data.to_vec())
 }
 
-/// Fetches signing certificates (with a timeout) and caches their keys. In production it fetches the
+/// Fetches signing certificates and caches their keys (see [`super::keys`]). In production it fetches the
 /// checked URL itself; `redirect_base` (tests, emulators) fetches the same path from another base URL.
 #[derive(Debug)]
 pub struct CertFetcher {
-    client: reqwest::Client,
+    keys: KeyFetcher<Vec<u8>>,
     redirect_base: Option<String>,
-    cache: Mutex<HashMap<String, (Instant, Vec<u8>)>>,
 }
 
 /// Why a certificate is not available.
@@ -189,80 +191,53 @@ pub enum CertError {
     Unavailable(String),
 }
 
-const CERT_TTL: Duration = Duration::from_secs(24 * 3600);
-const CERT_CACHE_MAX: usize = 256;
+impl From<FetchError> for CertError {
+    fn from(err: FetchError) -> Self {
+        match err {
+            FetchError::Refused(m) => CertError::Refused(m),
+            FetchError::Unavailable(m) => CertError::Unavailable(m),
+        }
+    }
+}
 
 impl CertFetcher {
     /// A fetcher; `redirect_base` is for emulators only.
     pub fn new(redirect_base: Option<String>) -> Self {
         Self {
-            client: reqwest::Client::builder()
-                .timeout(Duration::from_secs(5))
-                .build()
-                .expect("a plain reqwest client builds"),
+            keys: KeyFetcher::new(
+                Duration::from_secs(24 * 3600),
+                Duration::from_secs(60),
+                64 * 1024,
+            ),
             redirect_base,
-            cache: Mutex::new(HashMap::new()),
         }
     }
 
     /// Certificates currently cached.
     pub fn cached(&self) -> usize {
-        self.cache.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.keys.cached()
     }
 
     /// The public key of the certificate at `url`, fetched once per day at most.
     pub async fn public_key(&self, url: &str) -> Result<Vec<u8>, CertError> {
         let path = check_cert_url(url).map_err(CertError::Refused)?;
-        if let Some((at, key)) = self
-            .cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(url)
-            && at.elapsed() < CERT_TTL
-        {
-            return Ok(key.clone());
-        }
-        let mut request = match &self.redirect_base {
-            Some(base) => self
-                .client
-                .get(format!("{}{path}", base.trim_end_matches('/')))
-                // moto serves its certificates only to requests that look like SNS API calls.
-                .header(
-                    "Authorization",
-                    "AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/sns/aws4_request",
-                ),
-            None => self.client.get(url),
-        };
-        request = request.header("Accept", "application/x-pem-file, */*");
-        let response = request
-            .send()
-            .await
-            .map_err(|e| CertError::Unavailable(e.to_string()))?;
-        if !response.status().is_success() {
-            return Err(CertError::Unavailable(format!(
-                "HTTP {}",
-                response.status()
-            )));
-        }
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| CertError::Unavailable(e.to_string()))?;
-        if body.len() > 64 * 1024 {
-            return Err(CertError::Refused(
-                "the signing certificate is implausibly large".to_owned(),
-            ));
-        }
-        let key = public_key_from_pem(&body).map_err(CertError::Refused)?;
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.len() >= CERT_CACHE_MAX {
-            cache.retain(|_, (at, _)| at.elapsed() < CERT_TTL);
-            if cache.len() >= CERT_CACHE_MAX {
-                cache.clear();
+        let request = |client: &reqwest::Client| {
+            match &self.redirect_base {
+                Some(base) => client
+                    .get(format!("{}{path}", base.trim_end_matches('/')))
+                    // moto serves its certificates only to requests that look like SNS API calls.
+                    .header(
+                        "Authorization",
+                        "AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/sns/aws4_request",
+                    ),
+                None => client.get(url),
             }
-        }
-        cache.insert(url.to_owned(), (Instant::now(), key.clone()));
-        Ok(key)
+            .header("Accept", "application/x-pem-file, */*")
+        };
+        Ok(self
+            .keys
+            .get(url, false, request, public_key_from_pem)
+            .await?)
     }
 
     /// GETs a confirmation URL (checked; redirected like certificates for emulators).
@@ -273,11 +248,12 @@ impl CertFetcher {
             None => subscribe_url.to_owned(),
         };
         let response = self
-            .client
+            .keys
+            .client()
             .get(url)
             .send()
             .await
-            .map_err(|e| CertError::Unavailable(e.to_string()))?;
+            .map_err(|e| CertError::Unavailable(e.without_url().to_string()))?;
         if response.status().is_success() {
             Ok(())
         } else {
@@ -286,6 +262,81 @@ impl CertFetcher {
                 response.status()
             )))
         }
+    }
+}
+
+/// Why an SNS delivery is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SnsRefusal {
+    /// Not an SNS message (400).
+    Malformed(String),
+    /// The certificate URL breaks the rules (403; nothing was fetched).
+    CertUrl(String),
+    /// The certificate could not be fetched (503; SNS retries).
+    CertUnavailable(String),
+    /// The signature does not match (403).
+    Signature(String),
+    /// Older than the replay bound, or from the future (403).
+    Stale(String),
+}
+
+/// Verifies SNS deliveries: the message shape, the signature (unless turned off for development), and
+/// that it is recent, so a recorded delivery cannot be replayed once its de-duplication id has expired.
+#[derive(Debug)]
+pub struct SnsVerifier {
+    /// Signing certificates.
+    pub certs: CertFetcher,
+    /// `ACTIVEKG_SNS_VERIFY`.
+    pub check_signatures: bool,
+    /// `ACTIVEKG_SNS_MAX_AGE_SECONDS`.
+    pub max_age: Duration,
+}
+
+/// How far in the future a timestamp may be (clock skew).
+const MAX_SKEW: Duration = Duration::from_secs(300);
+
+impl SnsVerifier {
+    /// Parses and verifies `body`; on success also says which verification result to count.
+    pub async fn verify(
+        &self,
+        body: &[u8],
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(SnsMessage, SnsKind, &'static str), SnsRefusal> {
+        let message = SnsMessage::parse(body).map_err(SnsRefusal::Malformed)?;
+        let kind = message.kind().map_err(SnsRefusal::Malformed)?;
+        let result = if self.check_signatures {
+            let key = self
+                .certs
+                .public_key(&message.signing_cert_url)
+                .await
+                .map_err(|e| match e {
+                    CertError::Refused(reason) => SnsRefusal::CertUrl(reason),
+                    CertError::Unavailable(reason) => SnsRefusal::CertUnavailable(reason),
+                })?;
+            message.verify(&key).map_err(SnsRefusal::Signature)?;
+            "signature_ok"
+        } else {
+            "skipped"
+        };
+        // Checked after the signature, so the timestamp is SNS's and not the sender's.
+        let sent = chrono::DateTime::parse_from_rfc3339(&message.timestamp)
+            .map_err(|_| {
+                SnsRefusal::Malformed(format!("Timestamp {:?} is not RFC 3339", message.timestamp))
+            })?
+            .with_timezone(&chrono::Utc);
+        let age = now - sent;
+        if age > chrono::Duration::from_std(self.max_age).unwrap_or(chrono::Duration::MAX) {
+            return Err(SnsRefusal::Stale(format!(
+                "the message was sent at {sent}, more than {} s ago (ACTIVEKG_SNS_MAX_AGE_SECONDS): refusing a replay",
+                self.max_age.as_secs()
+            )));
+        }
+        if -age > chrono::Duration::from_std(MAX_SKEW).unwrap_or(chrono::Duration::MAX) {
+            return Err(SnsRefusal::Stale(format!(
+                "the message claims to be sent at {sent}, in the future"
+            )));
+        }
+        Ok((message, kind, result))
     }
 }
 

@@ -5,4 +5,5 @@
 pub mod embeddings;
 pub mod intake;
 pub mod nodes;
+pub mod pubsub_topics;
 pub mod subscriber;

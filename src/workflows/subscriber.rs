@@ -13,7 +13,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use google_cloud_auth::credentials::Credentials;
 use google_cloud_pubsub::client::{Subscriber, SubscriptionAdmin};
 use google_cloud_pubsub::model::Message;
 use google_cloud_pubsub::subscriber::handler::Handler;
@@ -22,8 +21,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::intake::{self, Intake};
+use super::pubsub_topics::credentials;
 use crate::connectors::ConnectorConfig;
-use crate::connectors::config::GcsConfig;
 use crate::domain::Provider;
 use crate::metrics::metrics;
 use crate::registry::Registry;
@@ -66,6 +65,13 @@ pub struct SubscriptionState {
     pub last_message_at: Option<DateTime<Utc>>,
     /// Why the last session ended.
     pub last_error: Option<String>,
+    /// The topic the subscription reads (as the service says), matched against topic allowlists.
+    pub topic: Option<String>,
+    /// Messages acked without jobs because no tenant reading the bucket allows the topic, or because they
+    /// cannot be read as a GCS notification.
+    pub rejected: u64,
+    /// Why the last such message was refused.
+    pub last_rejection: Option<String>,
 }
 
 /// The states of this process's subscriptions.
@@ -85,6 +91,10 @@ impl Subscriptions {
         self.states
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn topic(&self, key: &Key) -> Option<String> {
+        self.lock().get(key).and_then(|s| s.topic.clone())
     }
 
     fn update(&self, key: &Key, change: impl FnOnce(&mut SubscriptionState)) {
@@ -148,6 +158,9 @@ pub fn spawn(
                                 messages: 0,
                                 last_message_at: None,
                                 last_error: None,
+                                topic: None,
+                                rejected: 0,
+                                last_rejection: None,
                             },
                         );
                         let session_stop = stop.child_token();
@@ -310,14 +323,19 @@ impl Session {
         outcome
     }
 
-    /// Asks the service for the subscription: proves the connection, the credentials and that it exists.
+    /// Asks the service for the subscription: proves the connection, the credentials and that it exists,
+    /// and learns the topic it reads.
     async fn check(&self, admin: &SubscriptionAdmin) -> Result<(), String> {
         let asked = admin
             .get_subscription()
             .set_subscription(self.key.subscription.clone())
             .send();
         match tokio::time::timeout(CHECK_TIMEOUT, asked).await {
-            Ok(Ok(_)) => Ok(()),
+            Ok(Ok(subscription)) => {
+                let topic = Some(subscription.topic).filter(|t| !t.is_empty());
+                self.subscriptions.update(&self.key, |s| s.topic = topic);
+                Ok(())
+            }
             Ok(Err(e)) => Err(format!("the subscription check failed: {e}")),
             Err(_) => Err(format!(
                 "the subscription check got no answer within {CHECK_TIMEOUT:?}"
@@ -346,24 +364,49 @@ impl Session {
                 // Redelivery cannot make it valid: ack it, and say so.
                 tracing::warn!(subscription = self.key.subscription, message_id = message.message_id, %reason,
                     "malformed Pub/Sub message acked without jobs");
+                self.subscriptions.update(&self.key, |s| {
+                    s.rejected += 1;
+                    s.last_rejection = Some(format!("message {}: {reason}", message.message_id));
+                });
                 handler.ack();
-                m.pubsub_messages.with_label_values(&["ignored"]).inc();
+                m.pubsub_messages.with_label_values(&["rejected"]).inc();
                 return;
             }
         };
+        let topic = self.subscriptions.topic(&self.key);
+        let mut topics = vec![self.key.subscription.as_str()];
+        topics.extend(topic.as_deref());
         let accepted = intake::accept(
             &self.pool,
             &self.registry,
             Provider::Gcs,
             &pubsub::delivery_id(&self.key.subscription, &message.message_id, publish_time),
-            &[self.key.subscription.as_str()],
+            &topics,
+            None,
             std::slice::from_ref(&change),
             "pubsub_pull",
         )
         .await;
         match accepted {
+            Ok(Intake::TopicRejected { tenants }) => {
+                // Redelivering cannot change the allowlist's mind: acked, but counted (the rejection metric,
+                // and this subscription's state) and logged, never dropped silently.
+                let why = format!(
+                    "topic {} is not in the topic_allowlist of the connectors reading bucket {}",
+                    topic.as_deref().unwrap_or("(unknown)"),
+                    change.bucket
+                );
+                tracing::warn!(subscription = self.key.subscription, ?tenants, key = change.key, %why,
+                    "Pub/Sub message refused by topic allowlist; acked without jobs");
+                self.subscriptions.update(&self.key, |s| {
+                    s.rejected += 1;
+                    s.last_rejection = Some(why);
+                });
+                handler.ack();
+                m.pubsub_messages.with_label_values(&["rejected"]).inc();
+            }
             Ok(outcome) => {
-                if matches!(outcome, Intake::NoConnector | Intake::TopicRejected { .. }) {
+                if matches!(outcome, Intake::NoConnector) {
                     tracing::debug!(?outcome, key = change.key, "message acked without jobs");
                 }
                 handler.ack();
@@ -379,32 +422,5 @@ impl Session {
                 m.pubsub_messages.with_label_values(&["nacked"]).inc();
             }
         }
-    }
-}
-
-/// The connector's service account (inline or from a file); anonymous against a custom endpoint without
-/// one (the emulator); else Application Default Credentials.
-fn credentials(gcs: &GcsConfig) -> Result<Credentials, String> {
-    use google_cloud_auth::credentials::{Builder, anonymous, service_account};
-    let key: Option<String> = match (&gcs.credentials_json, &gcs.credentials_path) {
-        (Some(json), _) => Some(json.expose().to_owned()),
-        (None, Some(path)) => Some(
-            std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read credentials_path {path:?}: {e}"))?,
-        ),
-        (None, None) => None,
-    };
-    match key {
-        Some(key) => {
-            let key: serde_json::Value = serde_json::from_str(&key)
-                .map_err(|e| format!("the service-account key is not JSON: {e}"))?;
-            service_account::Builder::new(key)
-                .build()
-                .map_err(|e| format!("the service-account key cannot be used: {e}"))
-        }
-        None if gcs.pubsub_endpoint.is_some() => Ok(anonymous::Builder::new().build()),
-        None => Builder::default()
-            .build()
-            .map_err(|e| format!("no Google credentials (Application Default Credentials): {e}")),
     }
 }

@@ -241,6 +241,17 @@ async fn the_config_endpoint_shows_effective_settings_without_secrets() {
     assert_eq!(config["PURGER_RETENTION_DAYS"], "30");
     assert_eq!(config["PUBSUB_VERIFY_SECRET"], "<set>");
     assert_eq!(config["CONNECTOR_KEK_VERSIONS"], "V1");
+    // What this server exposes, and to whom, is part of what it shows.
+    assert_eq!(config["ACTIVEKG_DSN"], "<set: on this host>");
+    assert_eq!(config["PUBSUB_ALLOW_UNAUTHENTICATED"], "false");
+    assert_eq!(config["ACTIVEKG_SNS_MAX_AGE_SECONDS"], "3600");
+    assert_eq!(config["ACTIVEKG_HTTP_MAX_CONNECTIONS"], "1024");
+    assert!(
+        config["ACTIVEKG_LOCAL_ROOTS"]
+            .as_str()
+            .unwrap()
+            .starts_with("<unset")
+    );
     let text = config.to_string();
     for secret in [
         "shh-very-secret",

@@ -635,3 +635,82 @@ async fn after_the_cause_of_a_dead_letter_is_fixed_a_backfill_ingests_the_same_o
     assert_eq!(graph_counts(fixture.pool(), &fixture.tenant).await.0, 1);
     fixture.stop().await;
 }
+
+#[tokio::test]
+async fn objects_whose_names_cannot_be_keys_are_recorded_as_their_own_failures_not_the_pages() {
+    // GCS lets a name hold NUL (PostgreSQL cannot store it); a folder can hold a file name that is not UTF-8.
+    let bucket = emulators::unique_bucket("odd");
+    emulators::gcs_bucket(&bucket).await;
+    emulators::gcs_put(
+        &bucket,
+        "fine.txt",
+        b"An ordinary note.",
+        Some("text/plain"),
+    )
+    .await;
+    emulators::gcs_put(
+        &bucket,
+        "bad\0name.txt",
+        b"Unstorable name.",
+        Some("text/plain"),
+    )
+    .await;
+    let fixture = Fixture::new(Provider::Gcs, emulators::gcs_config(&bucket), 10 << 20).await;
+    let (run, _) = backfill_page::start(
+        fixture.pool(),
+        &fixture.deps.registry,
+        &fixture.tenant,
+        Provider::Gcs,
+        None,
+        None,
+    )
+    .await
+    .unwrap();
+    fixture.settle(Duration::from_secs(30)).await;
+    let status = backfill_page::status(fixture.pool(), run).await.unwrap();
+    assert_eq!(
+        status.state, "completed",
+        "the page went through: {status:?}"
+    );
+    assert_eq!((status.enqueued, status.failed), (1, 1));
+    assert!(
+        status.failures[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("NUL"),
+        "{:?}",
+        status.failures
+    );
+    assert_eq!(graph_counts(fixture.pool(), &fixture.tenant).await.0, 1);
+    fixture.stop().await;
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("fine.txt"), "Another ordinary note.").unwrap();
+    let odd = <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(b"caf\xe9.txt");
+    std::fs::write(dir.path().join(odd), "Latin-1 name.").unwrap();
+    let config = serde_json::json!({ "path": dir.path().display().to_string() });
+    let fixture = Fixture::new(Provider::Local, config, 10 << 20).await;
+    let (run, _) = backfill_page::start(
+        fixture.pool(),
+        &fixture.deps.registry,
+        &fixture.tenant,
+        Provider::Local,
+        None,
+        None,
+    )
+    .await
+    .unwrap();
+    fixture.settle(Duration::from_secs(30)).await;
+    let status = backfill_page::status(fixture.pool(), run).await.unwrap();
+    assert_eq!(
+        (status.state.as_str(), status.enqueued, status.failed),
+        ("completed", 1, 1)
+    );
+    assert!(
+        status.failures[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("UTF-8")
+    );
+    fixture.stop().await;
+}

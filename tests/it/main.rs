@@ -17,6 +17,7 @@ mod embeddings;
 mod emulators;
 mod engine_edges;
 mod engine_faults;
+mod exposure;
 mod extract;
 mod fixtures;
 mod gate;

@@ -146,6 +146,17 @@ async fn rotating_a_thousand_configs_in_batches_of_a_hundred_moves_every_row_to_
         "{result:?}"
     );
     assert_eq!(result.active_version, 2);
+    assert_eq!(
+        result.moved.len(),
+        100,
+        "the result lists the first hundred rows moved"
+    );
+    assert!(
+        result
+            .moved
+            .iter()
+            .all(|m| (m.from_version, m.to_version) == (1, 2))
+    );
     assert_all_rotated(&db.pool, "t", 1000, 2, KEK_V2).await;
     assert_eq!(
         registry
@@ -201,6 +212,26 @@ async fn a_row_whose_key_is_gone_is_reported_and_left_untouched() {
         result.failed[0].reason.contains("CONNECTOR_KEK_V7"),
         "{:?}",
         result.failed[0]
+    );
+    let stays: Vec<u32> = result.failed.iter().map(|f| f.key_version).collect();
+    assert_eq!(
+        stays,
+        [7, 1],
+        "each failed row says the version it stays at"
+    );
+    let moved: Vec<(&str, u32, u32)> = result
+        .moved
+        .iter()
+        .map(|m| (m.tenant_id.as_str(), m.from_version, m.to_version))
+        .collect();
+    let expected: Vec<(String, u32, u32)> = (0..20).map(|i| (format!("ok{i:04}"), 1, 2)).collect();
+    assert_eq!(
+        moved,
+        expected
+            .iter()
+            .map(|(t, f, to)| (t.as_str(), *f, *to))
+            .collect::<Vec<_>>(),
+        "each moved row is recorded with the versions it moved between"
     );
     let after: Vec<Value> = sqlx::query_scalar("SELECT config FROM connector_configs WHERE tenant_id IN ('gone0000', 'wrong0000') ORDER BY tenant_id")
         .fetch_all(&db.pool)

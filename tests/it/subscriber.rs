@@ -245,7 +245,10 @@ async fn uploads_are_ingested_through_streaming_pull_and_survive_the_emulator_re
         s["connected"] == true
     })
     .await;
-    assert_eq!(state["tenants"], json!(["acme"]));
+    assert!(
+        state.get("tenants").is_none(),
+        "open answers name no tenants: {state}"
+    );
     assert_eq!(state["reconnects"], 0);
 
     let before: Vec<String> = (0..5).map(|i| format!("before/{i}.txt")).collect();

@@ -153,7 +153,7 @@ impl Kit {
         std::fs::read(self.dir.path().join("key.pem")).unwrap()
     }
 
-    /// A signed SNS Notification carrying `s3_message` from `topic`.
+    /// A signed SNS Notification carrying `s3_message` from `topic`, sent now.
     fn notification(
         &self,
         topic: &str,
@@ -161,7 +161,19 @@ impl Kit {
         s3_message: &str,
         version: &str,
     ) -> Value {
-        let timestamp = "2026-11-29T12:00:00.000Z";
+        self.notification_at(topic, message_id, s3_message, version, chrono::Utc::now())
+    }
+
+    /// A signed SNS Notification sent at `sent`.
+    fn notification_at(
+        &self,
+        topic: &str,
+        message_id: &str,
+        s3_message: &str,
+        version: &str,
+        sent: chrono::DateTime<chrono::Utc>,
+    ) -> Value {
+        let timestamp = sent.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string();
         let signed = format!(
             "Message\n{s3_message}\nMessageId\n{message_id}\nTimestamp\n{timestamp}\nTopicArn\n{topic}\nType\nNotification\n"
         );
@@ -175,7 +187,10 @@ impl Kit {
 
     /// A signed SubscriptionConfirmation.
     fn confirmation(&self, topic: &str, subscribe_url: &str) -> Value {
-        let (message_id, token, timestamp) = ("confirm-1", "tok-123", "2026-11-29T12:00:00.000Z");
+        let (message_id, token) = ("confirm-1", "tok-123");
+        let timestamp = chrono::Utc::now()
+            .format("%Y-%m-%dT%H:%M:%S%.3fZ")
+            .to_string();
         let message = format!("You have chosen to subscribe to the topic {topic}.");
         let signed = format!(
             "Message\n{message}\nMessageId\n{message_id}\nSubscribeURL\n{subscribe_url}\nTimestamp\n{timestamp}\nToken\n{token}\nTopicArn\n{topic}\nType\nSubscriptionConfirmation\n"
@@ -343,6 +358,14 @@ async fn a_subscription_confirmation_is_confirmed_by_a_durable_job() {
     let kit = Kit::new().await;
     let app = TestApp::spawn_with(&[("ACTIVEKG_SNS_CERT_BASE_URL", &kit.base)], Roles::all()).await;
     let topic = "arn:aws:sns:us-east-1:123456789012:activekg";
+    // Subscriptions are confirmed only for topics a connector allows.
+    register(
+        &app,
+        "s3",
+        "acme",
+        json!({"bucket": "acme-docs", "topic_allowlist": [topic]}),
+    )
+    .await;
     let url = "https://sns.us-east-1.amazonaws.com/?Action=ConfirmSubscription&TopicArn=arn:aws:sns:us-east-1:123456789012:activekg&Token=tok-123";
     let answered: Value = post_sns(&app, &kit.confirmation(topic, url))
         .await
@@ -625,17 +648,21 @@ async fn gcs_events_pushed_by_the_pubsub_emulator_are_verified_by_token_and_inge
         .unwrap();
     assert!(created.status().is_success());
     let subscription = format!("projects/test-proj/subscriptions/{bucket}");
+    // A standard push names only its subscription: the allowlisted topic is learned from Pub/Sub.
+    let pubsub_port: u16 = std::env::var("ACTIVEKG_TEST_PUBSUB_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(39502);
     register(
         &app,
         "gcs",
         "acme",
-        json!({"bucket": bucket, "endpoint": gcs, "project": "test", "topic_allowlist": ["projects/test-proj/topics/gcs-events"]}),
+        json!({"bucket": bucket, "endpoint": gcs, "project": "test",
+               "pubsub_endpoint": format!("http://127.0.0.1:{pubsub_port}"),
+               "topic_allowlist": ["projects/test-proj/topics/gcs-events"]}),
     )
     .await;
-    let push = format!(
-        "{}?token=sekrit-token&topic=projects/test-proj/topics/gcs-events",
-        app.url("/_webhooks/gcs")
-    );
+    let push = format!("{}?token=sekrit-token", app.url("/_webhooks/gcs"));
     pubsub(
         reqwest::Method::PUT,
         &subscription,
@@ -950,5 +977,408 @@ async fn webhook_health_answers_503_while_the_database_is_unreachable() {
         (app.get("/_webhooks/s3/health").await.status() == 200).then_some(())
     })
     .await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_subscription_to_a_topic_no_connector_allows_is_refused_and_nothing_is_fetched() {
+    let kit = Kit::new().await;
+    let app = sns_app(&kit).await;
+    register(&app, "s3", "acme", json!({"bucket": "acme-docs"})).await;
+    let stranger = "arn:aws:sns:us-east-1:999999999999:someone-elses-topic";
+    let url =
+        "https://sns.us-east-1.amazonaws.com/?Action=ConfirmSubscription&TopicArn=x&Token=tok-123";
+    let message = assert_error(
+        post_sns(&app, &kit.confirmation(stranger, url)).await,
+        403,
+        "topic_not_allowed",
+    )
+    .await;
+    assert!(message.contains("topic_allowlist"), "{message}");
+    assert!(
+        ingest_jobs(&app).await.is_empty()
+            && app
+                .admin_json("/_admin/jobs?kind=confirm_sns_subscription")
+                .await["jobs"]
+                .as_array()
+                .unwrap()
+                .is_empty(),
+        "no confirmation was queued"
+    );
+    app.stop().await;
+
+    // A server-wide allowlist admits it.
+    let app = TestApp::spawn_with(
+        &[
+            ("ACTIVEKG_SNS_CERT_BASE_URL", &kit.base),
+            ("ACTIVEKG_SNS_TOPIC_ALLOWLIST", stranger),
+        ],
+        Roles {
+            worker: false,
+            ..Roles::all()
+        },
+    )
+    .await;
+    let answered: Value = post_sns(&app, &kit.confirmation(stranger, url))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answered["result"], "subscription_confirmation");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_validly_signed_notification_too_old_or_from_the_future_is_refused_as_a_replay() {
+    let kit = Kit::new().await;
+    let app = sns_app(&kit).await;
+    register(&app, "s3", "acme", json!({"bucket": "acme-docs"})).await;
+    let event = s3_event("acme-docs", "a.txt", "ObjectCreated:Put");
+    let topic = "arn:aws:sns:us-east-1:123456789012:activekg";
+    let old = kit.notification_at(
+        topic,
+        "old-1",
+        &event,
+        "2",
+        chrono::Utc::now() - chrono::Duration::days(8),
+    );
+    let message = assert_error(post_sns(&app, &old).await, 403, "stale_message").await;
+    assert!(
+        message.contains("ACTIVEKG_SNS_MAX_AGE_SECONDS"),
+        "{message}"
+    );
+    let future = kit.notification_at(
+        topic,
+        "future-1",
+        &event,
+        "2",
+        chrono::Utc::now() + chrono::Duration::hours(1),
+    );
+    assert_error(post_sns(&app, &future).await, 403, "stale_message").await;
+    let fresh = kit.notification(topic, "fresh-1", &event, "2");
+    assert_eq!(post_sns(&app, &fresh).await.status(), 200);
+    assert_eq!(
+        ingest_jobs(&app).await.len(),
+        1,
+        "only the fresh one queued a job"
+    );
+    app.stop().await;
+}
+
+fn pubsub_endpoint() -> String {
+    let port: u16 = std::env::var("ACTIVEKG_TEST_PUBSUB_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(39502);
+    emulators::moto_url(); // the emulators, including Pub/Sub, are started by scripts/test-services
+    format!("http://127.0.0.1:{port}")
+}
+
+fn push_envelope(bucket: &str, subscription: &str, id: &str) -> Value {
+    json!({"message": {"attributes": {"bucketId": bucket, "objectId": "a.txt", "eventType": "OBJECT_FINALIZE",
+        "objectGeneration": "1"}, "messageId": id}, "subscription": subscription})
+}
+
+#[tokio::test]
+async fn pushes_are_refused_when_no_authentication_is_configured_unless_development_allows_them() {
+    let app = TestApp::spawn_with(
+        &[],
+        Roles {
+            worker: false,
+            ..Roles::all()
+        },
+    )
+    .await;
+    register(&app, "gcs", "acme", json!({"bucket": "open-docs"})).await;
+    let envelope = push_envelope("open-docs", "projects/p/subscriptions/s", "open-1");
+    let refused = app
+        .client
+        .post(app.url("/_webhooks/gcs"))
+        .json(&envelope)
+        .send()
+        .await
+        .unwrap();
+    let message = assert_error(refused, 401, "authentication_not_configured").await;
+    assert!(message.contains("PUBSUB_VERIFY_SECRET"), "{message}");
+    let health: Value = app.get("/_webhooks/gcs/health").await.json().await.unwrap();
+    assert_eq!(health["authentication"], "refused");
+    app.stop().await;
+
+    let app = TestApp::spawn_with(
+        &[("PUBSUB_ALLOW_UNAUTHENTICATED", "true")],
+        Roles {
+            worker: false,
+            ..Roles::all()
+        },
+    )
+    .await;
+    register(&app, "gcs", "acme", json!({"bucket": "open-docs"})).await;
+    let accepted = app
+        .client
+        .post(app.url("/_webhooks/gcs"))
+        .json(&envelope)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(accepted.status(), 200);
+    let answer: Value = accepted.json().await.unwrap();
+    assert_eq!(answer["result"], "accepted");
+    assert!(
+        answer.get("tenants").is_none(),
+        "answers never name tenants: {answer}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn with_oidc_and_a_shared_token_configured_a_push_needs_both() {
+    let kit = Kit::new().await;
+    let jwks = format!("{}/jwks", kit.base);
+    let audience = "https://kg.example/_webhooks/gcs";
+    let email = "pusher@test-proj.iam.gserviceaccount.com";
+    let app = TestApp::spawn_with(
+        &[
+            ("PUBSUB_VERIFY_OIDC", "true"),
+            ("PUBSUB_OIDC_AUDIENCE", audience),
+            ("PUBSUB_OIDC_JWKS_URL", &jwks),
+            ("PUBSUB_OIDC_EMAIL", email),
+            ("PUBSUB_VERIFY_SECRET", "both-please"),
+        ],
+        Roles {
+            worker: false,
+            ..Roles::all()
+        },
+    )
+    .await;
+    register(&app, "gcs", "acme", json!({"bucket": "both-docs"})).await;
+    let now = chrono::Utc::now().timestamp();
+    let token = mint(
+        &kit,
+        "test-key",
+        &Claims {
+            iss: "https://accounts.google.com",
+            aud: audience,
+            email,
+            email_verified: true,
+            exp: now + 600,
+            iat: now,
+        },
+    );
+    let send = |secret: Option<&str>, id: &str| {
+        let mut request = app
+            .client
+            .post(app.url("/_webhooks/gcs"))
+            .bearer_auth(&token)
+            .json(&push_envelope(
+                "both-docs",
+                "projects/p/subscriptions/s",
+                id,
+            ));
+        if let Some(secret) = secret {
+            request = request.header("x-pubsub-token", secret);
+        }
+        async move { request.send().await.unwrap() }
+    };
+    assert_error(send(None, "b-1").await, 401, "token_missing").await;
+    assert_error(send(Some("wrong"), "b-2").await, 403, "token_invalid").await;
+    assert_eq!(send(Some("both-please"), "b-3").await.status(), 200);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_standard_push_is_held_to_the_topic_its_subscription_reads() {
+    let endpoint = pubsub_endpoint();
+    let app = TestApp::spawn_with(
+        &[("PUBSUB_VERIFY_SECRET", "topic-token")],
+        Roles {
+            worker: false,
+            ..Roles::all()
+        },
+    )
+    .await;
+    let suffix = &uuid::Uuid::new_v4().simple().to_string()[..10];
+    let allowed_topic = format!("projects/test-proj/topics/allowed-{suffix}");
+    let other_topic = format!("projects/test-proj/topics/other-{suffix}");
+    for topic in [&allowed_topic, &other_topic] {
+        pubsub(reqwest::Method::PUT, topic, json!({})).await;
+    }
+    let good = format!("projects/test-proj/subscriptions/good-{suffix}");
+    let bad = format!("projects/test-proj/subscriptions/bad-{suffix}");
+    pubsub(reqwest::Method::PUT, &good, json!({"topic": allowed_topic})).await;
+    pubsub(reqwest::Method::PUT, &bad, json!({"topic": other_topic})).await;
+    register(
+        &app,
+        "gcs",
+        "acme",
+        json!({"bucket": "topic-docs", "pubsub_endpoint": endpoint, "topic_allowlist": [allowed_topic]}),
+    )
+    .await;
+    let push = |subscription: &str, id: &str| {
+        let request = app
+            .client
+            .post(app.url("/_webhooks/gcs?token=topic-token"))
+            .json(&push_envelope("topic-docs", subscription, id));
+        async move { request.send().await.unwrap() }
+    };
+    assert_eq!(
+        push(&good, "t-1").await.status(),
+        200,
+        "its subscription reads an allowed topic"
+    );
+    let message = assert_error(push(&bad, "t-2").await, 403, "topic_rejected").await;
+    assert!(
+        !message.contains("acme"),
+        "answers never name tenants: {message}"
+    );
+    // A subscription Pub/Sub does not know: the topic cannot be learned now; Pub/Sub will push again.
+    let unknown = format!("projects/test-proj/subscriptions/missing-{suffix}");
+    assert_error(push(&unknown, "t-3").await, 503, "unavailable").await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_pulled_message_refused_by_the_topic_allowlist_is_counted_and_shown_not_dropped_silently()
+{
+    let endpoint = pubsub_endpoint();
+    let suffix = &uuid::Uuid::new_v4().simple().to_string()[..10];
+    let topic = format!("projects/test-proj/topics/pulled-{suffix}");
+    let subscription = format!("projects/test-proj/subscriptions/pulled-{suffix}");
+    pubsub(reqwest::Method::PUT, &topic, json!({})).await;
+    pubsub(
+        reqwest::Method::PUT,
+        &subscription,
+        json!({"topic": topic, "ackDeadlineSeconds": 10}),
+    )
+    .await;
+    let app = TestApp::spawn_with(
+        &[],
+        Roles {
+            worker: false,
+            ..Roles::all()
+        },
+    )
+    .await;
+    register(
+        &app,
+        "gcs",
+        "acme",
+        json!({"bucket": "pulled-docs", "subscription": subscription, "pubsub_endpoint": endpoint,
+               "topic_allowlist": ["projects/test-proj/topics/some-other-topic"]}),
+    )
+    .await;
+    let rejected = metrics()
+        .webhook_topic_rejected
+        .with_label_values(&["gcs", "acme"]);
+    let before = rejected.get();
+    eventually(
+        Duration::from_secs(30),
+        "the subscriber to connect",
+        || async {
+            let health: Value = app.get("/_webhooks/gcs/health").await.json().await.ok()?;
+            (health["subscribers"][0]["connected"] == true).then_some(())
+        },
+    )
+    .await;
+    let attributes = json!({"bucketId": "pulled-docs", "objectId": "a.txt", "eventType": "OBJECT_FINALIZE",
+        "objectGeneration": "1", "payloadFormat": "JSON_API_V1"});
+    pubsub(
+        reqwest::Method::POST,
+        &format!("{topic}:publish"),
+        json!({"messages": [{"attributes": attributes, "data": ""}]}),
+    )
+    .await;
+    let subscriber = eventually(
+        Duration::from_secs(30),
+        "the refusal to be shown",
+        || async {
+            let health: Value = app.get("/_webhooks/gcs/health").await.json().await.ok()?;
+            let subscriber = health["subscribers"][0].clone();
+            (subscriber["rejected"] == 1).then_some(subscriber)
+        },
+    )
+    .await;
+    assert_eq!(subscriber["topic"].as_str(), Some(topic.as_str()));
+    assert!(
+        subscriber["last_rejection"]
+            .as_str()
+            .unwrap()
+            .contains(&topic),
+        "{subscriber}"
+    );
+    assert_eq!(
+        rejected.get() - before,
+        1,
+        "counted in webhook_topic_rejected_total"
+    );
+    assert!(ingest_jobs(&app).await.is_empty());
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_nul_character_in_any_delivered_field_is_refused_with_the_field_named_and_queues_nothing()
+{
+    let kit = Kit::new().await;
+    let app = TestApp::spawn_with(
+        &[
+            ("ACTIVEKG_SNS_CERT_BASE_URL", kit.base.as_str()),
+            ("PUBSUB_VERIFY_SECRET", "sekrit"),
+        ],
+        Roles {
+            worker: false,
+            ..Roles::all()
+        },
+    )
+    .await;
+    register(&app, "s3", "acme", json!({"bucket": "acme-docs"})).await;
+    register(&app, "gcs", "acme", json!({"bucket": "acme-gcs"})).await;
+    let topic = "arn:aws:sns:us-east-1:123456789012:activekg";
+
+    // A signed message whose object key decodes to NUL, and one whose MessageId holds it.
+    let key = kit.notification(
+        topic,
+        "nul-1",
+        &s3_event("acme-docs", "kb/bad%00key.txt", "ObjectCreated:Put"),
+        "2",
+    );
+    let message = assert_error(post_sns(&app, &key).await, 400, "malformed").await;
+    assert!(message.contains("NUL"), "{message}");
+    let id = kit.notification(
+        topic,
+        "nul\u{0}2",
+        &s3_event("acme-docs", "kb/fine.txt", "ObjectCreated:Put"),
+        "2",
+    );
+    let message = assert_error(post_sns(&app, &id).await, 400, "malformed").await;
+    assert!(message.contains("MessageId"), "{message}");
+
+    let push = |envelope: Value| {
+        let request = app
+            .client
+            .post(app.url("/_webhooks/gcs"))
+            .header("x-pubsub-token", "sekrit")
+            .json(&envelope);
+        async move { request.send().await.unwrap() }
+    };
+    let fine = push_envelope("acme-gcs", "projects/p/subscriptions/s", "gcs-1");
+    for (pointer, named) in [
+        ("/message/messageId", "messageId"),
+        ("/message/attributes/objectId", "objectId"),
+        ("/message/attributes/bucketId", "bucketId"),
+        ("/subscription", "subscription"),
+    ] {
+        let mut envelope = fine.clone();
+        *envelope.pointer_mut(pointer).unwrap() = json!("x\u{0}y");
+        let message = assert_error(push(envelope).await, 400, "malformed").await;
+        assert!(
+            message.contains(named) && message.contains("NUL"),
+            "{pointer}: {message}"
+        );
+    }
+    assert!(ingest_jobs(&app).await.is_empty(), "nothing was queued");
+    assert_eq!(
+        push(fine).await.status(),
+        200,
+        "the same push without NUL is taken"
+    );
     app.stop().await;
 }

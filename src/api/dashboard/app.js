@@ -281,9 +281,10 @@ async function connectors() {
     h("td", {}, p.tenant_id), h("td", {}, p.provider), h("td", {}, when(p.watermark)), h("td", {}, p.current_run || ""),
     h("td", {}, when(p.next_poll_at)), h("td", { class: "num" }, p.passes), h("td", { class: "error-text" }, p.last_error || "")));
   const subRows = gcs.subscribers.map((s) => h("tr", {},
-    h("td", {}, s.subscription), h("td", {}, s.tenants.join(", ")), h("td", {}, s.connected ? "connected" : "disconnected"),
-    h("td", { class: "num" }, s.reconnects), h("td", { class: "num" }, s.messages), h("td", {}, ago(s.last_message_at)),
-    h("td", { class: "error-text" }, s.last_error || "")));
+    h("td", {}, s.subscription), h("td", {}, s.topic || ""), h("td", {}, s.connected ? "connected" : "disconnected"),
+    h("td", { class: "num" }, s.reconnects), h("td", { class: "num" }, s.messages),
+    h("td", { class: s.rejected ? "num error" : "num" }, s.rejected), h("td", {}, ago(s.last_message_at)),
+    h("td", { class: "error-text" }, s.last_error || s.last_rejection || "")));
   const embeddingTenants = queues.tenants.filter((t) => t.queue === "embedding").map((t) => t.tenant_id);
   const perTenant = await Promise.all(embeddingTenants.map((t) =>
     api(`/admin/embedding/status?tenant_id=${encodeURIComponent(t)}`).catch(() => null)));
@@ -302,7 +303,7 @@ async function connectors() {
     table(["tenant", "provider", "watermark", "pass in flight", "next pass", "passes", "last error"], pollRows,
       "No connector polls."),
     h("h2", {}, "Pub/Sub subscribers (this process)"),
-    table(["subscription", "tenants", "state", "reconnects", "messages", "last message", "last error"], subRows,
+    table(["subscription", "topic", "state", "reconnects", "messages", "refused by allowlist", "last message", "last error"], subRows,
       "No connector pulls a subscription."),
     h("h2", {}, `Embeddings (${embedding.backend}, ${embedding.model}, ${embedding.index})`),
     table(["tenant", "queued", "processing", "ready", "failed", "skipped", "jobs due", "retrying", "dead"], embeddingRows),
