@@ -225,7 +225,19 @@ async fn a_job_interrupted_at_every_shutdown_is_dead_once_interruptions_use_up_i
             "still handed back after {shutdowns} shutdowns"
         );
         let workers = start(&db.pool, settings.clone()).await;
-        state(&db.pool, id, JobState::Running, Duration::from_secs(10)).await;
+        // Running means claimed; a job claimed but not yet started is given back free, so wait until its
+        // handler has begun this attempt.
+        crate::helpers::eventually(Duration::from_secs(10), "the attempt to start", || async {
+            let starts: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM test_events WHERE job_id = $1 AND event = 'start'",
+            )
+            .bind(id.0)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+            (starts > shutdowns).then_some(())
+        })
+        .await;
         workers.shutdown().await;
         shutdowns += 1;
         if admin::get(&db.pool, id).await.unwrap().state == JobState::Dead {
