@@ -37,18 +37,18 @@ pub struct StatusQuery {
 
 /// Embedding jobs (the guide's `embedding:queue`, `embedding:retry` and `embedding:dlq`).
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct QueueView {
+pub struct EmbeddingQueueView {
     /// Due now, waiting for a worker.
     pub queued: i64,
     /// Waiting for a retry's backoff.
     pub retry_scheduled: i64,
     /// Being embedded.
     pub running: i64,
-    /// Dead-lettered (inspect with `GET /_admin/jobs/dead?kind=embed_node`).
+    /// Dead-lettered (inspect with `GET /_admin/jobs/dlq?kind=embed_node`).
     pub dead: i64,
 }
 
-impl From<QueueFigures> for QueueView {
+impl From<QueueFigures> for EmbeddingQueueView {
     fn from(q: QueueFigures) -> Self {
         Self {
             queued: q.queued,
@@ -67,7 +67,7 @@ pub struct ScopeView {
     /// Live nodes with a stored vector.
     pub with_embedding: i64,
     /// Embedding jobs.
-    pub queue: QueueView,
+    pub queue: EmbeddingQueueView,
 }
 
 impl From<Scope> for ScopeView {

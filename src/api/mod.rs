@@ -10,6 +10,7 @@ mod dashboard;
 pub mod embedding;
 pub mod error;
 pub mod health;
+mod input;
 pub mod jobs;
 pub mod nodes;
 pub mod settings;
@@ -161,6 +162,9 @@ pub fn router(state: ApiState) -> Router {
         .fallback(not_found)
         .with_state(state)
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(middleware::from_fn(move |request, next| {
+            input::storable_input(max_body, request, next)
+        }))
         .layer(middleware::from_fn(error::json_errors))
         .layer(
             TraceLayer::new_for_http().make_span_with(|request: &Request| {

@@ -320,3 +320,62 @@ async fn swagger_ui_and_the_spec_are_served_without_network_access() {
     assert_eq!(served, generated);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn text_the_database_cannot_store_and_bodies_that_are_not_objects_are_refused_before_any_handler()
+ {
+    let app = TestApp::spawn_with(&[], Roles::all()).await;
+    for path in [
+        "/_admin/jobs/dlq?kind=%00",
+        "/_admin/jobs?tenant_id=a%00b",
+        "/_admin/connectors/s3?tenant_id=x%00",
+        "/nodes?class=%00",
+    ] {
+        let message = assert_error(app.admin_get(path).await, 422, "invalid_request").await;
+        assert!(message.contains("NUL"), "{path}: {message}");
+    }
+    let message = assert_error(
+        app.admin_post("/nodes", &json!({"tenant_id": "acme", "classes": ["Doc"], "props": {"a": {"b": ["ok", "no\u{0}"]}}}))
+            .await,
+        422,
+        "invalid_request",
+    )
+    .await;
+    assert!(
+        message.contains("props.a.b[1]"),
+        "the field is named: {message}"
+    );
+    // serde would take a sequence for a struct: a rotation must not start from `[null, null]`.
+    let message = assert_error(
+        app.admin_post("/_admin/connectors/rotate_keys", &json!([null, null]))
+            .await,
+        422,
+        "invalid_request",
+    )
+    .await;
+    assert!(message.contains("JSON object"), "{message}");
+    let jobs = app.admin_json("/_admin/jobs?kind=rotate_keys").await;
+    assert_eq!(jobs["jobs"], json!([]), "no rotation was started");
+    // What is storable still goes through.
+    assert_eq!(
+        app.admin_get("/_admin/jobs/dlq?kind=ingest_object")
+            .await
+            .status(),
+        200
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn no_two_schemas_of_the_spec_share_a_name() {
+    let spec = serde_json::to_value(activekg::api::openapi()).unwrap();
+    let schemas = spec["components"]["schemas"].as_object().unwrap();
+    // The embedding status names its own queue figures, apart from the jobs API's queue statistics.
+    let embedding = &schemas["EmbeddingQueueView"]["properties"];
+    assert!(embedding.get("retry_scheduled").is_some(), "{embedding}");
+    assert!(schemas["QueueView"].to_string().contains("kinds"));
+    assert_eq!(
+        schemas["ScopeView"]["properties"]["queue"]["$ref"],
+        "#/components/schemas/EmbeddingQueueView"
+    );
+}

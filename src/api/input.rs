@@ -1,0 +1,74 @@
+//! The one check every request passes before routing: text PostgreSQL cannot store (a NUL character) in the
+//! path, the query or a JSON body is refused here with the field named, and a JSON body must be an object,
+//! as every body in the spec is. Without it a NUL reached the database and came back as a 500, and serde's
+//! sequence form of a struct (`[null, null]`) was taken as a request.
+//!
+//! Webhooks are left to their own parsers, which count what they refuse.
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::error::ApiError;
+use crate::domain::nul_in;
+
+fn refuse(message: String) -> Response {
+    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", message).into_response()
+}
+
+fn decoded(text: &str) -> std::borrow::Cow<'_, [u8]> {
+    percent_encoding::percent_decode_str(text).into()
+}
+
+/// Middleware: see the module docs. `max_body` is the body limit the extractors apply too.
+pub(super) async fn storable_input(max_body: usize, request: Request, next: Next) -> Response {
+    let uri = request.uri();
+    if decoded(uri.path()).contains(&0) {
+        return refuse(
+            "the path contains a NUL character (%00), which this service cannot store".to_owned(),
+        );
+    }
+    if let Some(query) = uri.query() {
+        for pair in query.split('&') {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            if decoded(name).contains(&0) || decoded(&value.replace('+', " ")).contains(&0) {
+                let name = String::from_utf8_lossy(&decoded(name)).replace('\0', "\\0");
+                return refuse(format!(
+                    "query parameter {name} contains a NUL character (%00), which this service cannot store"
+                ));
+            }
+        }
+    }
+    let json = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !json || uri.path().starts_with("/_webhooks/") {
+        return next.run(request).await;
+    }
+    let (parts, body) = request.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, max_body).await else {
+        return ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the request body is larger than {max_body} bytes (ACTIVEKG_MAX_BODY_BYTES)"),
+        )
+        .into_response();
+    };
+    // Bodies that are not JSON at all are left to the handler's extractor, which says why.
+    if let Ok(value) = serde_json::from_slice::<serde_json::Value>(&bytes) {
+        if !value.is_object() {
+            return refuse("the body must be a JSON object".to_owned());
+        }
+        if let Some(path) = nul_in(&value) {
+            return refuse(format!(
+                "{path} contains a NUL character (\\u0000), which this service cannot store"
+            ));
+        }
+    }
+    next.run(Request::from_parts(parts, Body::from(bytes)))
+        .await
+}
