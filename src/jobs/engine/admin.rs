@@ -58,25 +58,41 @@ pub async fn wait(pool: &PgPool, id: JobId, timeout: std::time::Duration) -> Res
 /// Runs a pending or scheduled job now, or replays a dead or cancelled one.
 pub async fn retry(pool: &PgPool, id: JobId) -> Result<JobRecord> {
     let mut tx = pool.begin().await?;
-    store::retry_now(&mut tx, id).await?;
-    tx.commit().await?;
+    let done = store::retry_now(&mut tx, id).await;
+    settle(tx, done).await?;
     get(pool, id).await
 }
 
 /// Cancels a pending, scheduled or running job.
 pub async fn cancel(pool: &PgPool, id: JobId) -> Result<JobRecord> {
     let mut tx = pool.begin().await?;
-    store::cancel(&mut tx, id).await?;
-    tx.commit().await?;
+    let done = store::cancel(&mut tx, id).await;
+    settle(tx, done).await?;
     get(pool, id).await
 }
 
 /// Moves a pending or scheduled job to `run_at`.
 pub async fn reschedule(pool: &PgPool, id: JobId, run_at: DateTime<Utc>) -> Result<JobRecord> {
     let mut tx = pool.begin().await?;
-    store::reschedule(&mut tx, id, run_at).await?;
-    tx.commit().await?;
+    let done = store::reschedule(&mut tx, id, run_at).await;
+    settle(tx, done).await?;
     get(pool, id).await
+}
+
+/// Commits `tx` when `done` succeeded, and otherwise rolls it back before the error is returned. A dropped
+/// transaction is rolled back later, when the pool gets to it; until then its row locks stay, and a bulk
+/// replay made right after a refused retry skipped the very job it was about.
+async fn settle<T>(tx: sqlx::Transaction<'_, sqlx::Postgres>, done: Result<T>) -> Result<T> {
+    match done {
+        Ok(value) => {
+            tx.commit().await?;
+            Ok(value)
+        }
+        Err(err) => {
+            let _ = tx.rollback().await;
+            Err(err)
+        }
+    }
 }
 
 fn check_bulk(filter: &JobFilter, all: bool, limit: i64) -> Result<()> {
@@ -105,8 +121,8 @@ pub async fn replay_dead(
 ) -> Result<Replayed> {
     check_bulk(filter, all, limit)?;
     let mut tx = pool.begin().await?;
-    let replayed = store::replay(&mut tx, filter, &[JobState::Dead], limit).await?;
-    tx.commit().await?;
+    let done = store::replay(&mut tx, filter, &[JobState::Dead], limit).await;
+    let replayed = settle(tx, done).await?;
     tracing::info!(
         replayed = replayed.count,
         held = replayed.held.len(),
