@@ -17,6 +17,7 @@ use crate::api::{self, ApiState};
 use crate::cli::{Command, JobsAction};
 use crate::config::{DatabaseSource, Settings};
 use crate::crypto::Keyring;
+use crate::domain::Provider;
 use crate::jobs::{self, engine::Runtime, engine::RuntimeHandle, engine::Scheduler};
 use crate::registry::Registry;
 use crate::store::listen::Hub;
@@ -381,6 +382,8 @@ pub async fn run(
                 }
             }
             let _ = state.vector_index.set(index);
+            // Before readiness, so the first scrape a load balancer lets through has every series.
+            preset_metrics(&deps.registry).await;
             state.migrated.store(true, Ordering::SeqCst);
             tracing::info!("database schema is up to date");
             if roles.api && settings.pubsub_subscriber {
@@ -570,6 +573,23 @@ async fn jobs_verb(pool: PgPool, settings: Settings, action: JobsAction) -> Resu
                     );
                 }
             }
+            if !overview.tenants.is_empty() {
+                println!(
+                    "\n{:<14} {:<24} {:>8} {:>9} {:>8} {:>6}",
+                    "QUEUE", "TENANT", "PENDING", "SCHEDULED", "RUNNING", "DEAD"
+                );
+            }
+            for t in &overview.tenants {
+                println!(
+                    "{:<14} {:<24} {:>8} {:>9} {:>8} {:>6}",
+                    t.queue,
+                    t.tenant_id,
+                    t.counts.pending,
+                    t.counts.scheduled,
+                    t.counts.running,
+                    t.counts.dead
+                );
+            }
             for (worker, alive) in &overview.workers {
                 println!(
                     "worker {} ({}) last seen {} {}",
@@ -643,6 +663,37 @@ async fn jobs_verb(pool: PgPool, settings: Settings, action: JobsAction) -> Resu
         }
     }
     Ok(())
+}
+
+/// Zero series for every label value known at start-up, including each configured connector's tenant, so
+/// every metric the alerts and dashboards query is there from the first scrape.
+async fn preset_metrics(registry: &Registry) {
+    let providers: Vec<&str> = Provider::ALL.iter().map(|p| p.as_str()).collect();
+    let secret_fields: Vec<(&str, &str)> = Provider::ALL
+        .iter()
+        .flat_map(|p| {
+            crate::connectors::config::secret_fields(*p)
+                .iter()
+                .map(move |field| (p.as_str(), *field))
+        })
+        .collect();
+    let tenants = match registry.summaries(None, None).await {
+        Ok(connectors) => connectors
+            .into_iter()
+            .map(|c| (c.tenant_id, c.provider.as_str().to_owned()))
+            .collect(),
+        Err(err) => {
+            tracing::warn!(%err, "cannot list connectors: their per-tenant metrics appear with their first event");
+            Vec::new()
+        }
+    };
+    crate::metrics::metrics().preset(&crate::metrics::Known {
+        kinds: jobs::KINDS,
+        providers: &providers,
+        schedules: jobs::SCHEDULES,
+        secret_fields: &secret_fields,
+        tenants: &tenants,
+    });
 }
 
 fn server_limits(settings: &Settings) -> api::ServerLimits {

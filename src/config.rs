@@ -290,7 +290,12 @@ impl Settings {
             },
         );
         out.insert("ACTIVEKG_POOL_SIZE", self.pool_size.to_string());
-        out.insert("REDIS_URL", "<set>".to_owned());
+        // Validated for the guide's deployments, but every queue lives in PostgreSQL: say so rather than
+        // suggest Redis is in use.
+        out.insert(
+            "REDIS_URL",
+            "<not used: every queue is in PostgreSQL>".to_owned(),
+        );
         out.insert("RUN_SCHEDULER", self.run_scheduler.to_string());
         out.insert("ADMIN_TOKEN", secret(&self.admin_token));
         out.insert(

@@ -15,7 +15,8 @@ use prometheus::{
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
-    names: Vec<String>,
+    /// Every family as (name, help, type), including label vectors with no series yet.
+    families: Vec<(String, String, &'static str)>,
     /// HTTP requests by method, matched route and status.
     pub http_requests: IntCounterVec,
     /// HTTP request latency by method and matched route.
@@ -75,9 +76,13 @@ pub struct Metrics {
     pub worker_errors: IntCounterVec,
     /// Ingest duration (stat to commit), by provider.
     pub ingest_duration: HistogramVec,
-    /// Webhook authentication results, by provider and result (secret_ok, oidc_ok, signature_ok, skipped,
-    /// signature_invalid, token_missing, token_invalid, cert_url_invalid, cert_unavailable, keys_unavailable).
+    /// Pub/Sub push authentication results (the guide's metric: secret_ok, oidc_ok, skipped, token_missing,
+    /// token_invalid, signature_invalid, keys_unavailable, not_configured), by provider (`gcs`).
     pub webhook_verify: IntCounterVec,
+    /// SNS signature checks (signature_ok, skipped, signature_invalid, cert_url_invalid, cert_unavailable,
+    /// stale), by provider (`s3`). Apart from the guide's metric, whose failure query counts every result but
+    /// `secret_ok|oidc_ok|skipped` as a failure.
+    pub webhook_sns_verify: IntCounterVec,
     /// Webhook deliveries refused because the tenant's topic allowlist does not name the topic.
     pub webhook_topic_rejected: IntCounterVec,
     /// Webhook deliveries by provider and outcome (accepted, duplicate, ignored, no_connector, malformed,
@@ -110,20 +115,24 @@ const LATENCY_BUCKETS: &[f64] = &[
 impl Metrics {
     fn new() -> prometheus::Result<Self> {
         let registry = Registry::new();
-        // Every family's name, including label vectors that have no series yet (those are absent from a
-        // scrape until first used), so dashboards and alerts can be checked against what we export.
+        // Every family, including label vectors that have no series yet: the scrape declares them all, and
+        // dashboards and alerts can be checked against what we export.
         let names = std::cell::RefCell::new(Vec::new());
         let counter =
             |name: &str, help: &str, labels: &[&str]| -> prometheus::Result<IntCounterVec> {
                 let metric = IntCounterVec::new(Opts::new(name, help), labels)?;
                 registry.register(Box::new(metric.clone()))?;
-                names.borrow_mut().push(name.to_owned());
+                names
+                    .borrow_mut()
+                    .push((name.to_owned(), help.to_owned(), "counter"));
                 Ok(metric)
             };
         let gauge = |name: &str, help: &str, labels: &[&str]| -> prometheus::Result<IntGaugeVec> {
             let metric = IntGaugeVec::new(Opts::new(name, help), labels)?;
             registry.register(Box::new(metric.clone()))?;
-            names.borrow_mut().push(name.to_owned());
+            names
+                .borrow_mut()
+                .push((name.to_owned(), help.to_owned(), "gauge"));
             Ok(metric)
         };
         let histogram =
@@ -133,11 +142,17 @@ impl Metrics {
                     labels,
                 )?;
                 registry.register(Box::new(metric.clone()))?;
-                names.borrow_mut().push(name.to_owned());
+                names
+                    .borrow_mut()
+                    .push((name.to_owned(), help.to_owned(), "histogram"));
                 Ok(metric)
             };
         let single = |opts: HistogramOpts| -> prometheus::Result<Histogram> {
-            names.borrow_mut().push(opts.common_opts.name.clone());
+            names.borrow_mut().push((
+                opts.common_opts.name.clone(),
+                opts.common_opts.help.clone(),
+                "histogram",
+            ));
             let metric = Histogram::with_opts(opts)?;
             registry.register(Box::new(metric.clone()))?;
             Ok(metric)
@@ -290,7 +305,12 @@ impl Metrics {
             )?,
             webhook_verify: counter(
                 "webhook_pubsub_verify_total",
-                "Webhook authentication results, by provider and result.",
+                "Pub/Sub push authentication results, by provider and result.",
+                &["provider", "result"],
+            )?,
+            webhook_sns_verify: counter(
+                "webhook_sns_verify_total",
+                "SNS delivery signature checks, by provider and result.",
                 &["provider", "result"],
             )?,
             webhook_topic_rejected: counter(
@@ -354,23 +374,187 @@ impl Metrics {
                 &["provider", "result"],
             )?,
             registry,
-            names: names.take(),
+            families: names.take(),
         })
     }
 
     /// The name of every metric family this process exports.
-    pub fn names(&self) -> &[String] {
-        &self.names
+    pub fn names(&self) -> Vec<&str> {
+        self.families
+            .iter()
+            .map(|(name, _, _)| name.as_str())
+            .collect()
     }
 
-    /// All metrics in the Prometheus text exposition format.
+    /// Creates the zero series of every label value known before any event (results, error types, classes,
+    /// the job kinds this process runs, providers, and the tenants with connectors), so panels and
+    /// `absent()`-style alerts see them from the first scrape. Idempotent.
+    pub fn preset(&self, known: &Known<'_>) {
+        let zero = |vec: &IntCounterVec, labels: &[&str]| {
+            vec.with_label_values(labels);
+        };
+        zero(&self.http_connections_refused, &[]);
+        zero(&self.worker_fenced, &[]);
+        self.schedulers_alive.with_label_values(&[] as &[&str]);
+        for kind in known.kinds {
+            for vec in [
+                &self.jobs_enqueued,
+                &self.jobs_deduplicated,
+                &self.jobs_started,
+                &self.jobs_succeeded,
+                &self.jobs_retried,
+                &self.jobs_snoozed,
+                &self.jobs_dead,
+                &self.jobs_rescued,
+            ] {
+                zero(vec, &[kind]);
+            }
+            for class in JOB_FAILURE_CLASSES {
+                zero(&self.jobs_failed, &[kind, class]);
+            }
+            self.job_duration.with_label_values(&[kind]);
+            self.job_start_latency.with_label_values(&[kind]);
+        }
+        for schedule in known.schedules {
+            zero(&self.schedule_ticks_fired, &[schedule]);
+        }
+        for result in ["rotated", "skipped", "error"] {
+            zero(&self.rotation, &[result]);
+        }
+        for (provider, field) in known.secret_fields {
+            zero(&self.config_decrypt_failures, &[provider, field]);
+        }
+        for source in ["config_cache", "gcs_subscriber"] {
+            zero(&self.pubsub_reconnects, &[source]);
+        }
+        for error_type in ["no_config", "parse", "processing", "unsupported_provider"] {
+            zero(&self.worker_errors, &[error_type]);
+        }
+        for provider in known.providers {
+            self.ingest_duration.with_label_values(&[provider]);
+            for result in ["started", "completed", "failed"] {
+                zero(&self.poller_runs, &[provider, result]);
+            }
+        }
+        for result in SNS_VERIFY_RESULTS {
+            zero(&self.webhook_sns_verify, &["s3", result]);
+        }
+        for result in PUSH_VERIFY_RESULTS {
+            zero(&self.webhook_verify, &["gcs", result]);
+        }
+        for provider in ["s3", "gcs"] {
+            for result in WEBHOOK_EVENT_RESULTS {
+                zero(&self.webhook_events, &[provider, result]);
+            }
+        }
+        for result in ["ok", "rejected", "unavailable", "rate_limited"] {
+            zero(&self.embedding_texts, &[result]);
+        }
+        for result in ["success", "error", "dry_run"] {
+            zero(&self.purger, &[result]);
+        }
+        for kind in ["document", "chunk", "edge"] {
+            zero(&self.purged, &[kind]);
+        }
+        for result in ["acked", "nacked", "ignored", "rejected"] {
+            zero(&self.pubsub_messages, &[result]);
+        }
+        for (tenant, provider) in known.tenants {
+            self.preset_tenant(tenant, provider);
+        }
+    }
+
+    /// The zero series of one tenant's connector (at start-up, and when a connector is registered).
+    pub fn preset_tenant(&self, tenant: &str, provider: &str) {
+        for result in ["created", "updated", "unchanged", "deleted"] {
+            self.ingest.with_label_values(&[provider, tenant, result]);
+        }
+        self.ingest_errors.with_label_values(&[provider, tenant]);
+        if provider != "local" {
+            self.webhook_topic_rejected
+                .with_label_values(&[provider, tenant]);
+        }
+        for result in ["ready", "skipped", "failed"] {
+            self.embedding_nodes.with_label_values(&[tenant, result]);
+        }
+    }
+
+    /// All metrics in the Prometheus text exposition format. Families without series yet (labelled by
+    /// tenants none of which has a connector, say) are still declared, with `# HELP` and `# TYPE`.
     pub fn encode(&self) -> String {
         let mut buffer = Vec::new();
+        let gathered = self.registry.gather();
         // Encoding into a Vec cannot fail for well-formed metric families.
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buffer);
-        String::from_utf8(buffer).unwrap_or_default()
+        let _ = TextEncoder::new().encode(&gathered, &mut buffer);
+        let mut text = String::from_utf8(buffer).unwrap_or_default();
+        for (name, help, kind) in &self.families {
+            if !gathered.iter().any(|family| family.name() == name) {
+                text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+            }
+        }
+        text
     }
 }
+
+/// What [`Metrics::preset`] creates series for, besides the fixed label values.
+#[derive(Debug, Default)]
+pub struct Known<'a> {
+    /// Job kinds this process runs or enqueues.
+    pub kinds: &'a [&'a str],
+    /// Providers of this build.
+    pub providers: &'a [&'a str],
+    /// Schedules this process may fire.
+    pub schedules: &'a [&'a str],
+    /// (provider, field) of every sealed connector secret.
+    pub secret_fields: &'a [(&'a str, &'a str)],
+    /// (tenant, provider) of every connector configured at start-up.
+    pub tenants: &'a [(String, String)],
+}
+
+/// Classes of `activekg_jobs_failed_total` (see `jobs::engine::outcome`).
+const JOB_FAILURE_CLASSES: &[&str] = &[
+    "transient",
+    "retry_after",
+    "permanent",
+    "timeout",
+    "panic",
+    "crash",
+    "interrupted",
+    "undecodable",
+    "fenced",
+    "snoozed",
+];
+/// Results of `webhook_sns_verify_total`.
+const SNS_VERIFY_RESULTS: &[&str] = &[
+    "signature_ok",
+    "skipped",
+    "signature_invalid",
+    "cert_url_invalid",
+    "cert_unavailable",
+    "stale",
+];
+/// Results of `webhook_pubsub_verify_total`.
+const PUSH_VERIFY_RESULTS: &[&str] = &[
+    "secret_ok",
+    "oidc_ok",
+    "skipped",
+    "token_missing",
+    "token_invalid",
+    "signature_invalid",
+    "keys_unavailable",
+    "not_configured",
+];
+/// Results of `webhook_events_total`.
+const WEBHOOK_EVENT_RESULTS: &[&str] = &[
+    "accepted",
+    "duplicate",
+    "no_connector",
+    "rejected",
+    "malformed",
+    "ignored",
+    "test_event",
+    "subscription_confirmation",
+];
 
 static METRICS: LazyLock<Metrics> =
     LazyLock::new(|| Metrics::new().expect("metric definitions are valid and registered once"));

@@ -3,6 +3,7 @@
 //! as every body in the spec is. Without it a NUL reached the database and came back as a 500, and serde's
 //! sequence form of a struct (`[null, null]`) was taken as a request.
 //!
+//! A JSON object sent without a JSON content type (`curl -d` labels it a form) is taken as JSON.
 //! Webhooks are left to their own parsers, which count what they refuse.
 
 use axum::body::Body;
@@ -41,15 +42,23 @@ pub(super) async fn storable_input(max_body: usize, request: Request, next: Next
             }
         }
     }
-    let json = request
+    // `curl -d` without `-H Content-Type` labels a body as a form (the guide's own commands do): a body
+    // that is a JSON object is taken as JSON whatever it is labelled, if it is labelled as nothing else.
+    let label = request
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let labelled_json = label
+        .as_deref()
         .is_some_and(|v| v.starts_with("application/json"));
-    if !json || uri.path().starts_with("/_webhooks/") {
+    let unlabelled = label
+        .as_deref()
+        .is_none_or(|v| v.starts_with("application/x-www-form-urlencoded"));
+    if !(labelled_json || unlabelled) || uri.path().starts_with("/_webhooks/") {
         return next.run(request).await;
     }
-    let (parts, body) = request.into_parts();
+    let (mut parts, body) = request.into_parts();
     let Ok(bytes) = axum::body::to_bytes(body, max_body).await else {
         return ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -59,15 +68,22 @@ pub(super) async fn storable_input(max_body: usize, request: Request, next: Next
         .into_response();
     };
     // Bodies that are not JSON at all are left to the handler's extractor, which says why.
-    if let Ok(value) = serde_json::from_slice::<serde_json::Value>(&bytes) {
-        if !value.is_object() {
-            return refuse("the body must be a JSON object".to_owned());
+    match serde_json::from_slice::<serde_json::Value>(&bytes) {
+        Ok(value) if labelled_json || value.is_object() => {
+            if !value.is_object() {
+                return refuse("the body must be a JSON object".to_owned());
+            }
+            if let Some(path) = nul_in(&value) {
+                return refuse(format!(
+                    "{path} contains a NUL character (\\u0000), which this service cannot store"
+                ));
+            }
+            parts.headers.insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/json"),
+            );
         }
-        if let Some(path) = nul_in(&value) {
-            return refuse(format!(
-                "{path} contains a NUL character (\\u0000), which this service cannot store"
-            ));
-        }
+        _ => {}
     }
     next.run(Request::from_parts(parts, Body::from(bytes)))
         .await

@@ -97,8 +97,13 @@ fn answer(provider: Provider, result: &str, jobs: usize) -> Json<WebhookAnswer> 
 }
 
 fn verified(provider: Provider, result: &str) {
-    metrics()
-        .webhook_verify
+    let m = metrics();
+    let counter = if provider == Provider::S3 {
+        &m.webhook_sns_verify
+    } else {
+        &m.webhook_verify
+    };
+    counter
         .with_label_values(&[provider.as_str(), result])
         .inc();
 }

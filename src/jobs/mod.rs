@@ -129,10 +129,24 @@ pub fn connector_backlog(rows: &[crate::store::jobs::QueueCounts]) {
 /// How long webhook delivery ids are kept for de-duplication.
 pub const WEBHOOK_DEDUPE: std::time::Duration = std::time::Duration::from_secs(7 * 86_400);
 
+/// Every job kind this build runs.
+pub const KINDS: &[&str] = &[
+    <ingest_object::IngestObject as engine::Job>::KIND,
+    <embed_node::EmbedNode as engine::Job>::KIND,
+    <backfill_page::BackfillPage as engine::Job>::KIND,
+    <poll_connectors::PollConnectors as engine::Job>::KIND,
+    <purge_deleted::PurgeDeleted as engine::Job>::KIND,
+    <rotate_keys::RotateKeys as engine::Job>::KIND,
+    <confirm_sns_subscription::ConfirmSnsSubscription as engine::Job>::KIND,
+];
+
+/// The cron schedules, by name: connector polling, then the purger.
+pub const SCHEDULES: &[&str] = &["connectors.poll", "connectors.purge_deleted"];
+
 /// Adds every built-in schedule.
 pub fn schedule(scheduler: &mut Scheduler, settings: &crate::config::Settings) {
     scheduler.add(
-        "connectors.poll",
+        SCHEDULES[0],
         poll_connectors::EVERY
             .parse()
             .expect("a fixed, valid cron expression"),
@@ -140,7 +154,7 @@ pub fn schedule(scheduler: &mut Scheduler, settings: &crate::config::Settings) {
     );
     let (batch_size, retention_days) = (settings.purger_batch_size, settings.purger_retention_days);
     scheduler.add(
-        "connectors.purge_deleted",
+        SCHEDULES[1],
         settings.purger_schedule.clone(),
         move |tick| purge_deleted::PurgeDeleted {
             tenant_id: None,

@@ -235,6 +235,7 @@ impl Registry {
                 ))
             })?;
         self.cache.forget(provider, tenant.as_str());
+        metrics().preset_tenant(tenant.as_str(), provider.as_str());
         tracing::info!(tenant = %tenant, %provider, "connector registered");
         self.summarize(row)
     }

@@ -125,9 +125,28 @@ async fn migrate_creates_the_schema_and_the_jobs_verbs_read_it() {
     );
     let again = run(&["migrate"], &env);
     assert_eq!(again.status.code(), Some(0), "migrating twice is a no-op");
+    {
+        let pool = sqlx::PgPool::connect(&url).await.unwrap();
+        let mut conn = pool.acquire().await.unwrap();
+        let mut probe = crate::kinds::Probe::new("waiting", crate::kinds::Behavior::Succeed);
+        probe.tenant = Some("acme".to_owned());
+        activekg::jobs::engine::enqueue(&mut conn, &probe)
+            .await
+            .unwrap();
+        drop(conn);
+        pool.close().await;
+    }
     let queues = run(&["jobs", "queues"], &env);
     assert_eq!(queues.status.code(), Some(0));
-    assert!(String::from_utf8_lossy(&queues.stdout).contains("QUEUE"));
+    let printed = String::from_utf8_lossy(&queues.stdout);
+    assert!(printed.contains("QUEUE"), "{printed}");
+    // The tenant breakdown the verb's help promises.
+    assert!(
+        printed
+            .lines()
+            .any(|l| l.split_whitespace().take(3).collect::<Vec<_>>() == ["test", "acme", "1"]),
+        "{printed}"
+    );
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "DROP DATABASE {fresh} WITH (FORCE)"
     )))

@@ -146,11 +146,12 @@ async fn every_error_has_the_same_json_shape() {
         .await
         .unwrap();
     assert_error(malformed, 400, "bad_request").await;
+    // A JSON object without a Content-Type is taken as JSON (curl -d); anything else is not.
     let no_type = app
         .client
         .post(app.url("/_admin/jobs/dlq/replay"))
         .bearer_auth(ADMIN_TOKEN)
-        .body("{}")
+        .body("kind=ingest_object")
         .send()
         .await
         .unwrap();
@@ -243,6 +244,12 @@ async fn the_config_endpoint_shows_effective_settings_without_secrets() {
     assert_eq!(config["CONNECTOR_KEK_VERSIONS"], "V1");
     // What this server exposes, and to whom, is part of what it shows.
     assert_eq!(config["ACTIVEKG_DSN"], "<set: on this host>");
+    assert!(
+        config["REDIS_URL"]
+            .as_str()
+            .unwrap()
+            .starts_with("<not used")
+    );
     assert_eq!(config["PUBSUB_ALLOW_UNAUTHENTICATED"], "false");
     assert_eq!(config["ACTIVEKG_SNS_MAX_AGE_SECONDS"], "3600");
     assert_eq!(config["ACTIVEKG_HTTP_MAX_CONNECTIONS"], "1024");
@@ -356,6 +363,17 @@ async fn text_the_database_cannot_store_and_bodies_that_are_not_objects_are_refu
     assert!(message.contains("JSON object"), "{message}");
     let jobs = app.admin_json("/_admin/jobs?kind=rotate_keys").await;
     assert_eq!(jobs["jobs"], json!([]), "no rotation was started");
+    // The guide's `curl -d '{"dry_run": true}'` (no Content-Type: curl labels it a form) is taken as JSON.
+    let dry_run = app
+        .client
+        .post(app.url("/_admin/connectors/rotate_keys"))
+        .bearer_auth(crate::helpers::ADMIN_TOKEN)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(r#"{"dry_run": true}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(dry_run.status(), 200, "{}", dry_run.text().await.unwrap());
     // What is storable still goes through.
     assert_eq!(
         app.admin_get("/_admin/jobs/dlq?kind=ingest_object")

@@ -157,8 +157,8 @@ async fn every_metric_the_alerts_and_dashboard_use_is_exported_by_the_service() 
     assert!(used.len() >= 20, "{used:?}");
     let exported: BTreeSet<String> = activekg::metrics::metrics()
         .names()
-        .iter()
-        .cloned()
+        .into_iter()
+        .map(str::to_owned)
         .collect();
     let missing: Vec<&String> = used.difference(&exported).collect();
     assert!(
@@ -186,6 +186,57 @@ async fn every_metric_the_alerts_and_dashboard_use_is_exported_by_the_service() 
         assert!(
             scraped.contains(&format!("# TYPE {always} ")),
             "{always} in {scraped}"
+        );
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_fresh_server_exports_every_metric_with_zero_series_for_the_label_values_known_in_advance()
+ {
+    let app = crate::helpers::TestApp::spawn().await;
+    let scraped = app.get("/metrics").await.text().await.unwrap();
+    for name in activekg::metrics::metrics().names() {
+        assert!(
+            scraped.contains(&format!("# TYPE {name} ")),
+            "{name} is not declared on the first scrape"
+        );
+    }
+    // The series alerts and panels query exist at zero before their first event.
+    for series in [
+        r#"connector_rotation_total{result="error"} 0"#,
+        r#"activekg_jobs_dead_total{kind="ingest_object"} 0"#,
+        r#"activekg_jobs_failed_total{class="crash",kind="embed_node"} 0"#,
+        r#"connector_pubsub_reconnect_total{source="gcs_subscriber"} 0"#,
+        r#"connector_config_decrypt_failures_total{field="secret_access_key",provider="s3"} 0"#,
+        r#"connector_worker_errors_total{error_type="parse"} 0"#,
+        r#"webhook_pubsub_verify_total{provider="gcs",result="token_invalid"} 0"#,
+        r#"webhook_sns_verify_total{provider="s3",result="signature_ok"} 0"#,
+        r#"connector_ingest_duration_seconds_count{provider="gcs"} 0"#,
+        r#"connector_pubsub_messages_total{result="rejected"} 0"#,
+        r#"activekg_worker_fenced_total 0"#,
+    ] {
+        assert!(
+            scraped.contains(series),
+            "{series} missing from the first scrape"
+        );
+    }
+    // A tenant's series appear when its connector is registered, before anything is ingested.
+    let registered = app
+        .admin_post(
+            "/_admin/connectors/s3/register",
+            &serde_json::json!({"tenant_id": "acme", "config": {"bucket": "acme-docs"}}),
+        )
+        .await;
+    assert_eq!(registered.status(), 201);
+    let scraped = app.get("/metrics").await.text().await.unwrap();
+    for series in [
+        r#"connector_ingest_errors_total{provider="s3",tenant="acme"} 0"#,
+        r#"webhook_topic_rejected_total{provider="s3",tenant="acme"} 0"#,
+    ] {
+        assert!(
+            scraped.contains(series),
+            "{series} missing after registering"
         );
     }
     app.stop().await;

@@ -250,11 +250,15 @@ async fn sns_app(kit: &Kit) -> TestApp {
     .await
 }
 
+/// SNS checks and Pub/Sub pushes are counted apart, so the guide's Pub/Sub failure query stays right.
 fn verify_count(provider: &str, result: &str) -> u64 {
-    metrics()
-        .webhook_verify
-        .with_label_values(&[provider, result])
-        .get()
+    let m = metrics();
+    let counter = if provider == "s3" {
+        &m.webhook_sns_verify
+    } else {
+        &m.webhook_verify
+    };
+    counter.with_label_values(&[provider, result]).get()
 }
 
 #[tokio::test]
@@ -297,6 +301,14 @@ async fn signed_notifications_of_both_versions_are_accepted_once_and_tampering_i
     );
     assert_eq!(post_sns(&app, &v2).await.status(), 200);
     assert_eq!(verify_count("s3", "signature_ok") - ok_before, 3);
+    assert_eq!(
+        metrics()
+            .webhook_verify
+            .with_label_values(&["s3", "signature_ok"])
+            .get(),
+        0,
+        "SNS deliveries stay out of the guide's Pub/Sub metric, whose failure query would count them"
+    );
 
     let jobs = ingest_jobs(&app).await;
     let mut seen: Vec<(String, String)> = jobs
