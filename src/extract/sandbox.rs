@@ -137,8 +137,7 @@ impl Sandbox {
             let read_err = limited_err.read_to_end(&mut complaint);
             let (_, read, _) = tokio::join!(write, read, read_err);
             read.map_err(|e| SandboxError::Unavailable(format!("cannot read its answer: {e}")))?;
-            let status = child
-                .wait()
+            let status = reap(&mut child)
                 .await
                 .map_err(|e| SandboxError::Unavailable(format!("cannot wait for it: {e}")))?;
             Ok::<_, SandboxError>((status, answer, complaint))
@@ -147,7 +146,9 @@ impl Sandbox {
             Ok(result) => result?,
             Err(_) => {
                 let _ = child.start_kill();
-                let _ = child.wait().await;
+                // Bounded: the answer is the same whether or not the exit is seen (kill_on_drop and
+                // tokio's orphan reaping take care of a child not yet reaped).
+                let _ = tokio::time::timeout(Duration::from_secs(5), reap(&mut child)).await;
                 return Err(SandboxError::Broke(format!(
                     "extraction took longer than {} s: refusing the file",
                     self.limits.wall.as_secs()
@@ -262,4 +263,19 @@ pub fn child_main() -> ExitCode {
         return ExitCode::from(4);
     }
     ExitCode::SUCCESS
+}
+
+/// Waits for the child's exit by also asking for it (`waitpid` with `WNOHANG`) every 20 ms, not only on
+/// SIGCHLD. Once, with many children ending at once, a hostile file's job stayed `running` past every
+/// limit; the wait for the exit after a kill was the only step without a bound, and now it has one.
+async fn reap(child: &mut tokio::process::Child) -> std::io::Result<std::process::ExitStatus> {
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        tokio::select! {
+            status = child.wait() => return status,
+            () = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+    }
 }
