@@ -230,43 +230,30 @@ impl FromRequest<ApiState> for VerifiedPush {
             .await
         {
             Ok(result) => verified(provider, result),
-            Err(PushRefusal::Missing { result, message }) => {
-                return Err(refused(
-                    provider,
-                    result,
-                    StatusCode::UNAUTHORIZED,
-                    "token_missing",
-                    message,
-                ));
-            }
-            Err(PushRefusal::Invalid { result, message }) => {
-                return Err(refused(
-                    provider,
-                    result,
-                    StatusCode::FORBIDDEN,
-                    "token_invalid",
-                    message,
-                ));
-            }
-            Err(PushRefusal::Unavailable(reason)) => {
-                return Err(refused(
-                    provider,
-                    "keys_unavailable",
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "unavailable",
-                    reason,
-                ));
-            }
-            Err(PushRefusal::NotConfigured) => {
-                return Err(refused(
-                    provider,
-                    "not_configured",
-                    StatusCode::UNAUTHORIZED,
-                    "authentication_not_configured",
-                    "this server does not accept unauthenticated pushes: set PUBSUB_VERIFY_SECRET (and put the token \
-                     on the push endpoint) or PUBSUB_VERIFY_OIDC with PUBSUB_OIDC_AUDIENCE and PUBSUB_OIDC_EMAIL"
-                        .to_owned(),
-                ));
+            Err(refusal) => {
+                let (result, status, code, message) = match refusal {
+                    PushRefusal::Missing { result, message } => {
+                        (result, StatusCode::UNAUTHORIZED, "token_missing", message)
+                    }
+                    PushRefusal::Invalid { result, message } => {
+                        (result, StatusCode::FORBIDDEN, "token_invalid", message)
+                    }
+                    PushRefusal::Unavailable(reason) => (
+                        "keys_unavailable",
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "unavailable",
+                        reason,
+                    ),
+                    PushRefusal::NotConfigured => (
+                        "not_configured",
+                        StatusCode::UNAUTHORIZED,
+                        "authentication_not_configured",
+                        "this server does not accept unauthenticated pushes: set PUBSUB_VERIFY_SECRET (and put the \
+                         token on the push endpoint) or PUBSUB_VERIFY_OIDC with PUBSUB_OIDC_AUDIENCE and PUBSUB_OIDC_EMAIL"
+                            .to_owned(),
+                    ),
+                };
+                return Err(refused(provider, result, status, code, message));
             }
         }
         let body = body(request, state).await?;

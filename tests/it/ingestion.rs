@@ -58,6 +58,22 @@ impl Fixture {
         &self.db.pool
     }
 
+    /// Backfills the whole bucket or folder and waits for the jobs it queued; the run's id.
+    async fn backfill_all(&self, provider: Provider) -> uuid::Uuid {
+        let (run, _) = backfill_page::start(
+            self.pool(),
+            &self.deps.registry,
+            &self.tenant,
+            provider,
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+        self.settle(Duration::from_secs(30)).await;
+        run
+    }
+
     /// Waits until no connector job is pending, scheduled or running.
     async fn settle(&self, within: Duration) {
         eventually(within, "connector jobs to settle", || async {
@@ -463,17 +479,7 @@ async fn a_local_folder_is_ingested_like_a_bucket() {
     .unwrap();
     let config = serde_json::json!({ "path": dir.path().display().to_string() });
     let fixture = Fixture::new(Provider::Local, config, 10 << 20).await;
-    backfill_page::start(
-        fixture.pool(),
-        &fixture.deps.registry,
-        &fixture.tenant,
-        Provider::Local,
-        None,
-        None,
-    )
-    .await
-    .unwrap();
-    fixture.settle(Duration::from_secs(30)).await;
+    fixture.backfill_all(Provider::Local).await;
     let titles: Vec<String> = sqlx::query_scalar(
         "SELECT props->>'title' FROM nodes WHERE tenant_id = $1 AND entity_type = 'Document' ORDER BY 1",
     )
@@ -656,17 +662,7 @@ async fn objects_whose_names_cannot_be_keys_are_recorded_as_their_own_failures_n
     )
     .await;
     let fixture = Fixture::new(Provider::Gcs, emulators::gcs_config(&bucket), 10 << 20).await;
-    let (run, _) = backfill_page::start(
-        fixture.pool(),
-        &fixture.deps.registry,
-        &fixture.tenant,
-        Provider::Gcs,
-        None,
-        None,
-    )
-    .await
-    .unwrap();
-    fixture.settle(Duration::from_secs(30)).await;
+    let run = fixture.backfill_all(Provider::Gcs).await;
     let status = backfill_page::status(fixture.pool(), run).await.unwrap();
     assert_eq!(
         status.state, "completed",
@@ -690,17 +686,7 @@ async fn objects_whose_names_cannot_be_keys_are_recorded_as_their_own_failures_n
     std::fs::write(dir.path().join(odd), "Latin-1 name.").unwrap();
     let config = serde_json::json!({ "path": dir.path().display().to_string() });
     let fixture = Fixture::new(Provider::Local, config, 10 << 20).await;
-    let (run, _) = backfill_page::start(
-        fixture.pool(),
-        &fixture.deps.registry,
-        &fixture.tenant,
-        Provider::Local,
-        None,
-        None,
-    )
-    .await
-    .unwrap();
-    fixture.settle(Duration::from_secs(30)).await;
+    let run = fixture.backfill_all(Provider::Local).await;
     let status = backfill_page::status(fixture.pool(), run).await.unwrap();
     assert_eq!(
         (status.state.as_str(), status.enqueued, status.failed),

@@ -781,6 +781,29 @@ struct Claims<'a> {
     iat: i64,
 }
 
+const OIDC_AUDIENCE: &str = "https://kg.example/_webhooks/gcs";
+const OIDC_EMAIL: &str = "pusher@test-proj.iam.gserviceaccount.com";
+
+/// An app verifying OIDC pushes against the kit's key set (plus `extra`), without workers.
+async fn oidc_app(kit: &Kit, extra: &[(&str, &str)]) -> TestApp {
+    let jwks = format!("{}/jwks", kit.base);
+    let mut vars = vec![
+        ("PUBSUB_VERIFY_OIDC", "true"),
+        ("PUBSUB_OIDC_AUDIENCE", OIDC_AUDIENCE),
+        ("PUBSUB_OIDC_JWKS_URL", jwks.as_str()),
+        ("PUBSUB_OIDC_EMAIL", OIDC_EMAIL),
+    ];
+    vars.extend_from_slice(extra);
+    TestApp::spawn_with(
+        &vars,
+        Roles {
+            worker: false,
+            ..Roles::all()
+        },
+    )
+    .await
+}
+
 fn mint(kit: &Kit, kid: &str, claims: &Claims<'_>) -> String {
     let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
     header.kid = Some(kid.to_owned());
@@ -791,22 +814,8 @@ fn mint(kit: &Kit, kid: &str, claims: &Claims<'_>) -> String {
 #[tokio::test]
 async fn oidc_tokens_verify_against_the_jwks_even_in_a_burst_on_a_cold_cache() {
     let kit = Kit::new().await;
-    let jwks = format!("{}/jwks", kit.base);
-    let audience = "https://kg.example/_webhooks/gcs";
-    let email = "pusher@test-proj.iam.gserviceaccount.com";
-    let app = TestApp::spawn_with(
-        &[
-            ("PUBSUB_VERIFY_OIDC", "true"),
-            ("PUBSUB_OIDC_AUDIENCE", audience),
-            ("PUBSUB_OIDC_JWKS_URL", &jwks),
-            ("PUBSUB_OIDC_EMAIL", email),
-        ],
-        Roles {
-            worker: false,
-            ..Roles::all()
-        },
-    )
-    .await;
+    let (audience, email) = (OIDC_AUDIENCE, OIDC_EMAIL);
+    let app = oidc_app(&kit, &[]).await;
     register(&app, "gcs", "acme", json!({"bucket": "acme-oidc"})).await;
     let now = chrono::Utc::now().timestamp();
     let good = Claims {
@@ -1145,23 +1154,8 @@ async fn pushes_are_refused_when_no_authentication_is_configured_unless_developm
 #[tokio::test]
 async fn with_oidc_and_a_shared_token_configured_a_push_needs_both() {
     let kit = Kit::new().await;
-    let jwks = format!("{}/jwks", kit.base);
-    let audience = "https://kg.example/_webhooks/gcs";
-    let email = "pusher@test-proj.iam.gserviceaccount.com";
-    let app = TestApp::spawn_with(
-        &[
-            ("PUBSUB_VERIFY_OIDC", "true"),
-            ("PUBSUB_OIDC_AUDIENCE", audience),
-            ("PUBSUB_OIDC_JWKS_URL", &jwks),
-            ("PUBSUB_OIDC_EMAIL", email),
-            ("PUBSUB_VERIFY_SECRET", "both-please"),
-        ],
-        Roles {
-            worker: false,
-            ..Roles::all()
-        },
-    )
-    .await;
+    let (audience, email) = (OIDC_AUDIENCE, OIDC_EMAIL);
+    let app = oidc_app(&kit, &[("PUBSUB_VERIFY_SECRET", "both-please")]).await;
     register(&app, "gcs", "acme", json!({"bucket": "both-docs"})).await;
     let now = chrono::Utc::now().timestamp();
     let token = mint(
