@@ -481,9 +481,7 @@ pub async fn execute(command: Command, settings: Settings) -> Result<(), AppErro
         Command::Openapi => {
             println!(
                 "{}",
-                api::openapi()
-                    .to_pretty_json()
-                    .map_err(anyhow::Error::from)?
+                serde_json::to_string_pretty(&api::openapi()).map_err(anyhow::Error::from)?
             );
             return Ok(());
         }

@@ -44,13 +44,23 @@ fn tenant(raw: &str) -> Result<TenantId, ApiError> {
     TenantId::parse(raw).map_err(ApiError::invalid)
 }
 
+/// A storage provider.
+#[derive(ToSchema)]
+#[schema(rename_all = "lowercase")]
+#[allow(dead_code)] // Only its schema is used: `Provider` parses the value.
+pub(super) enum ProviderName {
+    S3,
+    Gcs,
+    Local,
+}
+
 /// A connector as the API shows it: secret fields are always `"<redacted>"`.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ConnectorView {
     /// Tenant.
     pub tenant_id: String,
-    /// Provider: s3, gcs or local.
-    #[schema(value_type = String, example = "gcs")]
+    /// Provider.
+    #[schema(value_type = ProviderName)]
     pub provider: Provider,
     /// Configuration, secrets redacted.
     #[schema(value_type = Object)]
@@ -110,6 +120,7 @@ pub struct ListQuery {
     /// Only this tenant.
     pub tenant_id: Option<String>,
     /// Only this provider.
+    #[param(value_type = Option<ProviderName>)]
     pub provider: Option<String>,
 }
 
@@ -138,7 +149,7 @@ async fn list_connectors(
 
 /// One tenant's connector for a provider, secrets redacted.
 #[utoipa::path(get, path = "/_admin/connectors/{provider}", tag = "connectors",
-    params(("provider" = String, Path, description = "s3, gcs or local"), TenantQuery), security(("admin_token" = [])),
+    params(("provider" = ProviderName, Path, description = "The storage provider"), TenantQuery), security(("admin_token" = [])),
     responses((status = 200, body = ConnectorView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 422, body = ErrorBody)))]
 async fn get_connector(
@@ -156,7 +167,7 @@ async fn get_connector(
 
 /// Register a tenant's connector: the configuration is validated, secrets are encrypted with the active key.
 #[utoipa::path(post, path = "/_admin/connectors/{provider}/register", tag = "connectors",
-    params(("provider" = String, Path, description = "s3, gcs or local")), request_body = ConfigRequest,
+    params(("provider" = ProviderName, Path, description = "The storage provider")), request_body = ConfigRequest,
     security(("admin_token" = [])),
     responses((status = 201, body = ConnectorView), (status = 401, body = ErrorBody),
         (status = 409, description = "The tenant already has a connector for this provider", body = ErrorBody),
@@ -176,7 +187,7 @@ async fn register_connector(
 
 /// Merge changes into a connector's configuration (e.g. only `topic_allowlist`); `null` removes a field.
 #[utoipa::path(patch, path = "/_admin/connectors/{provider}/config", tag = "connectors",
-    params(("provider" = String, Path, description = "s3, gcs or local")), request_body = ConfigRequest,
+    params(("provider" = ProviderName, Path, description = "The storage provider")), request_body = ConfigRequest,
     security(("admin_token" = [])),
     responses((status = 200, body = ConnectorView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 409, description = "A stored secret does not decrypt; send a new value for it", body = ErrorBody),
@@ -196,7 +207,7 @@ async fn patch_connector(
 
 /// Delete a connector's configuration.
 #[utoipa::path(delete, path = "/_admin/connectors/{provider}/config", tag = "connectors",
-    params(("provider" = String, Path, description = "s3, gcs or local"), TenantQuery), security(("admin_token" = [])),
+    params(("provider" = ProviderName, Path, description = "The storage provider"), TenantQuery), security(("admin_token" = [])),
     responses((status = 204, description = "Deleted"), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 422, body = ErrorBody)))]
 async fn delete_connector(
@@ -214,7 +225,7 @@ async fn delete_connector(
 
 /// Turn ingestion for a connector on.
 #[utoipa::path(post, path = "/_admin/connectors/{provider}/enable", tag = "connectors",
-    params(("provider" = String, Path, description = "s3, gcs or local")), request_body = TenantQuery,
+    params(("provider" = ProviderName, Path, description = "The storage provider")), request_body = TenantQuery,
     security(("admin_token" = [])),
     responses((status = 200, body = ConnectorView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 422, body = ErrorBody)))]
@@ -233,7 +244,7 @@ async fn enable_connector(
 
 /// Turn ingestion for a connector off (its configuration is kept).
 #[utoipa::path(post, path = "/_admin/connectors/{provider}/disable", tag = "connectors",
-    params(("provider" = String, Path, description = "s3, gcs or local")), request_body = TenantQuery,
+    params(("provider" = ProviderName, Path, description = "The storage provider")), request_body = TenantQuery,
     security(("admin_token" = [])),
     responses((status = 200, body = ConnectorView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 422, body = ErrorBody)))]
@@ -261,9 +272,11 @@ pub struct RotateRequest {
     /// Only this tenant (all when absent or null).
     pub tenant_id: Option<String>,
     /// Only this provider.
+    #[schema(value_type = Option<ProviderName>)]
     pub provider: Option<String>,
     /// Rows per batch, each batch its own transaction (1-10000, default 100).
     #[serde(default = "default_batch_size")]
+    #[schema(minimum = 1, maximum = 10000)]
     pub batch_size: u32,
     /// Only count the rows that would be rotated.
     #[serde(default)]
@@ -359,6 +372,7 @@ pub struct PurgeRequest {
     /// Only this tenant's documents (all tenants when absent or null).
     pub tenant_id: Option<String>,
     /// Documents per batch, each batch its own transaction (1-100000; default `PURGER_BATCH_SIZE`).
+    #[schema(minimum = 1, maximum = 100000)]
     pub batch_size: Option<u32>,
 }
 
@@ -506,7 +520,7 @@ pub struct BackfillRunView {
 
 /// Queue every object under a prefix for ingestion, one listing page per durable job.
 #[utoipa::path(post, path = "/_admin/connectors/{provider}/backfill", tag = "connectors",
-    params(("provider" = String, Path, description = "s3, gcs or local")), request_body = BackfillRequest,
+    params(("provider" = ProviderName, Path, description = "The storage provider")), request_body = BackfillRequest,
     security(("admin_token" = [])),
     responses((status = 202, body = BackfillStarted), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 409, description = "The connector is disabled or unreadable", body = ErrorBody),

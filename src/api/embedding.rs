@@ -144,11 +144,11 @@ async fn status(
 pub struct RequeueRequest {
     /// Only this tenant's nodes (default: every tenant).
     pub tenant_id: Option<String>,
-    /// Only these nodes.
+    /// Only these nodes (1 to 2000).
+    #[schema(min_items = 1, max_items = 2000)]
     pub node_ids: Option<Vec<Uuid>>,
-    /// Only nodes in this embedding status (queued, processing, ready, failed, skipped) or `all`
-    /// (default `all`).
-    #[schema(example = "queued")]
+    /// Only nodes in this embedding status, or `all` (the default).
+    #[schema(value_type = Option<RequeueStatus>)]
     pub status: Option<String>,
     /// Only nodes without a stored vector (default false).
     #[serde(default)]
@@ -158,7 +158,21 @@ pub struct RequeueRequest {
     #[serde(default)]
     pub backfill_ready: bool,
     /// At most this many nodes, 1 to 2000 (default 500).
+    #[schema(minimum = 1, maximum = 2000)]
     pub limit: Option<i64>,
+}
+
+/// The embedding statuses a requeue can select, or all of them.
+#[derive(ToSchema)]
+#[schema(rename_all = "lowercase")]
+#[allow(dead_code)] // Only its schema is used: `EmbeddingStatus` parses the value.
+enum RequeueStatus {
+    Queued,
+    Processing,
+    Ready,
+    Failed,
+    Skipped,
+    All,
 }
 
 /// What a requeue did.

@@ -3,7 +3,9 @@
 //! as every body in the spec is. Without it a NUL reached the database and came back as a 500, and serde's
 //! sequence form of a struct (`[null, null]`) was taken as a request.
 //!
-//! A JSON object sent without a JSON content type (`curl -d` labels it a form) is taken as JSON.
+//! A JSON object sent without a JSON content type (`curl -d` labels it a form) is taken as JSON, and a
+//! number with no fraction (`25.0`) is an integer, as JSON Schema counts it: the spec's integer fields
+//! accept what the spec says they accept.
 //! Webhooks are left to their own parsers, which count what they refuse.
 
 use axum::body::Body;
@@ -69,7 +71,7 @@ pub(super) async fn storable_input(max_body: usize, request: Request, next: Next
     };
     // Bodies that are not JSON at all are left to the handler's extractor, which says why.
     match serde_json::from_slice::<serde_json::Value>(&bytes) {
-        Ok(value) if labelled_json || value.is_object() => {
+        Ok(mut value) if labelled_json || value.is_object() => {
             if !value.is_object() {
                 return refuse("the body must be a JSON object".to_owned());
             }
@@ -82,9 +84,38 @@ pub(super) async fn storable_input(max_body: usize, request: Request, next: Next
                 header::CONTENT_TYPE,
                 header::HeaderValue::from_static("application/json"),
             );
+            if whole_numbers_as_integers(&mut value) {
+                let rewritten = serde_json::to_vec(&value).expect("a parsed value serialises");
+                parts.headers.remove(header::CONTENT_LENGTH);
+                return next
+                    .run(Request::from_parts(parts, Body::from(rewritten)))
+                    .await;
+            }
         }
         _ => {}
     }
     next.run(Request::from_parts(parts, Body::from(bytes)))
         .await
+}
+
+/// Rewrites every float without a fraction that an `i64` holds exactly as that integer; says whether any was.
+fn whole_numbers_as_integers(value: &mut serde_json::Value) -> bool {
+    /// 2^53: above it an f64 no longer names one integer.
+    const EXACT: f64 = 9_007_199_254_740_992.0;
+    match value {
+        serde_json::Value::Number(n) => match n.as_f64() {
+            Some(f) if n.is_f64() && f.fract() == 0.0 && f.abs() <= EXACT => {
+                *n = serde_json::Number::from(f as i64);
+                true
+            }
+            _ => false,
+        },
+        serde_json::Value::Array(items) => items
+            .iter_mut()
+            .fold(false, |any, item| whole_numbers_as_integers(item) | any),
+        serde_json::Value::Object(fields) => fields
+            .values_mut()
+            .fold(false, |any, item| whole_numbers_as_integers(item) | any),
+        _ => false,
+    }
 }

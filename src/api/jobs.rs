@@ -40,7 +40,7 @@ pub struct JobView {
     /// Queue.
     pub queue: String,
     /// State.
-    #[schema(value_type = String, example = "pending")]
+    #[schema(value_type = StateName)]
     pub state: JobState,
     /// Arguments.
     #[schema(value_type = Object)]
@@ -138,7 +138,8 @@ pub struct JobQuery {
     pub queue: Option<String>,
     /// Only this kind.
     pub kind: Option<String>,
-    /// Only this state: pending, scheduled, running, completed, dead or cancelled.
+    /// Only this state.
+    #[param(value_type = Option<StateName>)]
     pub state: Option<String>,
     /// Only this tenant.
     pub tenant_id: Option<String>,
@@ -147,9 +148,24 @@ pub struct JobQuery {
     /// Enqueued before (RFC 3339).
     pub until: Option<DateTime<Utc>>,
     /// The `next_cursor` of the previous page.
+    #[param(pattern = r"^[0-9]{1,18}$")]
     pub cursor: Option<String>,
     /// Page size, 1-500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
+}
+
+/// A job's state as operators see it.
+#[derive(ToSchema)]
+#[schema(rename_all = "lowercase")]
+#[allow(dead_code)] // Only its schema is used: the state is parsed by `JobState`, which names the choices.
+enum StateName {
+    Pending,
+    Scheduled,
+    Running,
+    Completed,
+    Dead,
+    Cancelled,
 }
 
 /// A page of jobs.
@@ -165,31 +181,44 @@ impl JobQuery {
     fn parse(
         self,
         forced_state: Option<JobState>,
-    ) -> Result<(JobFilter, Option<JobId>, i64), ApiError> {
-        let state = match (forced_state, self.state) {
-            (Some(state), _) => Some(state),
-            (None, Some(text)) => Some(text.parse::<JobState>().map_err(ApiError::invalid)?),
-            (None, None) => None,
+    ) -> Result<Option<(JobFilter, Option<JobId>, i64)>, ApiError> {
+        let asked = self
+            .state
+            .map(|text| text.parse::<JobState>().map_err(ApiError::invalid))
+            .transpose()?;
+        let state = match (forced_state, asked) {
+            // The dead-letter queue asked for another state holds none of them.
+            (Some(forced), Some(asked)) if forced != asked => None,
+            (Some(forced), _) => Some(Some(forced)),
+            (None, asked) => Some(asked),
         };
         let cursor = self
             .cursor
-            .map(|c| c.parse::<i64>().map(JobId))
-            .transpose()
-            .map_err(|_| ApiError::invalid("cursor is not a cursor from a previous page"))?;
+            .map(
+                |c| match c.len() <= 18 && c.bytes().all(|b| b.is_ascii_digit()) {
+                    true => c.parse::<i64>().map(JobId).ok(),
+                    false => None,
+                },
+            )
+            .map(|c| {
+                c.ok_or_else(|| ApiError::invalid("cursor is not a cursor from a previous page"))
+            })
+            .transpose()?;
         let limit = self.limit.unwrap_or(50);
         if !(1..=500).contains(&limit) {
             return Err(ApiError::invalid("limit must be from 1 to 500"));
         }
+        valid_tenant(self.tenant_id.as_deref())?;
         let filter = JobFilter {
             queue: self.queue,
             kind: self.kind,
-            state,
+            state: state.flatten(),
             tenant_id: self.tenant_id,
             since: self.since,
             until: self.until,
             ids: None,
         };
-        Ok((filter, cursor, limit))
+        Ok(state.map(|_| (filter, cursor, limit)))
     }
 }
 
@@ -198,7 +227,12 @@ async fn page(
     query: JobQuery,
     forced: Option<JobState>,
 ) -> Result<Json<JobPage>, ApiError> {
-    let (filter, cursor, limit) = query.parse(forced)?;
+    let Some((filter, cursor, limit)) = query.parse(forced)? else {
+        return Ok(Json(JobPage {
+            jobs: Vec::new(),
+            next_cursor: None,
+        }));
+    };
     let (jobs, next) = admin::list(&state.pool, &filter, cursor, limit).await?;
     Ok(Json(JobPage {
         jobs: jobs.into_iter().map(JobView::from).collect(),
@@ -235,6 +269,7 @@ pub struct WaitQuery {
     /// Hold the request until the job has finished (completed, dead or cancelled), at most this many
     /// seconds (0-120, default 0: answer at once). The answer is the job as it is then.
     #[serde(default)]
+    #[param(maximum = 120)]
     pub wait_seconds: u32,
 }
 
@@ -331,12 +366,14 @@ pub struct DeadFilter {
     #[serde(default)]
     pub all: bool,
     /// Most jobs to touch in this call (default and maximum 10000).
+    #[schema(minimum = 1, maximum = 10000)]
     pub limit: Option<i64>,
 }
 
 impl DeadFilter {
     /// The filter (the dead state is implied by the action), the confirmation and the limit.
-    fn parts(self) -> (JobFilter, bool, i64) {
+    fn parts(self) -> Result<(JobFilter, bool, i64), ApiError> {
+        valid_tenant(self.tenant_id.as_deref())?;
         let filter = JobFilter {
             queue: self.queue,
             kind: self.kind,
@@ -346,8 +383,17 @@ impl DeadFilter {
             until: self.until,
             ids: self.ids,
         };
-        (filter, self.all, self.limit.unwrap_or(admin::MAX_BULK))
+        Ok((filter, self.all, self.limit.unwrap_or(admin::MAX_BULK)))
     }
+}
+
+/// A tenant filter that no tenant could match is a mistake worth saying, not an empty answer.
+fn valid_tenant(tenant: Option<&str>) -> Result<(), ApiError> {
+    tenant
+        .map(crate::domain::TenantId::parse)
+        .transpose()
+        .map(drop)
+        .map_err(ApiError::invalid)
 }
 
 /// How many jobs a bulk action touched.
@@ -385,7 +431,7 @@ async fn replay_dead_jobs(
     State(state): State<ApiState>,
     Json(body): Json<DeadFilter>,
 ) -> Result<Json<ReplayResult>, ApiError> {
-    let (filter, all, limit) = body.parts();
+    let (filter, all, limit) = body.parts()?;
     let replayed = admin::replay_dead(&state.pool, &filter, all, limit).await?;
     Ok(Json(ReplayResult {
         count: replayed.count,
@@ -408,7 +454,7 @@ async fn purge_dead_jobs(
     State(state): State<ApiState>,
     Json(body): Json<DeadFilter>,
 ) -> Result<Json<BulkResult>, ApiError> {
-    let (filter, all, limit) = body.parts();
+    let (filter, all, limit) = body.parts()?;
     let count = admin::purge_dead(&state.pool, &filter, all, limit).await?;
     Ok(Json(BulkResult { count }))
 }

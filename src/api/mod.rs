@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod connectors;
+mod contract;
 mod dashboard;
 pub mod embedding;
 pub mod error;
@@ -100,7 +101,9 @@ impl ApiState {
     info(
         title = "activekg",
         description = "Keeps a knowledge graph in sync with documents in cloud storage. Admin and data routes \
-                       (`/_admin/*`, `/admin/*`, `/nodes`, `/search`) need `Authorization: Bearer $ADMIN_TOKEN`."
+                       (`/_admin/*`, `/admin/*`, `/nodes`, `/search`) need `Authorization: Bearer $ADMIN_TOKEN`. \
+                       Every error is an `ErrorBody`. No text anywhere (path, query, body, including \
+                       free-form `props` and `config`) may hold a NUL character: it is refused with 422."
     ),
     modifiers(&BearerAuth),
     tags(
@@ -142,22 +145,26 @@ fn resources() -> OpenApiRouter<ApiState> {
         .merge(embedding::router())
 }
 
-/// The OpenAPI document, generated from the same routers that serve requests.
-pub fn openapi() -> utoipa::openapi::OpenApi {
-    let mut spec = resources().into_openapi();
+/// The OpenAPI document, generated from the same routers that serve requests. It is JSON rather than
+/// utoipa's types because the rules added last (`contract`) use keywords those types do not hold.
+pub fn openapi() -> serde_json::Value {
+    finished(resources().into_openapi())
+}
+
+fn finished(mut spec: utoipa::openapi::OpenApi) -> serde_json::Value {
     spec.info.version = env!("CARGO_PKG_VERSION").to_owned();
-    spec
+    contract::complete(spec)
 }
 
 /// The whole HTTP application.
 pub fn router(state: ApiState) -> Router {
     let max_body = state.settings.max_body_bytes;
-    let (routes, mut spec) = resources().split_for_parts();
-    spec.info.version = env!("CARGO_PKG_VERSION").to_owned();
+    let (routes, spec) = resources().split_for_parts();
+    let spec = finished(spec);
     routes
         // A route layer runs after routing, so the matched route is known for the metric's label.
         .route_layer(middleware::from_fn(record_metrics))
-        .merge(SwaggerUi::new("/docs").url("/openapi.json", spec))
+        .merge(SwaggerUi::new("/docs").external_url_unchecked("/openapi.json", spec))
         .merge(dashboard::router())
         .fallback(not_found)
         .with_state(state)

@@ -38,8 +38,8 @@ pub struct NodeRequest {
     pub id: Option<Uuid>,
     /// Tenant.
     pub tenant_id: String,
-    /// Classes (letters, digits, `_`); the first is its `entity_type`.
-    #[schema(example = json!(["Note"]))]
+    /// Classes (1 to 64 letters, digits or `_` each); the first is its `entity_type`.
+    #[schema(example = json!(["Note"]), min_items = 1, inline, value_type = Vec<ClassName>)]
     pub classes: Vec<String>,
     /// Properties.
     #[schema(value_type = Object)]
@@ -64,6 +64,12 @@ impl NodeRequest {
     }
 }
 
+/// A class name.
+#[derive(ToSchema)]
+#[schema(pattern = r"^[A-Za-z0-9_]{1,64}$")]
+#[allow(dead_code)] // Only its schema is used.
+struct ClassName(String);
+
 /// A node and its embedding state.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct NodeView {
@@ -78,8 +84,8 @@ pub struct NodeView {
     pub props: serde_json::Value,
     /// Content origin.
     pub payload_ref: Option<String>,
-    /// queued, processing, ready, failed or skipped.
-    #[schema(example = "ready")]
+    /// Its embedding status.
+    #[schema(value_type = EmbeddingStatusName)]
     pub embedding_status: String,
     /// Why the last attempt failed.
     pub embedding_error: Option<String>,
@@ -129,12 +135,16 @@ pub struct CreatedView {
     /// created, exists or invalid.
     pub result: String,
     /// The node (absent when invalid).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<Uuid>,
-    /// queued or skipped, for a created node.
+    /// queued or skipped, for a created node (absent otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub embedding_status: Option<String>,
-    /// Its embedding job.
+    /// Its embedding job (absent when none was queued).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub job_id: Option<i64>,
-    /// Why it was refused.
+    /// Why it was refused (absent otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
 
@@ -219,7 +229,9 @@ async fn create_node(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BatchRequest {
-    /// The nodes.
+    /// The nodes, each shaped as the body of `POST /nodes`; one that is not a valid node gets an `invalid`
+    /// result in its place instead of failing the request.
+    #[schema(min_items = 1, max_items = 200)]
     pub nodes: Vec<serde_json::Value>,
 }
 
@@ -289,16 +301,33 @@ pub struct NodeQuery {
     pub tenant_id: Option<String>,
     /// Only nodes having this class.
     pub class: Option<String>,
-    /// Only nodes in this embedding status (queued, processing, ready, failed, skipped).
+    /// Only nodes in this embedding status.
+    #[param(value_type = Option<EmbeddingStatusName>)]
     pub embedding_status: Option<String>,
     /// Only nodes with (true) or without (false) a stored vector.
     pub has_embedding: Option<bool>,
     /// Include soft-deleted nodes.
     pub include_deleted: Option<bool>,
     /// The `next_cursor` of the previous page.
+    #[param(
+        pattern = r"^[0-9]{1,16}_[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+    )]
     pub cursor: Option<String>,
     /// Page size, 1 to 500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
+}
+
+/// A node's embedding status.
+#[derive(ToSchema)]
+#[schema(rename_all = "lowercase")]
+#[allow(dead_code)] // Only its schema is used: `EmbeddingStatus` parses the value.
+enum EmbeddingStatusName {
+    Queued,
+    Processing,
+    Ready,
+    Failed,
+    Skipped,
 }
 
 /// A page of nodes, newest first.
@@ -313,6 +342,10 @@ pub struct NodePage {
 fn parse_cursor(raw: &str) -> Result<(DateTime<Utc>, Uuid), ApiError> {
     let bad = || ApiError::invalid("cursor is not a cursor from a previous page");
     let (at, id) = raw.split_once('_').ok_or_else(bad)?;
+    // The shape the spec states, no looser: a cursor is only ever one this server made.
+    if at.is_empty() || at.len() > 16 || !at.bytes().all(|b| b.is_ascii_digit()) || id.len() != 36 {
+        return Err(bad());
+    }
     let micros: i64 = at.parse().map_err(|_| bad())?;
     Ok((
         DateTime::from_timestamp_micros(micros).ok_or_else(bad)?,
@@ -389,9 +422,11 @@ async fn get_node(
 pub struct SearchRequest {
     /// Tenant whose nodes are searched.
     pub tenant_id: String,
-    /// The text to find similar nodes for.
+    /// The text to find similar nodes for (not only blanks; at most 1 MiB).
+    #[schema(pattern = r"\S", max_length = 1048576)]
     pub query: String,
     /// How many results, 1 to 100 (default 10).
+    #[schema(minimum = 1, maximum = 100)]
     pub k: Option<i64>,
     /// Only nodes having one of these classes.
     pub classes: Option<Vec<String>>,
@@ -458,8 +493,8 @@ async fn search(
     .await
     .map_err(|err| match err {
         SearchError::Other(err) => err.into(),
-        SearchError::Embedding(EmbedError::Rejected(reason)) => {
-            ApiError::invalid(format!("the query cannot be embedded: {reason}"))
+        SearchError::Embedding(err @ (EmbedError::Rejected(_) | EmbedError::Featureless)) => {
+            ApiError::invalid(err.to_string().replace("the text", "the query"))
         }
         SearchError::Embedding(EmbedError::RateLimited { after, message }) => {
             ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)

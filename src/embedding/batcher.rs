@@ -149,7 +149,7 @@ async fn run(embedder: &dyn Embedder, batch: Vec<Request>) {
 fn answer(request: Request, result: Result<Vec<f32>, EmbedError>) {
     let label = match &result {
         Ok(_) => "ok",
-        Err(EmbedError::Rejected(_)) => "rejected",
+        Err(EmbedError::Rejected(_) | EmbedError::Featureless) => "rejected",
         Err(EmbedError::Unavailable(_)) => "unavailable",
         Err(EmbedError::RateLimited { .. }) => "rate_limited",
     };
@@ -225,6 +225,6 @@ mod tests {
             (good.iter().map(|x| x * x).sum::<f32>() - 1.0).abs() < 1e-5,
             "unit length"
         );
-        assert!(matches!(empty, Err(EmbedError::Rejected(_))));
+        assert!(matches!(empty, Err(EmbedError::Featureless)));
     }
 }

@@ -40,6 +40,11 @@ pub enum EmbedError {
     /// the same text will not help.
     #[error("the text cannot be embedded: {0}")]
     Rejected(String),
+    /// The text has nothing the model can represent (its vector is zero), so nothing is similar to it.
+    #[error(
+        "the text cannot be embedded: the vector is zero (the text has nothing the model can represent)"
+    )]
+    Featureless,
     /// The backend failed or cannot be reached: retry later.
     #[error("the embedding backend is unavailable: {0}")]
     Unavailable(String),
@@ -73,9 +78,7 @@ pub fn normalized(mut vector: Vec<f32>, dimensions: usize) -> Result<Vec<f32>, E
         .sum::<f64>()
         .sqrt();
     if norm < 1e-12 {
-        return Err(EmbedError::Rejected(
-            "the vector is zero (the text has nothing the model can represent)".to_owned(),
-        ));
+        return Err(EmbedError::Featureless);
     }
     for x in &mut vector {
         *x = (f64::from(*x) / norm) as f32;
@@ -209,7 +212,7 @@ mod tests {
     fn zero_nan_and_missized_vectors_are_refused() {
         assert!(matches!(
             normalized(vec![0.0, 0.0], 2),
-            Err(EmbedError::Rejected(_))
+            Err(EmbedError::Featureless)
         ));
         assert!(matches!(
             normalized(vec![f32::NAN, 1.0], 2),

@@ -93,7 +93,7 @@ impl OpenAiEmbedder {
             let wait = match &error {
                 EmbedError::RateLimited { after, .. } => *after,
                 EmbedError::Unavailable(_) => Duration::from_millis(500 * u64::from(attempt)),
-                EmbedError::Rejected(_) => return Err(error),
+                EmbedError::Rejected(_) | EmbedError::Featureless => return Err(error),
             };
             if attempt >= ATTEMPTS || wait > MAX_INLINE_WAIT {
                 return Err(error);

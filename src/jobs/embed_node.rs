@@ -154,7 +154,9 @@ pub struct Deps {
 
 fn job_error(err: EmbedError) -> JobError {
     match err {
-        EmbedError::Rejected(reason) => JobError::permanent("rejected", reason),
+        EmbedError::Rejected(_) | EmbedError::Featureless => {
+            JobError::permanent("rejected", err.to_string())
+        }
         EmbedError::Unavailable(reason) => JobError::transient_with_code("unavailable", reason),
         EmbedError::RateLimited { after, message } => JobError::retry_after(after, message),
     }
@@ -205,7 +207,9 @@ pub async fn run(job: EmbedNode, cx: JobContext<Deps>) -> Result<(), JobError> {
     let vector = match deps.embeddings.embed(text.clone()).await {
         Ok(vector) => vector,
         Err(err) => {
-            if matches!(err, EmbedError::Rejected(_)) || cx.attempt >= cx.max_attempts {
+            if matches!(err, EmbedError::Rejected(_) | EmbedError::Featureless)
+                || cx.attempt >= cx.max_attempts
+            {
                 tally("failed");
             }
             return Err(job_error(err));

@@ -119,7 +119,11 @@ pub async fn search(
     k: i64,
     classes: Option<&[String]>,
 ) -> Result<Vec<Hit>, SearchError> {
-    let vector = embeddings.embed(query.to_owned()).await?;
+    let vector = match embeddings.embed(query.to_owned()).await {
+        // Nothing is similar to a query with nothing in it (only punctuation, for the hash embedder).
+        Err(EmbedError::Featureless) => return Ok(Vec::new()),
+        other => other?,
+    };
     Ok(store::search(
         pool,
         index,

@@ -83,10 +83,10 @@ fn validate(input: NodeInput) -> Result<NewNode, String> {
         return Err("classes must name at least one class (e.g. [\"Note\"])".to_owned());
     }
     if let Some(bad) = input.classes.iter().find(|c| {
-        c.is_empty() || c.len() > 64 || !c.chars().all(|ch| ch.is_alphanumeric() || ch == '_')
+        c.is_empty() || c.len() > 64 || !c.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
     }) {
         return Err(format!(
-            "class {bad:?} must be 1 to 64 letters, digits or underscores"
+            "class {bad:?} must be 1 to 64 ASCII letters, digits or underscores"
         ));
     }
     let mut props = input.props;

@@ -1014,3 +1014,39 @@ async fn search_with_the_real_model_ranks_bread_above_horse_and_hides_deleted_no
     .await;
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_search_whose_query_has_nothing_to_embed_finds_nothing_rather_than_failing() {
+    // The hash embedder (the tests' default) sees no words in punctuation; a node is there to be found by
+    // any query that did embed.
+    let app = TestApp::spawn().await;
+    let created = app
+        .admin_post(
+            "/nodes",
+            &json!({"tenant_id": "t", "classes": ["Note"], "text": "a note"}),
+        )
+        .await;
+    assert_eq!(created.status(), 201);
+    let id = created.json::<Value>().await.unwrap()["id"].clone();
+    eventually(Duration::from_secs(30), "the node is embedded", || async {
+        let node = app.admin_json(&format!("/nodes/{}", id.as_str()?)).await;
+        (node["embedding_status"] == "ready").then_some(())
+    })
+    .await;
+    let found = app
+        .admin_post("/search", &json!({"tenant_id": "t", "query": "note"}))
+        .await;
+    assert_eq!(
+        found.json::<Value>().await.unwrap()["results"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    let response = app
+        .admin_post("/search", &json!({"tenant_id": "t", "query": "\u{8} !?"}))
+        .await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["results"], json!([]), "{body}");
+}

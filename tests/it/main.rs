@@ -10,6 +10,7 @@ mod children;
 mod cli;
 mod connectors_api;
 mod connectors_conformance;
+mod contract;
 mod dashboard;
 mod deploy;
 mod embedded;
