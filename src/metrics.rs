@@ -466,7 +466,7 @@ impl Metrics {
 
     /// The zero series of one tenant's connector (at start-up, and when a connector is registered).
     pub fn preset_tenant(&self, tenant: &str, provider: &str) {
-        for result in ["created", "updated", "unchanged", "deleted"] {
+        for result in ["created", "updated", "unchanged", "deleted", "skipped"] {
             self.ingest.with_label_values(&[provider, tenant, result]);
         }
         self.ingest_errors.with_label_values(&[provider, tenant]);

@@ -425,8 +425,9 @@ pub struct SearchRequest {
     /// The text to find similar nodes for (not only blanks; at most 1 MiB).
     #[schema(pattern = r"\S", max_length = 1048576)]
     pub query: String,
-    /// How many results, 1 to 100 (default 10).
+    /// How many results, 1 to 100 (default 10). `top_k`, the original service's name, is taken too.
     #[schema(minimum = 1, maximum = 100)]
+    #[serde(alias = "top_k")]
     pub k: Option<i64>,
     /// Only nodes having one of these classes.
     pub classes: Option<Vec<String>>,

@@ -112,6 +112,8 @@ enum Outcome {
     Updated,
     Unchanged,
     Deleted,
+    /// Not a document (a folder marker, an image, an archive): nothing to read, and no error either.
+    Skipped,
 }
 
 impl Outcome {
@@ -121,6 +123,7 @@ impl Outcome {
             Outcome::Updated => "updated",
             Outcome::Unchanged => "unchanged",
             Outcome::Deleted => "deleted",
+            Outcome::Skipped => "skipped",
         }
     }
 }
@@ -279,6 +282,10 @@ async fn ingest_once<S: ObjectSource>(
         tracing::info!(tenant = %target.tenant, key = %job.key, "delete event for an object that exists again; keeping it");
         return Ok(Pass::Done(Outcome::Unchanged));
     }
+    // Consoles and sync tools make empty `dir/` objects for folders.
+    if job.key.ends_with('/') {
+        return skip(cx, "a folder marker (the key ends with /)".to_owned()).await;
+    }
     if let Some(stored) = graph::document_state(&deps.pool, target.document).await?
         && !stored.deleted
         && stored.version.as_deref() == Some(meta.version.as_str())
@@ -311,6 +318,18 @@ async fn ingest_once<S: ObjectSource>(
         Err(SourceError::Changed(_) | SourceError::NotFound(_)) => return Ok(Pass::Changed),
         Err(other) => return Err(source_error(other)),
     };
+    // Only naming the format, which reads no more than a magic number, is safe outside the sandbox. An
+    // object in no format we read is not a failed document: it is recorded and counted, not dead-lettered.
+    if extract::Format::detect(meta.content_type.as_deref(), &job.key, &bytes).is_none() {
+        return skip(
+            cx,
+            format!(
+                "not a document type this service reads (content type {:?}); expected PDF, DOCX, HTML, Markdown, text, JSON or CSV",
+                meta.content_type.as_deref().unwrap_or("none")
+            ),
+        )
+        .await;
+    }
     // In a child process: a hostile file can end only that child (see extract::sandbox).
     let extraction = deps
         .extractor
@@ -322,6 +341,14 @@ async fn ingest_once<S: ObjectSource>(
         })?;
 
     write(cx, source, job, target, &meta, &extraction).await
+}
+
+/// Ends the job as skipped, keeping why in its result (`progress`) for the operator.
+async fn skip(cx: &JobContext<Deps>, why: String) -> Result<Pass, JobError> {
+    let mut tx = cx.begin().await?;
+    cx.checkpoint(&mut tx, &json!({"skipped": why})).await?;
+    tx.commit().await?;
+    Ok(Pass::Done(Outcome::Skipped))
 }
 
 /// Whether the store still has exactly `meta`'s version (asked under the object's lock).

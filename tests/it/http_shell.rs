@@ -420,6 +420,15 @@ async fn json_numbers_mean_what_json_schema_says_and_every_stored_one_reads_back
     )
     .await;
     assert!(message.contains('k'), "{message}");
+    // The original service's `top_k` is the same field.
+    let top_k = app
+        .admin_post(
+            "/search",
+            &json!({"tenant_id": "acme", "query": "hello", "top_k": 0}),
+        )
+        .await;
+    let message = assert_error(top_k, 422, "invalid_request").await;
+    assert!(message.contains("k must be from 1 to 100"), "{message}");
     // PostgreSQL prints the largest doubles as 309-digit integers; they read back as the same numbers.
     let created = app
         .admin_post(

@@ -132,10 +132,11 @@ async fn graph_counts(pool: &PgPool, tenant: &TenantId) -> (i64, i64, i64) {
     .unwrap()
 }
 
-/// The 200 objects of the mixed backfill: 198 good documents in seven formats, a corrupt PDF, an oversize file.
+/// The 200 objects of the mixed backfill: 195 good documents in seven formats, a corrupt PDF, an oversize
+/// file, and three objects that are no documents (a folder marker, an image, an archive).
 fn mixed_objects() -> Vec<(String, Vec<u8>, Option<&'static str>)> {
     let mut objects = Vec::new();
-    for i in 0..198 {
+    for i in 0..195 {
         let words = format!(
             "Document {i} talks about topic {} and invoice number {}.",
             i % 13,
@@ -156,6 +157,17 @@ fn mixed_objects() -> Vec<(String, Vec<u8>, Option<&'static str>)> {
         "kb/zz-corrupt.pdf".to_owned(),
         fixtures::corrupt_pdf(),
         Some("application/pdf"),
+    ));
+    objects.push(("kb/photos/".to_owned(), Vec::new(), None));
+    objects.push((
+        "kb/photos/zz-cat.png".to_owned(),
+        b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR".to_vec(),
+        Some("image/png"),
+    ));
+    objects.push((
+        "kb/zz-backup.tar.gz".to_owned(),
+        vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3],
+        Some("application/octet-stream"),
     ));
     objects.push((
         "kb/zz-huge.txt".to_owned(),
@@ -186,8 +198,8 @@ async fn backfill_mixed(fixture: &Fixture, provider: Provider) {
     );
 
     let (documents, chunks, edges) = graph_counts(fixture.pool(), &fixture.tenant).await;
-    assert_eq!(documents, 198, "every good object is one document");
-    assert!(chunks >= 198, "every document has chunks");
+    assert_eq!(documents, 195, "every good object is one document");
+    assert!(chunks >= 195, "every document has chunks");
     assert_eq!(edges, chunks, "every chunk is linked to its document");
     let without_chunks: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM nodes d WHERE d.tenant_id = $1 AND d.entity_type = 'Document'
@@ -258,8 +270,43 @@ async fn backfill_mixed(fixture: &Fixture, provider: Provider) {
         m.ingest
             .with_label_values(&[labels[0], labels[1], "created"])
             .get(),
-        198
+        195
     );
+    // What is no document completes as skipped, saying why, and never reaches the dead letters.
+    assert_eq!(
+        m.ingest
+            .with_label_values(&[labels[0], labels[1], "skipped"])
+            .get(),
+        3
+    );
+    let completed = admin::list(
+        fixture.pool(),
+        &JobFilter {
+            state: Some(JobState::Completed),
+            kind: Some("ingest_object".to_owned()),
+            ..JobFilter::default()
+        },
+        None,
+        500,
+    )
+    .await
+    .unwrap()
+    .0;
+    let mut skipped: Vec<(String, String)> = completed
+        .iter()
+        .filter_map(|j| {
+            let why = j.progress.as_ref()?.get("skipped")?.as_str()?.to_owned();
+            Some((j.args["key"].as_str().unwrap().to_owned(), why))
+        })
+        .collect();
+    skipped.sort();
+    assert_eq!(skipped.len(), 3, "{skipped:?}");
+    assert_eq!(skipped[0].0, "kb/photos/");
+    assert!(skipped[0].1.contains("folder marker"), "{skipped:?}");
+    assert_eq!(skipped[1].0, "kb/photos/zz-cat.png");
+    assert!(skipped[1].1.contains("image/png"), "{skipped:?}");
+    assert_eq!(skipped[2].0, "kb/zz-backup.tar.gz");
+    assert!(skipped[2].1.contains("not a document type"), "{skipped:?}");
     assert_eq!(m.ingest_errors.with_label_values(&labels).get(), 2);
 }
 
