@@ -410,16 +410,17 @@ async fn gcs_webhook(
         return Ok(answer(provider, "ignored", 0));
     };
     // A push names its subscription only; allowlists name topics, so the topic is asked of Pub/Sub.
-    let lookup = TopicLookup {
+    let lookup = push.subscription.as_deref().map(|subscription| TopicLookup {
         resolver: &state.verifiers.topics,
-        subscription: &push.subscription,
-    };
+        subscription,
+    });
+    let topics: Vec<&str> = push.subscription.iter().map(String::as_str).collect();
     route(
         &state,
         provider,
         &delivery,
-        &[push.subscription.as_str()],
-        Some(lookup),
+        &topics,
+        lookup,
         std::slice::from_ref(&change),
     )
     .await

@@ -11,10 +11,13 @@ use subtle::ConstantTimeEq;
 use super::ObjectChange;
 use crate::domain::ChangeOp;
 
+/// Pub/Sub always names the subscription and the message id; a delivery made by hand (the guide's test
+/// webhook) may leave them out, and is then identified by what it says.
 #[derive(Debug, Deserialize)]
 struct Envelope {
     message: PushMessage,
-    subscription: String,
+    #[serde(default)]
+    subscription: Option<String>,
 }
 
 /// Pub/Sub sends both spellings of some fields (`messageId` and `message_id`); serde aliases would call that
@@ -36,8 +39,9 @@ struct PushMessage {
 /// A push delivery.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Push {
-    /// The subscription that pushed it (`projects/<p>/subscriptions/<s>`).
-    pub subscription: String,
+    /// The subscription that pushed it (`projects/<p>/subscriptions/<s>`); absent in a delivery made by
+    /// hand, which then passes no topic allowlist.
+    pub subscription: Option<String>,
     /// Unique per message; redeliveries repeat it.
     pub message_id: String,
     /// The change it announces, or `None` for events that do not change content.
@@ -51,7 +55,11 @@ pub struct Push {
 impl Push {
     /// What identifies this message among deliveries: see [`delivery_id`].
     pub fn delivery_id(&self) -> String {
-        delivery_id(&self.subscription, &self.message_id, self.publish_time)
+        delivery_id(
+            self.subscription.as_deref().unwrap_or("(no subscription)"),
+            &self.message_id,
+            self.publish_time,
+        )
     }
 }
 
@@ -77,12 +85,17 @@ pub fn parse(body: &[u8]) -> Result<Push, String> {
     let envelope: Envelope =
         serde_json::from_value(value).map_err(|e| format!("not a Pub/Sub push envelope: {e}"))?;
     let message = envelope.message;
-    let message_id = message
+    let message_id = match message
         .message_id
         .clone()
         .or_else(|| message.message_id_snake.clone())
-        .filter(|id| !id.is_empty() && id.len() <= 256)
-        .ok_or("messageId is missing, empty or too long")?;
+    {
+        Some(id) if id.is_empty() || id.len() > 256 => {
+            return Err("messageId is empty or longer than 256 characters".to_owned());
+        }
+        Some(id) => id,
+        None => content_id(&message),
+    };
     if let Some(data) = &message.data {
         // The payload (object metadata JSON) is optional; when present it must at least be base64.
         base64::engine::general_purpose::STANDARD
@@ -97,6 +110,29 @@ pub fn parse(body: &[u8]) -> Result<Push, String> {
         event_type,
         publish_time: message.publish_time,
     })
+}
+
+/// An id for a message sent without one: the same message sent twice is one delivery.
+fn content_id(message: &PushMessage) -> String {
+    use sha2::{Digest, Sha256};
+    let mut attributes: Vec<_> = message.attributes.iter().collect();
+    attributes.sort();
+    let mut hash = Sha256::new();
+    for (name, value) in attributes {
+        hash.update(name.as_bytes());
+        hash.update([0]);
+        hash.update(value.as_bytes());
+        hash.update([0]);
+    }
+    hash.update(message.data.as_deref().unwrap_or_default().as_bytes());
+    let digest = hash.finalize();
+    format!(
+        "content-{}",
+        digest[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    )
 }
 
 /// The change a GCS notification announces, from its Pub/Sub attributes (the same for push and pull):
@@ -284,8 +320,8 @@ mod tests {
                 (ChangeOp::Upsert, "kb/a b.md", Some("1717"))
             );
             assert_eq!(
-                parsed.subscription,
-                "projects/test-proj/subscriptions/push-sub"
+                parsed.subscription.as_deref(),
+                Some("projects/test-proj/subscriptions/push-sub")
             );
         }
     }

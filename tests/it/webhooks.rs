@@ -1388,3 +1388,43 @@ async fn a_nul_character_in_any_delivered_field_is_refused_with_the_field_named_
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn the_guides_manual_test_push_without_subscription_or_message_id_is_taken_once() {
+    let app = TestApp::spawn_with(
+        &[("PUBSUB_VERIFY_SECRET", "sekrit")],
+        Roles {
+            worker: false,
+            ..Roles::all()
+        },
+    )
+    .await;
+    register(&app, "gcs", "acme", json!({"bucket": "manual-docs"})).await;
+    register(
+        &app,
+        "gcs",
+        "guarded",
+        json!({"bucket": "guarded-docs", "topic_allowlist": ["projects/p/topics/docs"]}),
+    )
+    .await;
+    // As the guide writes it: a message, its attributes, the token header, and nothing else.
+    let push = |bucket: &str| {
+        let request = app
+            .client
+            .post(app.url("/_webhooks/gcs"))
+            .header("x-pubsub-token", "sekrit")
+            .json(&json!({"message": {"data": "e30=", "attributes": {"bucketId": bucket,
+                "objectId": "manual.txt", "eventType": "OBJECT_FINALIZE", "objectGeneration": "7"}}}));
+        async move { request.send().await.unwrap() }
+    };
+    let first = push("manual-docs").await;
+    assert_eq!(first.status(), 200, "{}", first.text().await.unwrap());
+    let again: Value = push("manual-docs").await.json().await.unwrap();
+    assert_eq!(again["result"], "duplicate", "the same message sent twice is one delivery: {again}");
+    let jobs = ingest_jobs(&app).await;
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    assert_eq!(jobs[0]["args"]["key"], "manual.txt");
+    // Without a subscription there is no topic to hold to an allowlist: a guarded bucket refuses it.
+    assert_error(push("guarded-docs").await, 403, "topic_rejected").await;
+    app.stop().await;
+}
