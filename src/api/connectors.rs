@@ -283,6 +283,22 @@ pub struct RotateRequest {
     pub dry_run: bool,
 }
 
+/// A connector configuration a rotation cannot move.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct FailingRow {
+    /// Tenant.
+    pub tenant_id: String,
+    /// Provider.
+    #[schema(value_type = ProviderName)]
+    pub provider: String,
+    /// The secret field that does not decrypt.
+    pub field: String,
+    /// Why.
+    pub reason: String,
+    /// The key version it is sealed with.
+    pub key_version: u32,
+}
+
 /// A rotation run, or what one would do.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct RotateResponse {
@@ -292,6 +308,14 @@ pub struct RotateResponse {
     pub active_version: u32,
     /// Rows in scope not at the active version (exact; not capped by the batch size).
     pub rows_behind: u64,
+    /// Dry run only: rows whose secrets do not decrypt with any configured key, which a rotation would
+    /// leave where they are (`rows_failing` in all, the first 100 listed). Fix them before rotating:
+    /// restore the missing `CONNECTOR_KEK_V<n>`, or re-register the connector with its secrets.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rows_failing: Option<u64>,
+    /// Dry run only: the first 100 of those rows and why each fails.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failing: Option<Vec<FailingRow>>,
     /// The run's job; follow it at `GET /_admin/jobs/{job_id}` (its `progress` holds counts and failures).
     pub job_id: Option<i64>,
     /// True when a run was already active: `job_id` is that run.
@@ -321,10 +345,25 @@ async fn rotate_keys(
         dry_run: body.dry_run,
         active_version: state.registry.active_key_version(),
         rows_behind,
+        rows_failing: None,
+        failing: None,
         job_id: None,
         already_running: false,
     };
     if body.dry_run {
+        let (total, rows) = state.registry.failing_rows(&scope, 100).await?;
+        response.rows_failing = Some(total);
+        response.failing = Some(
+            rows.into_iter()
+                .map(|f| FailingRow {
+                    tenant_id: f.tenant_id,
+                    provider: f.provider,
+                    field: f.field,
+                    reason: f.reason,
+                    key_version: f.key_version,
+                })
+                .collect(),
+        );
         return Ok((StatusCode::OK, Json(response)));
     }
     let run = RotateKeys {

@@ -410,10 +410,13 @@ async fn gcs_webhook(
         return Ok(answer(provider, "ignored", 0));
     };
     // A push names its subscription only; allowlists name topics, so the topic is asked of Pub/Sub.
-    let lookup = push.subscription.as_deref().map(|subscription| TopicLookup {
-        resolver: &state.verifiers.topics,
-        subscription,
-    });
+    let lookup = push
+        .subscription
+        .as_deref()
+        .map(|subscription| TopicLookup {
+            resolver: &state.verifiers.topics,
+            subscription,
+        });
     let topics: Vec<&str> = push.subscription.iter().map(String::as_str).collect();
     route(
         &state,

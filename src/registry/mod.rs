@@ -479,6 +479,48 @@ impl Registry {
         store::count_behind(&self.pool, scope, self.keyring.active_version()).await
     }
 
+    /// The rows of `scope` a rotation would leave behind because a secret does not decrypt (at most
+    /// `limit` of them, and how many in all), found the way a rotation finds them, writing nothing.
+    pub async fn failing_rows(
+        &self,
+        scope: &RotationScope,
+        limit: usize,
+    ) -> Result<(u64, Vec<RotationFailure>)> {
+        const PAGE: i64 = 500;
+        let active = self.keyring.active_version();
+        let mut conn = self.pool.acquire().await?;
+        let (mut total, mut failures) = (0_u64, Vec::new());
+        let mut after: Option<(String, String)> = None;
+        loop {
+            let rows = store::read_behind(&mut conn, scope, active, after.as_ref(), PAGE).await?;
+            let Some(last) = rows.last() else { break };
+            after = Some((last.tenant_id.clone(), last.provider.clone()));
+            let full = rows.len() as i64 == PAGE;
+            for row in rows {
+                let provider = provider_of(&row)?;
+                let doc = as_object(row.config.clone(), "the stored configuration")?;
+                if let Rotation::Failed(error) =
+                    crypto::rotate(&doc, secret_fields(provider), &self.keyring)
+                {
+                    total += 1;
+                    if failures.len() < limit {
+                        failures.push(RotationFailure {
+                            tenant_id: row.tenant_id,
+                            provider: row.provider,
+                            field: error.field,
+                            reason: error.error.to_string(),
+                            key_version: u32::try_from(row.key_version).unwrap_or_default(),
+                        });
+                    }
+                }
+            }
+            if !full {
+                break;
+            }
+        }
+        Ok((total, failures))
+    }
+
     /// Re-encrypts up to `limit` rows of `scope` after `after` with the active key, in the caller's
     /// transaction. Rows whose secrets do not decrypt are reported and left exactly as they are.
     pub async fn rotate_batch(

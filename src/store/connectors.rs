@@ -221,6 +221,28 @@ pub async fn lock_behind(
     after: Option<&(String, String)>,
     limit: i64,
 ) -> Result<Vec<ConnectorRow>> {
+    behind(conn, scope, active, after, limit, "FOR UPDATE").await
+}
+
+/// The same rows as [`lock_behind`], read without locking them: a dry run looks and changes nothing.
+pub async fn read_behind(
+    conn: &mut PgConnection,
+    scope: &RotationScope,
+    active: u32,
+    after: Option<&(String, String)>,
+    limit: i64,
+) -> Result<Vec<ConnectorRow>> {
+    behind(conn, scope, active, after, limit, "").await
+}
+
+async fn behind(
+    conn: &mut PgConnection,
+    scope: &RotationScope,
+    active: u32,
+    after: Option<&(String, String)>,
+    limit: i64,
+    locking: &'static str,
+) -> Result<Vec<ConnectorRow>> {
     let (after_tenant, after_provider) =
         after.map_or((None, None), |(t, p)| (Some(t.as_str()), Some(p.as_str())));
     Ok(sqlx::query_as::<_, ConnectorRow>(sqlx::AssertSqlSafe(format!(
@@ -229,7 +251,7 @@ pub async fn lock_behind(
            AND ($4::text IS NULL OR (tenant_id, provider) > ($4, $5))
          ORDER BY tenant_id, provider
          LIMIT $6
-         FOR UPDATE"
+         {locking}"
     )))
     .bind(active as i32)
     .bind(scope.tenant_id.as_deref())

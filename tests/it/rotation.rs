@@ -487,3 +487,82 @@ async fn a_lost_cache_listener_reconnects_and_is_counted() {
     listener.await.unwrap();
     db.drop_db().await;
 }
+
+#[tokio::test]
+async fn a_dry_run_lists_the_rows_a_rotation_would_fail_on_and_changes_nothing() {
+    let app = TestApp::spawn_with(
+        &[
+            ("CONNECTOR_KEK_V2", KEK_V2),
+            ("CONNECTOR_KEK_ACTIVE_VERSION", "2"),
+        ],
+        activekg::app::Roles {
+            worker: false,
+            ..activekg::app::Roles::all()
+        },
+    )
+    .await;
+    seed(&app.db.pool, &keyring(&[(1, KEK)], 1), 600, "fine").await;
+    // Sealed with a key this server does not have, and with other material under a version it has.
+    seed(&app.db.pool, &keyring(&[(7, KEK_V2)], 7), 1, "gone").await;
+    seed(&app.db.pool, &keyring(&[(1, KEK_V2)], 1), 1, "wrong").await;
+    let before: Vec<(String, Value, i32)> = sqlx::query_as(
+        "SELECT tenant_id, config, key_version FROM connector_configs ORDER BY tenant_id",
+    )
+    .fetch_all(&app.db.pool)
+    .await
+    .unwrap();
+    let dry: Value = app
+        .admin_post("/_admin/connectors/rotate_keys", &json!({"dry_run": true}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (dry["rows_behind"].as_u64(), dry["rows_failing"].as_u64()),
+        (Some(602), Some(2)),
+        "{dry}"
+    );
+    let failing: Vec<(&str, &str, &str, u64)> = dry["failing"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["tenant_id"].as_str().unwrap(),
+                f["provider"].as_str().unwrap(),
+                f["field"].as_str().unwrap(),
+                f["key_version"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        failing,
+        [
+            ("gone0000", "s3", "access_key_id", 7),
+            ("wrong0000", "s3", "access_key_id", 1)
+        ]
+    );
+    assert!(
+        dry["failing"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("CONNECTOR_KEK_V7"),
+        "{dry}"
+    );
+    let after: Vec<(String, Value, i32)> = sqlx::query_as(
+        "SELECT tenant_id, config, key_version FROM connector_configs ORDER BY tenant_id",
+    )
+    .fetch_all(&app.db.pool)
+    .await
+    .unwrap();
+    assert!(before == after, "a dry run changes nothing");
+    // A real run's answer does not carry the dry run's list.
+    let started: Value = app
+        .admin_post("/_admin/connectors/rotate_keys", &json!({}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(started.get("failing").is_none(), "{started}");
+    app.stop().await;
+}

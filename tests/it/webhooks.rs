@@ -1420,7 +1420,10 @@ async fn the_guides_manual_test_push_without_subscription_or_message_id_is_taken
     let first = push("manual-docs").await;
     assert_eq!(first.status(), 200, "{}", first.text().await.unwrap());
     let again: Value = push("manual-docs").await.json().await.unwrap();
-    assert_eq!(again["result"], "duplicate", "the same message sent twice is one delivery: {again}");
+    assert_eq!(
+        again["result"], "duplicate",
+        "the same message sent twice is one delivery: {again}"
+    );
     let jobs = ingest_jobs(&app).await;
     assert_eq!(jobs.len(), 1, "{jobs:?}");
     assert_eq!(jobs[0]["args"]["key"], "manual.txt");
