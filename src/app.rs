@@ -643,6 +643,28 @@ async fn jobs_verb(pool: PgPool, settings: Settings, action: JobsAction) -> Resu
             let job = admin::retry(&pool, JobId(id)).await.map_err(fail)?;
             println!("job {} is {}", job.id, job.state);
         }
+        JobsAction::Cancel {
+            queue,
+            kind,
+            tenant,
+            all,
+            dry_run,
+        } => {
+            let filter = JobFilter {
+                queue,
+                kind,
+                tenant_id: tenant,
+                ..JobFilter::default()
+            };
+            let count = admin::cancel_waiting(&pool, &filter, all, admin::MAX_BULK, dry_run)
+                .await
+                .map_err(fail)?;
+            if dry_run {
+                println!("{count} waiting job(s) would be cancelled");
+            } else {
+                println!("cancelled {count} waiting job(s)");
+            }
+        }
         JobsAction::ReplayDead { kind, tenant, all } => {
             let filter = JobFilter {
                 kind,

@@ -77,6 +77,24 @@ pub enum JobsAction {
         /// Job id.
         id: i64,
     },
+    /// Cancel pending and scheduled jobs matching the filter (running ones finish).
+    Cancel {
+        /// Only this queue.
+        #[arg(long)]
+        queue: Option<String>,
+        /// Only this kind.
+        #[arg(long)]
+        kind: Option<String>,
+        /// Only this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Cancel every waiting job (needed when no filter is given).
+        #[arg(long)]
+        all: bool,
+        /// Only count what would be cancelled.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Replay dead jobs matching the filter (each gets a fresh set of attempts).
     ReplayDead {
         /// Only this kind.

@@ -50,8 +50,10 @@ pub(super) fn complete(spec: utoipa::openapi::OpenApi) -> Value {
                 tenant_rule(tenant);
             }
         }
-        if let Some(filter) = schemas.get_mut("DeadFilter") {
-            narrows_or_confirms(filter);
+        for name in ["DeadFilter", "CancelFilter"] {
+            if let Some(filter) = schemas.get_mut(name) {
+                narrows_or_confirms(filter);
+            }
         }
     }
     value
@@ -112,23 +114,34 @@ fn add_shared_answers(path: &str, operation: &mut Value) {
     }
 }
 
-/// A bulk action on dead jobs needs a filter that narrows it, or `all: true` (see `jobs::DeadFilter`); a
+/// A bulk action needs a filter that narrows it, or `all: true` (see `jobs::DeadFilter`); a
 /// derive cannot say "at least one of", so it is said here.
 fn narrows_or_confirms(schema: &mut Value) {
     let Some(properties) = schema.get("properties").and_then(Value::as_object) else {
         return;
     };
-    let mut choices: Vec<Value> = ["queue", "kind", "tenant_id", "since", "until", "ids"]
-        .into_iter()
-        .filter_map(|name| {
-            let mut given = properties.get(name)?.clone();
-            // A null narrows nothing.
-            if let Some(types) = given.get_mut("type").and_then(Value::as_array_mut) {
-                types.retain(|t| t != "null");
-            }
-            Some(json!({"required": [name], "properties": {name: given}}))
-        })
-        .collect();
+    let mut choices: Vec<Value> = [
+        "queue",
+        "kind",
+        "tenant_id",
+        "state",
+        "since",
+        "until",
+        "ids",
+    ]
+    .into_iter()
+    .filter_map(|name| {
+        let mut given = properties.get(name)?.clone();
+        // A null narrows nothing (utoipa writes an optional field as a type list or a oneOf).
+        if let Some(types) = given.get_mut("type").and_then(Value::as_array_mut) {
+            types.retain(|t| t != "null");
+        }
+        if let Some(choices) = given.get_mut("oneOf").and_then(Value::as_array_mut) {
+            choices.retain(|c| c.get("type").is_none_or(|t| t != "null"));
+        }
+        Some(json!({"required": [name], "properties": {name: given}}))
+    })
+    .collect();
     choices.push(json!({"required": ["all"], "properties": {"all": {"const": true}}}));
     schema["anyOf"] = Value::Array(choices);
 }

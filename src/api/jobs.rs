@@ -23,6 +23,7 @@ pub(super) fn router() -> OpenApiRouter<ApiState> {
         .routes(routes!(list_dead_jobs))
         .routes(routes!(replay_dead_jobs))
         .routes(routes!(purge_dead_jobs))
+        .routes(routes!(cancel_waiting_jobs))
         .routes(routes!(get_job))
         .routes(routes!(retry_job))
         .routes(routes!(cancel_job))
@@ -457,6 +458,88 @@ async fn purge_dead_jobs(
     let (filter, all, limit) = body.parts()?;
     let count = admin::purge_dead(&state.pool, &filter, all, limit).await?;
     Ok(Json(BulkResult { count }))
+}
+
+/// Which waiting jobs to cancel. An empty filter is refused unless `all` is true.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CancelFilter {
+    /// Only this queue.
+    pub queue: Option<String>,
+    /// Only this kind.
+    pub kind: Option<String>,
+    /// Only this tenant.
+    pub tenant_id: Option<String>,
+    /// Only jobs due now (`pending`) or later (`scheduled`); both when absent.
+    #[schema(value_type = Option<WaitingState>)]
+    pub state: Option<String>,
+    /// Enqueued at or after.
+    pub since: Option<DateTime<Utc>>,
+    /// Enqueued before.
+    pub until: Option<DateTime<Utc>>,
+    /// Only these job ids.
+    pub ids: Option<Vec<i64>>,
+    /// Confirms that an empty filter means every waiting job.
+    #[serde(default)]
+    pub all: bool,
+    /// Most jobs to cancel in this call (default and maximum 10000).
+    #[schema(minimum = 1, maximum = 10000)]
+    pub limit: Option<i64>,
+    /// Only count the jobs that would be cancelled.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// The states a bulk cancel can select.
+#[derive(ToSchema)]
+#[schema(rename_all = "lowercase")]
+#[allow(dead_code)] // Only its schema is used: `JobState` parses the value.
+enum WaitingState {
+    Pending,
+    Scheduled,
+}
+
+/// What a bulk cancel did, or would do.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct CancelResult {
+    /// Jobs cancelled (or, on a dry run, that would be).
+    pub count: u64,
+    /// Whether this was a dry run.
+    pub dry_run: bool,
+}
+
+/// Cancel waiting (pending or scheduled) jobs matching a filter: a backlog queued by mistake, or a tenant's
+/// work that should not run. Running jobs are left to finish (cancel one by id to stop it). Cancelled jobs
+/// give up their idempotency keys, so the same change can be queued again later. Try `dry_run` first.
+#[utoipa::path(post, path = "/_admin/jobs/cancel", tag = "jobs", request_body = CancelFilter, security(("admin_token" = [])),
+    responses((status = 200, body = CancelResult), (status = 401, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn cancel_waiting_jobs(
+    _: Admin,
+    State(state): State<ApiState>,
+    Json(body): Json<CancelFilter>,
+) -> Result<Json<CancelResult>, ApiError> {
+    valid_tenant(body.tenant_id.as_deref())?;
+    let waiting = body
+        .state
+        .as_deref()
+        .map(str::parse::<JobState>)
+        .transpose()
+        .map_err(ApiError::invalid)?;
+    let filter = JobFilter {
+        queue: body.queue,
+        kind: body.kind,
+        state: waiting,
+        tenant_id: body.tenant_id,
+        since: body.since,
+        until: body.until,
+        ids: body.ids,
+    };
+    let limit = body.limit.unwrap_or(admin::MAX_BULK);
+    let count = admin::cancel_waiting(&state.pool, &filter, body.all, limit, body.dry_run).await?;
+    Ok(Json(CancelResult {
+        count,
+        dry_run: body.dry_run,
+    }))
 }
 
 /// Counts for a queue, kind or tenant.

@@ -60,6 +60,15 @@ try {
   if (!dialogs.some((m) => m.includes(`job ${jobId}`))) throw new Error(`no confirmation was asked: ${dialogs}`);
   await page.screenshot({ path: `${shots}/replayed-job.png`, fullPage: true });
 
+  // Bulk cancel: the scheduled backlog of tenant "later" is counted first, confirmed, then cancelled.
+  await page.goto(`${base}/dashboard#/jobs?state=scheduled&tenant_id=later`);
+  await page.locator('tr[data-kind="ingest_object"]').first().waitFor()
+    .catch(() => fail(page, "the scheduled backlog is not listed"));
+  await page.click("#bulk-cancel");
+  await page.locator("#status", { hasText: "Cancelled 3 job(s)" }).waitFor({ timeout: 10000 })
+    .catch(() => fail(page, "the bulk cancel did not report its count"));
+  if (!dialogs.some((m) => m.startsWith("Cancel 3 job(s)"))) throw new Error(`the count was not confirmed: ${dialogs}`);
+
   // Connectors page renders (configs without secrets).
   await page.click('a[data-nav="connectors"]');
   await page.locator("h1", { hasText: "Connectors" }).waitFor();

@@ -144,6 +144,23 @@ async fn migrate_creates_the_schema_and_the_jobs_verbs_read_it() {
             .any(|l| l.split_whitespace().take(3).collect::<Vec<_>>() == ["test", "acme", "1"]),
         "{printed}"
     );
+    // Bulk cancel from the terminal: counted first, then done.
+    let dry = run(&["jobs", "cancel", "--tenant", "acme", "--dry-run"], &env);
+    assert_eq!(
+        String::from_utf8_lossy(&dry.stdout).trim(),
+        "1 waiting job(s) would be cancelled"
+    );
+    let cancel = run(&["jobs", "cancel", "--tenant", "acme"], &env);
+    assert_eq!(
+        String::from_utf8_lossy(&cancel.stdout).trim(),
+        "cancelled 1 waiting job(s)"
+    );
+    let refused = run(&["jobs", "cancel"], &env);
+    assert_ne!(
+        refused.status.code(),
+        Some(0),
+        "an empty filter needs --all"
+    );
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "DROP DATABASE {fresh} WITH (FORCE)"
     )))

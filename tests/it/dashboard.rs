@@ -53,6 +53,24 @@ async fn the_dashboard_shows_a_dead_job_replays_it_and_sees_it_complete_in_chrom
     .await;
     // Now the replay can succeed.
     emulators::s3_bucket(&emulators::s3_client().await, &bucket).await;
+    // A backlog queued for tomorrow, for the dashboard to cancel in bulk.
+    let mut conn = app.db.pool.acquire().await.unwrap();
+    for i in 0..3 {
+        let job = activekg::jobs::ingest_object::IngestObject {
+            tenant_id: "later".to_owned(),
+            provider: "s3".to_owned(),
+            key: format!("tomorrow/{i}.txt"),
+            op: activekg::domain::ChangeOp::Upsert,
+            version: None,
+            event_time: None,
+            source: "test".to_owned(),
+        };
+        let at = chrono::Utc::now() + chrono::Duration::days(1);
+        activekg::jobs::engine::enqueue_at(&mut conn, &job, Some(at))
+            .await
+            .unwrap();
+    }
+    drop(conn);
 
     let shots = Path::new(root).join("target/dashboard-screenshots");
     std::fs::create_dir_all(&shots).unwrap();
@@ -82,6 +100,14 @@ async fn the_dashboard_shows_a_dead_job_replays_it_and_sees_it_complete_in_chrom
     assert!(
         shots.join("overview.png").metadata().unwrap().len() > 10_000,
         "the overview screenshot was taken"
+    );
+    let cancelled = app
+        .admin_json("/_admin/jobs?tenant_id=later&state=cancelled")
+        .await;
+    assert_eq!(
+        cancelled["jobs"].as_array().unwrap().len(),
+        3,
+        "the dashboard cancelled the scheduled backlog: {cancelled}"
     );
     let job = app.admin_json(&format!("/_admin/jobs/{job_id}")).await;
     assert_eq!(job["state"], "completed", "{job}");

@@ -295,3 +295,103 @@ async fn queue_statistics_show_depths_per_queue_kind_and_tenant_and_live_workers
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_waiting_backlog_is_cancelled_in_bulk_after_a_dry_run_count_and_running_or_other_jobs_are_left()
+ {
+    let app = TestApp::spawn_with(
+        &[],
+        activekg::app::Roles {
+            worker: false,
+            ..activekg::app::Roles::all()
+        },
+    )
+    .await;
+    let mut conn = app.db.pool.acquire().await.unwrap();
+    let job = |tenant: &str, key: String| activekg::jobs::ingest_object::IngestObject {
+        tenant_id: tenant.to_owned(),
+        provider: "s3".to_owned(),
+        key,
+        op: activekg::domain::ChangeOp::Upsert,
+        version: None,
+        event_time: None,
+        source: "test".to_owned(),
+    };
+    let later = chrono::Utc::now() + chrono::Duration::hours(1);
+    for i in 0..25 {
+        let run_at = (i % 2 == 0).then_some(later);
+        activekg::jobs::engine::enqueue_at(&mut conn, &job("noisy", format!("k/{i}")), run_at)
+            .await
+            .unwrap();
+    }
+    activekg::jobs::engine::enqueue_at(&mut conn, &job("quiet", "k/0".to_owned()), None)
+        .await
+        .unwrap();
+    drop(conn);
+
+    let message = assert_error(
+        app.admin_post("/_admin/jobs/cancel", &json!({})).await,
+        422,
+        "invalid_request",
+    )
+    .await;
+    assert!(message.contains("every waiting job"), "{message}");
+    assert_error(
+        app.admin_post(
+            "/_admin/jobs/cancel",
+            &json!({"tenant_id": "noisy", "state": "dead"}),
+        )
+        .await,
+        422,
+        "invalid_request",
+    )
+    .await;
+    let dry: Value = app
+        .admin_post(
+            "/_admin/jobs/cancel",
+            &json!({"tenant_id": "noisy", "dry_run": true}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(dry, json!({"count": 25, "dry_run": true}));
+    let scheduled: Value = app
+        .admin_post(
+            "/_admin/jobs/cancel",
+            &json!({"tenant_id": "noisy", "state": "scheduled"}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        scheduled["count"], 13,
+        "only the ones due later: {scheduled}"
+    );
+    let rest: Value = app
+        .admin_post("/_admin/jobs/cancel", &json!({"tenant_id": "noisy"}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(rest["count"], 12);
+    let cancelled = app
+        .admin_json("/_admin/jobs?tenant_id=noisy&state=cancelled&limit=100")
+        .await;
+    assert_eq!(cancelled["jobs"].as_array().unwrap().len(), 25);
+    assert!(
+        cancelled["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|j| j["unique_key"].is_null()),
+        "cancelled jobs give up their keys, so the same change can be queued again"
+    );
+    let quiet = app.admin_json("/_admin/jobs?tenant_id=quiet").await;
+    assert_eq!(
+        quiet["jobs"][0]["state"], "pending",
+        "another tenant's job is untouched"
+    );
+    app.stop().await;
+}

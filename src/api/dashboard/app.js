@@ -189,6 +189,11 @@ async function jobs(params) {
       h("button", { id: "bulk-purge", class: "danger", type: "button", onclick: () => bulk("purge", { ...dead, all }, describe) },
         "Purge all matching")));
   }
+  if (!filter.state || filter.state === "pending" || filter.state === "scheduled") {
+    out.push(h("div", { class: "actions" },
+      h("button", { id: "bulk-cancel", class: "danger", type: "button", onclick: () => cancelWaiting(filter) },
+        "Cancel waiting jobs matching…")));
+  }
   out.push(table(["id", "kind", "queue", "state", "tenant", "attempts", "enqueued", "next run", "last error"], rows,
     "No job matches."));
   if (page.next_cursor) {
@@ -197,6 +202,21 @@ async function jobs(params) {
     out.push(h("p", {}, h("a", { href: `#/jobs?${next}` }, "Next page →")));
   }
   return out;
+}
+
+// Counts first (a dry run), so the operator confirms a number, not a filter.
+async function cancelWaiting(filter) {
+  const body = { ...filter, all: Object.keys(filter).length === 0 };
+  try {
+    const dry = await api("/_admin/jobs/cancel", { method: "POST", body: { ...body, dry_run: true } });
+    const what = body.all ? "every waiting job" : `waiting jobs matching ${JSON.stringify(filter)}`;
+    if (!confirm(`Cancel ${dry.count} job(s): ${what}? Running jobs are left to finish.`)) return;
+    const result = await api("/_admin/jobs/cancel", { method: "POST", body });
+    flash(`Cancelled ${result.count} job(s).`);
+  } catch (e) {
+    flash(e.message, true);
+  }
+  render();
 }
 
 function field(name, value, label) {

@@ -96,12 +96,15 @@ async fn settle<T>(tx: sqlx::Transaction<'_, sqlx::Postgres>, done: Result<T>) -
 }
 
 fn check_bulk(filter: &JobFilter, all: bool, limit: i64) -> Result<()> {
+    check_bulk_of("dead", filter, all, limit)
+}
+
+fn check_bulk_of(which: &str, filter: &JobFilter, all: bool, limit: i64) -> Result<()> {
     if filter.is_empty() && !all {
-        return Err(Error::Invalid(
-            "the filter is empty, which would select every dead job: give at least one of queue, kind, \
+        return Err(Error::Invalid(format!(
+            "the filter is empty, which would select every {which} job: give at least one of queue, kind, \
              tenant_id, since, until or ids, or set \"all\": true"
-                .to_owned(),
-        ));
+        )));
     }
     if !(1..=MAX_BULK).contains(&limit) {
         return Err(Error::Invalid(format!(
@@ -130,6 +133,30 @@ pub async fn replay_dead(
         "replayed dead jobs"
     );
     Ok(replayed)
+}
+
+/// Cancels (or with `dry_run` counts) up to `limit` pending or scheduled jobs matching `filter`: a backlog
+/// queued by mistake, or for a tenant being removed. An empty filter needs `all`.
+pub async fn cancel_waiting(
+    pool: &PgPool,
+    filter: &JobFilter,
+    all: bool,
+    limit: i64,
+    dry_run: bool,
+) -> Result<u64> {
+    check_bulk_of("waiting", filter, all, limit)?;
+    if let Some(state) = filter.state
+        && !matches!(state, JobState::Pending | JobState::Scheduled)
+    {
+        return Err(Error::Invalid(format!(
+            "only waiting jobs are cancelled in bulk: state may be pending or scheduled, not {state}"
+        )));
+    }
+    let count = store::cancel_waiting(pool, filter, limit, dry_run).await?;
+    if !dry_run {
+        tracing::info!(cancelled = count, ?filter, "cancelled waiting jobs");
+    }
+    Ok(count)
 }
 
 /// Deletes dead jobs matching `filter` (at most `limit`).

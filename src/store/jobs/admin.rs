@@ -379,6 +379,40 @@ pub async fn replay(
     Ok(replayed)
 }
 
+/// Cancels up to `limit` waiting (pending or scheduled) jobs matching `filter`, or with `dry_run` counts
+/// them; jobs running now are left to finish (cancel one by id to stop it). Cancelled jobs give up their
+/// idempotency keys, so the same change can be queued again.
+pub async fn cancel_waiting<'e>(
+    db: impl PgExecutor<'e>,
+    filter: &JobFilter,
+    limit: i64,
+    dry_run: bool,
+) -> Result<u64> {
+    let picked = format!(
+        "SELECT j.id FROM jobs j WHERE {} AND j.state = 'available' ORDER BY j.id LIMIT $8",
+        filter_sql(1)
+    );
+    if dry_run {
+        let sql = format!("SELECT count(*) FROM ({picked}) picked");
+        let count: i64 = bind_filter(sqlx::query(AssertSqlSafe(sql)), filter)
+            .bind(limit)
+            .fetch_one(db)
+            .await?
+            .try_get(0)?;
+        return Ok(u64::try_from(count).unwrap_or_default());
+    }
+    let sql = format!(
+        "WITH picked AS ({picked} FOR UPDATE OF j SKIP LOCKED) \
+         UPDATE jobs SET state = 'cancelled', finished_at = now(), unique_key = NULL \
+         FROM picked WHERE jobs.id = picked.id"
+    );
+    let done = bind_filter(sqlx::query(AssertSqlSafe(sql)), filter)
+        .bind(limit)
+        .execute(db)
+        .await?;
+    Ok(done.rows_affected())
+}
+
 /// Deletes up to `limit` dead jobs matching `filter`.
 pub async fn purge_dead<'e>(
     db: impl PgExecutor<'e>,
