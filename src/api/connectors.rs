@@ -20,6 +20,7 @@ use crate::jobs::purge_deleted::{self, PurgeDeleted};
 use crate::jobs::rotate_keys::RotateKeys;
 use crate::registry::ConnectorSummary;
 use crate::store::connectors::RotationScope;
+use crate::workflows::connector_check;
 
 pub(super) fn router() -> OpenApiRouter<ApiState> {
     OpenApiRouter::new()
@@ -32,6 +33,8 @@ pub(super) fn router() -> OpenApiRouter<ApiState> {
         .routes(routes!(enable_connector))
         .routes(routes!(disable_connector))
         .routes(routes!(start_backfill))
+        .routes(routes!(test_connector))
+        .routes(routes!(ingest_object_now))
         .routes(routes!(backfill_status))
         .routes(routes!(list_polls))
 }
@@ -42,6 +45,115 @@ fn provider(raw: &str) -> Result<Provider, ApiError> {
 
 fn tenant(raw: &str) -> Result<TenantId, ApiError> {
     TenantId::parse(raw).map_err(ApiError::invalid)
+}
+
+/// A connector to test, and optionally one object to look for.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TestRequest {
+    /// Tenant.
+    pub tenant_id: String,
+    /// An object key to look up (stat only; nothing is downloaded).
+    #[schema(max_length = 4096)]
+    pub key: Option<String>,
+}
+
+/// One check of a connector test.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct CheckView {
+    /// configuration, access, object or notifications.
+    pub name: String,
+    /// Whether it passed.
+    pub ok: bool,
+    /// What was found, or what is wrong and what to do about it.
+    pub detail: String,
+}
+
+/// What a connector test found.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TestReport {
+    /// Whether every check passed.
+    pub ok: bool,
+    /// Each check, in order.
+    pub checks: Vec<CheckView>,
+}
+
+/// Test a connector now: its configuration decrypts, its store lists the prefix with its credentials, an
+/// object (if named) is there, and how changes reach this server. Problems are said in words, with what
+/// to do; a failed check is an answer (200, `ok: false`), not an error.
+#[utoipa::path(post, path = "/_admin/connectors/{provider}/test", tag = "connectors",
+    params(("provider" = ProviderName, Path, description = "The storage provider")), request_body = TestRequest,
+    security(("admin_token" = [])),
+    responses((status = 200, body = TestReport), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 422, body = ErrorBody)))]
+async fn test_connector(
+    _: Admin,
+    State(state): State<ApiState>,
+    Path(raw): Path<String>,
+    Json(body): Json<TestRequest>,
+) -> Result<Json<TestReport>, ApiError> {
+    let checks = connector_check::check(
+        &state.registry,
+        &tenant(&body.tenant_id)?,
+        provider(&raw)?,
+        body.key.as_deref(),
+        &super::webhooks::delivery(&state),
+    )
+    .await?;
+    Ok(Json(TestReport {
+        ok: checks.iter().all(|c| c.ok),
+        checks: checks
+            .into_iter()
+            .map(|c| CheckView {
+                name: c.name.to_owned(),
+                ok: c.ok,
+                detail: c.detail,
+            })
+            .collect(),
+    }))
+}
+
+/// One object to ingest now.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IngestRequest {
+    /// Tenant.
+    pub tenant_id: String,
+    /// The object's key (inside the connector's prefix).
+    #[schema(min_length = 1, max_length = 4096)]
+    pub key: String,
+}
+
+/// An ingest queued.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct IngestQueued {
+    /// The job; follow it at `GET /_admin/jobs/{job_id}?wait_seconds=30`.
+    pub job_id: i64,
+}
+
+/// Ingest one object now, whatever any event said (an object whose event was lost, or one document to see
+/// through the pipeline). The store's current version is read; a missing object ends as a delete.
+#[utoipa::path(post, path = "/_admin/connectors/{provider}/ingest", tag = "connectors",
+    params(("provider" = ProviderName, Path, description = "The storage provider")), request_body = IngestRequest,
+    security(("admin_token" = [])),
+    responses((status = 202, body = IngestQueued), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, description = "The connector is disabled or unreadable", body = ErrorBody),
+        (status = 422, body = ErrorBody)))]
+async fn ingest_object_now(
+    _: Admin,
+    State(state): State<ApiState>,
+    Path(raw): Path<String>,
+    Json(body): Json<IngestRequest>,
+) -> Result<(StatusCode, Json<IngestQueued>), ApiError> {
+    let job = connector_check::ingest_now(
+        &state.pool,
+        &state.registry,
+        &tenant(&body.tenant_id)?,
+        provider(&raw)?,
+        &body.key,
+    )
+    .await?;
+    Ok((StatusCode::ACCEPTED, Json(IngestQueued { job_id: job.0 })))
 }
 
 /// A storage provider.

@@ -524,12 +524,10 @@ pub struct GcsHealth {
     pub subscribers: Vec<SubscriberHealth>,
 }
 
-/// Status of what the GCS webhook depends on, and of this process's Pub/Sub subscribers.
-#[utoipa::path(get, path = "/_webhooks/gcs/health", tag = "webhooks",
-    responses((status = 200, body = GcsHealth), (status = 503, description = "Degraded", body = GcsHealth)))]
-async fn gcs_health(State(state): State<ApiState>) -> (StatusCode, Json<GcsHealth>) {
+/// How pushes are authenticated, and the OIDC key cache's size and age.
+fn push_authentication(state: &ApiState) -> (&'static str, usize, Option<u64>) {
     let push = &state.verifiers.push;
-    let (authentication, keys_cached, keys_age) = match &push.oidc {
+    match &push.oidc {
         Some(oidc) => {
             let (keys, age) = oidc.cache_state();
             let mode = if push.secret.is_some() {
@@ -542,7 +540,28 @@ async fn gcs_health(State(state): State<ApiState>) -> (StatusCode, Json<GcsHealt
         None if push.secret.is_some() => ("secret", 0, None),
         None if push.allow_unauthenticated => ("none", 0, None),
         None => ("refused", 0, None),
-    };
+    }
+}
+
+/// How changes can reach this process, for a connector test.
+pub(super) fn delivery(state: &ApiState) -> crate::workflows::connector_check::Delivery {
+    crate::workflows::connector_check::Delivery {
+        push_authentication: push_authentication(state).0.to_owned(),
+        sns_signatures: state.verifiers.sns.check_signatures,
+        subscriptions: state
+            .subscriptions
+            .snapshot()
+            .into_iter()
+            .map(|s| (s.subscription, s.connected, s.last_error))
+            .collect(),
+    }
+}
+
+/// Status of what the GCS webhook depends on, and of this process's Pub/Sub subscribers.
+#[utoipa::path(get, path = "/_webhooks/gcs/health", tag = "webhooks",
+    responses((status = 200, body = GcsHealth), (status = 503, description = "Degraded", body = GcsHealth)))]
+async fn gcs_health(State(state): State<ApiState>) -> (StatusCode, Json<GcsHealth>) {
+    let (authentication, keys_cached, keys_age) = push_authentication(&state);
     let (status, Json(webhook)) =
         health(database_up(&state), authentication, keys_cached, keys_age);
     let subscribers = state

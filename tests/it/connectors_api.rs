@@ -434,3 +434,123 @@ async fn a_backfill_is_started_and_followed_through_the_api() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_connector_test_says_in_words_what_works_and_what_does_not_and_one_object_can_be_ingested_now()
+ {
+    let s3 = crate::emulators::s3_client().await;
+    let bucket = crate::emulators::unique_bucket("check");
+    crate::emulators::s3_bucket(&s3, &bucket).await;
+    crate::emulators::s3_put(
+        &s3,
+        &bucket,
+        "kb/one.txt",
+        b"One document, ingested on request.",
+        Some("text/plain"),
+    )
+    .await;
+    let app = TestApp::spawn().await;
+    let mut config = crate::emulators::s3_config(&bucket);
+    config["prefix"] = json!("kb/");
+    let registered = app
+        .admin_post(
+            "/_admin/connectors/s3/register",
+            &json!({"tenant_id": "acme", "config": config}),
+        )
+        .await;
+    assert_eq!(registered.status(), 201);
+    let mut missing = crate::emulators::s3_config(&crate::emulators::unique_bucket("nowhere"));
+    missing["poll_interval_seconds"] = json!(60);
+    let registered = app
+        .admin_post(
+            "/_admin/connectors/s3/register",
+            &json!({"tenant_id": "ghost", "config": missing}),
+        )
+        .await;
+    assert_eq!(registered.status(), 201);
+
+    let report: Value = app
+        .admin_post(
+            "/_admin/connectors/s3/test",
+            &json!({"tenant_id": "acme", "key": "kb/one.txt"}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(report["ok"], true, "{report}");
+    let details: Vec<(&str, &str)> = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["name"].as_str().unwrap(), c["detail"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        details.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+        ["configuration", "access", "object", "notifications"]
+    );
+    assert!(details[1].1.contains("1 object(s)"), "{details:?}");
+    assert!(details[2].1.contains("34 bytes"), "{details:?}");
+    assert!(details[3].1.contains("/_webhooks/s3"), "{details:?}");
+
+    let broken: Value = app
+        .admin_post(
+            "/_admin/connectors/s3/test",
+            &json!({"tenant_id": "ghost", "key": "kb/x"}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(broken["ok"], false, "{broken}");
+    let access = &broken["checks"][1];
+    assert_eq!(access["ok"], false, "{broken}");
+    assert!(
+        access["detail"].as_str().unwrap().contains("bucket"),
+        "{broken}"
+    );
+    assert!(
+        broken["checks"][3]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("polled every 60 s"),
+        "{broken}"
+    );
+    assert_error(
+        app.admin_post("/_admin/connectors/gcs/test", &json!({"tenant_id": "acme"}))
+            .await,
+        404,
+        "not_found",
+    )
+    .await;
+
+    // Ingest now: the one object goes through the whole pipeline; a key outside the prefix is refused.
+    let message = assert_error(
+        app.admin_post(
+            "/_admin/connectors/s3/ingest",
+            &json!({"tenant_id": "acme", "key": "other/x.txt"}),
+        )
+        .await,
+        422,
+        "invalid_request",
+    )
+    .await;
+    assert!(message.contains("prefix"), "{message}");
+    let queued = app
+        .admin_post(
+            "/_admin/connectors/s3/ingest",
+            &json!({"tenant_id": "acme", "key": "kb/one.txt"}),
+        )
+        .await;
+    assert_eq!(queued.status(), 202);
+    let job_id = queued.json::<Value>().await.unwrap()["job_id"]
+        .as_i64()
+        .unwrap();
+    let job = app
+        .admin_json(&format!("/_admin/jobs/{job_id}?wait_seconds=30"))
+        .await;
+    assert_eq!(job["state"], "completed", "{job}");
+    let page = app.admin_json("/nodes?tenant_id=acme&class=Document").await;
+    assert_eq!(page["nodes"][0]["props"]["key"], "kb/one.txt", "{page}");
+    app.stop().await;
+}
