@@ -433,6 +433,11 @@ pub async fn run_process(
     })?);
     let database = open_database(&settings).await?;
     let settings = with_development_key(settings)?;
+    let settings = if roles.api {
+        with_development_token(settings)?
+    } else {
+        settings
+    };
     let settings = with_embedding_fallback(settings)?;
     let pool = store::pool(&database.url, settings.pool_size).map_err(|e| {
         AppError::Config(format!("ACTIVEKG_DSN is not a usable PostgreSQL URL: {e}"))
@@ -755,27 +760,7 @@ fn with_development_key(settings: Arc<Settings>) -> Result<Arc<Settings>, AppErr
         return Ok(settings);
     }
     let path = data_dir.join("dev-kek");
-    let key = match std::fs::read_to_string(&path) {
-        Ok(key) => key.trim().to_owned(),
-        Err(_) => {
-            let key = crate::config::generate_fernet_key();
-            std::fs::create_dir_all(data_dir)
-                .and_then(|()| std::fs::write(&path, &key))
-                .and_then(|()| {
-                    std::fs::set_permissions(
-                        &path,
-                        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-                    )
-                })
-                .map_err(|e| {
-                    AppError::Unavailable(format!(
-                        "cannot store a development key in {}: {e}",
-                        path.display()
-                    ))
-                })?;
-            key
-        }
-    };
+    let key = development_secret(&path, crate::config::generate_fernet_key)?;
     tracing::warn!(file = %path.display(),
         "no CONNECTOR_KEK_V1: encrypting connector secrets with a development key from this file; set CONNECTOR_KEK_V1 in production");
     let mut settings = (*settings).clone();
@@ -783,6 +768,61 @@ fn with_development_key(settings: Arc<Settings>) -> Result<Arc<Settings>, AppErr
         keys: [(1, crate::config::Secret::new(key))].into_iter().collect(),
         active_version: 1,
     });
+    Ok(Arc::new(settings))
+}
+
+/// A secret kept in a file of the data directory (readable by this account only), made on first use.
+fn development_secret(
+    path: &std::path::Path,
+    generate: impl FnOnce() -> String,
+) -> Result<String, AppError> {
+    if let Ok(secret) = std::fs::read_to_string(path) {
+        return Ok(secret.trim().to_owned());
+    }
+    let secret = generate();
+    path.parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| std::fs::write(path, &secret))
+        .and_then(|()| {
+            std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        })
+        .map_err(|e| {
+            AppError::Unavailable(format!(
+                "cannot store a development secret in {}: {e}",
+                path.display()
+            ))
+        })?;
+    Ok(secret)
+}
+
+/// Without ADMIN_TOKEN (only the embedded default allows that), makes a development token kept in the data
+/// directory, so a newcomer can open the dashboard at once; the log gives a link that signs in and a curl
+/// line. With a DSN the admin API stays closed until ADMIN_TOKEN is set.
+fn with_development_token(settings: Arc<Settings>) -> Result<Arc<Settings>, AppError> {
+    let DatabaseSource::Embedded { data_dir, .. } = &settings.database else {
+        return Ok(settings);
+    };
+    if settings.admin_token.is_some() || settings.admin_auth_disabled {
+        return Ok(settings);
+    }
+    let path = data_dir.join("dev-admin-token");
+    let token = development_secret(&path, || {
+        rand::random::<[u8; 24]>()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    })?;
+    let host = match settings.listen.ip() {
+        ip if ip.is_unspecified() => "127.0.0.1".to_owned(),
+        ip => ip.to_string(),
+    };
+    let base = format!("http://{host}:{}", settings.listen.port());
+    tracing::warn!(file = %path.display(),
+        "no ADMIN_TOKEN: the admin API takes a development token from this file; set ADMIN_TOKEN in production");
+    tracing::info!("dashboard (signs you in): {base}/dashboard#/?token={token}");
+    tracing::info!("admin API: curl -H 'Authorization: Bearer {token}' {base}/_admin/queues");
+    let mut settings = (*settings).clone();
+    settings.admin_token = Some(crate::config::Secret::new(token));
     Ok(Arc::new(settings))
 }
 

@@ -69,6 +69,24 @@ try {
     .catch(() => fail(page, "the bulk cancel did not report its count"));
   if (!dialogs.some((m) => m.startsWith("Cancel 3 job(s)"))) throw new Error(`the count was not confirmed: ${dialogs}`);
 
+  // A deep link opened without a token: the token prompt, then the linked job (not the overview).
+  const fresh = await browser.newPage();
+  fresh.on("pageerror", (e) => consoleErrors.push(String(e)));
+  await fresh.goto(`${base}/dashboard#/job/${jobId}`);
+  await fresh.locator("#login").waitFor({ state: "visible" });
+  await fresh.fill("#token", token);
+  await fresh.click("#login button[type=submit]");
+  await fresh.locator("h1", { hasText: `Job ${jobId}` }).waitFor({ timeout: 10000 })
+    .catch(() => fail(fresh, "the deep link did not survive the token prompt"));
+  await fresh.close();
+  // The link `serve` prints (token in the fragment) signs in at once, and the token leaves the address bar.
+  const linked = await browser.newPage();
+  await linked.goto(`${base}/dashboard#/job/${jobId}?token=${encodeURIComponent(token)}`);
+  await linked.locator("h1", { hasText: `Job ${jobId}` }).waitFor({ timeout: 10000 })
+    .catch(() => fail(linked, "the sign-in link did not open the job"));
+  if (linked.url().includes("token=")) throw new Error(`the token stays in the address bar: ${linked.url()}`);
+  await linked.close();
+
   // Connectors page renders (configs without secrets).
   await page.click('a[data-nav="connectors"]');
   await page.locator("h1", { hasText: "Connectors" }).waitFor();

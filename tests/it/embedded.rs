@@ -76,6 +76,20 @@ async fn serve_without_any_configuration_runs_on_a_private_cluster_and_stops_it(
         ])
         .is_ok()
     );
+    // Nor an ADMIN_TOKEN: a development token, kept beside the data, opens the admin API at once.
+    let token_file = dir.path().join("dev-admin-token");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&token_file).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    let token = std::fs::read_to_string(&token_file).unwrap();
+    let queues = client
+        .get(format!("http://127.0.0.1:{api_port}/_admin/queues"))
+        .bearer_auth(token.trim())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(queues.status(), 200);
     let pg_url = format!("postgres://activekg@127.0.0.1:{pg_port}/activekg");
     assert!(embedded::can_connect(&pg_url).await);
 
@@ -89,6 +103,13 @@ async fn serve_without_any_configuration_runs_on_a_private_cluster_and_stops_it(
     assert!(
         log.contains("private PostgreSQL cluster"),
         "the log says which database it used:\n{log}"
+    );
+    assert!(
+        log.contains(&format!(
+            "http://127.0.0.1:{api_port}/dashboard#/?token={}",
+            token.trim()
+        )) && log.contains(&format!("curl -H 'Authorization: Bearer {}'", token.trim())),
+        "the log gives a link that signs in and a curl line:\n{log}"
     );
     assert!(
         !embedded::can_connect(&pg_url).await,

@@ -383,7 +383,21 @@ async function render() {
   timer = setTimeout(render, REFRESH_MS);
 }
 
+// A link with `?token=` in its fragment (the one `serve` prints for its development token) signs in; the
+// token then leaves the address bar. The fragment never reaches the server or its logs.
+function takeTokenFromLink() {
+  const [path, query] = location.hash.replace(/^#/, "").split("?");
+  const params = new URLSearchParams(query || "");
+  const token = params.get("token");
+  if (!token) return;
+  sessionStorage.setItem(TOKEN_KEY, token);
+  params.delete("token");
+  const rest = params.toString();
+  history.replaceState(null, "", `${location.pathname}#${path || "/"}${rest ? `?${rest}` : ""}`);
+}
+
 document.addEventListener("DOMContentLoaded", () => {
+  takeTokenFromLink();
   document.getElementById("login").addEventListener("submit", (e) => {
     e.preventDefault();
     sessionStorage.setItem(TOKEN_KEY, document.getElementById("token").value.trim());
