@@ -46,6 +46,8 @@ try {
   const row = page.locator(`tr[data-job="${jobId}"]`);
   await row.waitFor().catch(() => fail(page, `dead job ${jobId} is not listed`));
   const error = await row.locator("td.error-text").innerText();
+  const object = await row.locator("td.object").innerText();
+  if (!object.startsWith("s3:")) await fail(page, `the dead job's object is not shown: ${object}`);
   if (!/not found/i.test(error)) await fail(page, `the dead job's error is not shown: ${error}`);
   await page.locator("#bulk-replay").waitFor();
   await row.locator("a").first().click();

@@ -173,7 +173,8 @@ async function jobs(params) {
     const last = j.errors.length ? j.errors[j.errors.length - 1] : null;
     return h("tr", { class: "job", "data-job": j.id, "data-kind": j.kind },
       h("td", {}, h("a", { href: `#/job/${j.id}` }, j.id)), h("td", {}, j.kind), h("td", {}, j.queue),
-      h("td", {}, stateBadge(j.state)), h("td", {}, j.tenant_id || ""), h("td", { class: "num" }, `${j.attempt}/${j.max_attempts}`),
+      h("td", {}, stateBadge(j.state)), h("td", {}, j.tenant_id || ""), h("td", { class: "object" }, objectOf(j)),
+      h("td", { class: "num" }, `${j.attempt}/${j.max_attempts}`),
       h("td", {}, when(j.enqueued_at)), h("td", {}, j.state === "scheduled" || j.state === "pending" ? when(j.run_at) : ""),
       h("td", { class: "error-text" }, last ? `${last.class}: ${last.error}` : ""));
   });
@@ -194,7 +195,7 @@ async function jobs(params) {
       h("button", { id: "bulk-cancel", class: "danger", type: "button", onclick: () => cancelWaiting(filter) },
         "Cancel waiting jobs matching…")));
   }
-  out.push(table(["id", "kind", "queue", "state", "tenant", "attempts", "enqueued", "next run", "last error"], rows,
+  out.push(table(["id", "kind", "queue", "state", "tenant", "object", "attempts", "enqueued", "next run", "last error"], rows,
     "No job matches."));
   if (page.next_cursor) {
     const next = new URLSearchParams(params);
@@ -202,6 +203,13 @@ async function jobs(params) {
     out.push(h("p", {}, h("a", { href: `#/jobs?${next}` }, "Next page →")));
   }
   return out;
+}
+
+// Which object a job is about (ingests and backfill pages name one), as provider:key.
+function objectOf(j) {
+  const key = j.args && (j.args.key ?? j.args.prefix);
+  if (typeof key !== "string") return "";
+  return `${j.provider || j.args.provider || ""}:${key}`;
 }
 
 // Counts first (a dry run), so the operator confirms a number, not a filter.
@@ -259,7 +267,7 @@ async function job(id) {
       canRetry && h("button", { id: "retry", type: "button", onclick: () => act("retry") }, label),
       canCancel && h("button", { id: "cancel", class: "danger", type: "button", onclick: () => act("cancel") }, "Cancel")),
     h("dl", { class: "facts" },
-      fact("kind", j.kind), fact("queue", j.queue), fact("tenant", j.tenant_id), fact("provider", j.provider),
+      fact("kind", j.kind), fact("queue", j.queue), fact("tenant", j.tenant_id), fact("provider", j.provider), fact("object", objectOf(j)),
       fact("attempts", `${j.attempt} of ${j.max_attempts}`), fact("priority", j.priority),
       fact("enqueued", when(j.enqueued_at)), fact("started", when(j.attempted_at)),
       fact("finished", when(j.finished_at)), fact("next run", ["pending", "scheduled"].includes(j.state) ? when(j.run_at) : ""),
