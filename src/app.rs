@@ -611,15 +611,16 @@ async fn jobs_verb(pool: PgPool, settings: Settings, action: JobsAction) -> Resu
             }
             if !overview.tenants.is_empty() {
                 println!(
-                    "\n{:<14} {:<24} {:>8} {:>9} {:>8} {:>6}",
-                    "QUEUE", "TENANT", "PENDING", "SCHEDULED", "RUNNING", "DEAD"
+                    "\n{:<14} {:<24} {:<8} {:>8} {:>9} {:>8} {:>6}",
+                    "QUEUE", "TENANT", "PROVIDER", "PENDING", "SCHEDULED", "RUNNING", "DEAD"
                 );
             }
             for t in &overview.tenants {
                 println!(
-                    "{:<14} {:<24} {:>8} {:>9} {:>8} {:>6}",
+                    "{:<14} {:<24} {:<8} {:>8} {:>9} {:>8} {:>6}",
                     t.queue,
                     t.tenant_id,
+                    t.provider.as_deref().unwrap_or("-"),
                     t.counts.pending,
                     t.counts.scheduled,
                     t.counts.running,

@@ -29,6 +29,7 @@ pub(super) fn router() -> OpenApiRouter<ApiState> {
         .routes(routes!(cancel_job))
         .routes(routes!(reschedule_job))
         .routes(routes!(queue_stats))
+        .routes(routes!(list_schedules))
 }
 
 /// A job as operators see it.
@@ -604,6 +605,8 @@ pub struct TenantView {
     pub queue: String,
     /// Tenant.
     pub tenant_id: String,
+    /// Provider (s3, gcs, local), for jobs that carry one: each tenant and provider is counted apart.
+    pub provider: Option<String>,
     /// Totals.
     #[serde(flatten)]
     pub counts: CountsView,
@@ -669,6 +672,7 @@ async fn queue_stats(_: Admin, State(state): State<ApiState>) -> Result<Json<Ove
             .map(|t| TenantView {
                 queue: t.queue,
                 tenant_id: t.tenant_id,
+                provider: t.provider,
                 counts: t.counts.into(),
             })
             .collect(),
@@ -684,6 +688,64 @@ async fn queue_stats(_: Admin, State(state): State<ApiState>) -> Result<Json<Ove
                 started_at: w.started_at,
                 last_seen: w.last_seen,
                 alive,
+            })
+            .collect(),
+    }))
+}
+
+/// A cron schedule and how its last tick went.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ScheduleView {
+    /// Name (e.g. `connectors.purge_deleted`).
+    pub name: String,
+    /// Cron expression, UTC (seconds first).
+    pub cron: String,
+    /// The kind of job each tick enqueues.
+    pub kind: String,
+    /// The newest tick fired (at first registration: the tick before it, which is skipped).
+    pub last_tick: DateTime<Utc>,
+    /// The next tick.
+    pub next_tick: Option<DateTime<Utc>>,
+    /// The process (`host:pid`) that fired the last tick; absent before the first fire.
+    pub fired_by: Option<String>,
+    /// The job the last tick enqueued; follow it at `GET /_admin/jobs/{id}`.
+    pub last_job_id: Option<i64>,
+    /// That job's state (absent once retention has removed it).
+    #[schema(value_type = Option<StateName>)]
+    pub last_job_state: Option<String>,
+    /// When that job finished.
+    pub last_job_finished_at: Option<DateTime<Utc>>,
+}
+
+/// Cron schedules.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ScheduleList {
+    /// By name.
+    pub schedules: Vec<ScheduleView>,
+}
+
+/// The cron schedules (the poller, the purger): last and next tick, which process fired the last one, and
+/// its job's state. Each tick fires once across every process with `RUN_SCHEDULER=true`.
+#[utoipa::path(get, path = "/_admin/schedules", tag = "jobs", security(("admin_token" = [])),
+    responses((status = 200, body = ScheduleList), (status = 401, body = ErrorBody)))]
+async fn list_schedules(
+    _: Admin,
+    State(state): State<ApiState>,
+) -> Result<Json<ScheduleList>, ApiError> {
+    let schedules = crate::jobs::engine::schedule::states(&state.pool).await?;
+    Ok(Json(ScheduleList {
+        schedules: schedules
+            .into_iter()
+            .map(|s| ScheduleView {
+                name: s.name,
+                cron: s.cron,
+                kind: s.kind,
+                last_tick: s.last_tick,
+                next_tick: s.next_tick,
+                fired_by: s.fired_by,
+                last_job_id: s.last_job_id.map(|j| j.0),
+                last_job_state: s.last_job_state,
+                last_job_finished_at: s.last_job_finished_at,
             })
             .collect(),
     }))

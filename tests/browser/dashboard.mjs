@@ -39,6 +39,8 @@ try {
   const deadCell = page.locator('tr[data-kind="backfill_page"] td[data-col="dead"]');
   await deadCell.filter({ hasText: "1" }).waitFor({ timeout: 10000 }).catch(() => fail(page, "the dead job is not counted"));
   await page.locator("table").filter({ hasText: "last heartbeat" }).locator("tbody tr").first().waitFor();
+  await page.locator('tr[data-schedule="connectors.purge_deleted"]').waitFor()
+    .catch(() => fail(page, "the schedules are not shown"));
   await page.screenshot({ path: `${shots}/overview.png`, fullPage: true });
 
   // Dead letters: the job is listed with its error; open it.

@@ -141,7 +141,7 @@ async fn migrate_creates_the_schema_and_the_jobs_verbs_read_it() {
     assert!(
         printed
             .lines()
-            .any(|l| l.split_whitespace().take(3).collect::<Vec<_>>() == ["test", "acme", "1"]),
+            .any(|l| l.split_whitespace().take(4).collect::<Vec<_>>() == ["test", "acme", "-", "1"]),
         "{printed}"
     );
     // Bulk cancel from the terminal: counted first, then done.

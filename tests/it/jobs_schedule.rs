@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use crate::helpers::{TestDb, child_ready, spawn_child};
+use crate::helpers::{TestDb, child_ready, eventually, spawn_child};
 
 /// Runs a scheduler child for `seconds`; returns when it started its scheduler, and (when it exits) how many
 /// ticks it says it fired.
@@ -115,4 +115,49 @@ async fn a_tick_missed_while_no_scheduler_ran_fires_once_on_restart() {
         );
     }
     db.drop_db().await;
+}
+
+#[tokio::test]
+async fn the_schedules_show_their_last_and_next_tick_who_fired_it_and_its_job() {
+    let app = crate::helpers::TestApp::spawn().await;
+    let schedule = eventually(
+        Duration::from_secs(20),
+        "the poller's schedule to fire",
+        || async {
+            let list = app.admin_json("/_admin/schedules").await;
+            let poll = list["schedules"]
+                .as_array()?
+                .iter()
+                .find(|s| s["name"] == "connectors.poll")?
+                .clone();
+            poll["last_job_id"].as_i64().map(|_| poll)
+        },
+    )
+    .await;
+    let fired_by = schedule["fired_by"].as_str().unwrap();
+    assert!(
+        fired_by.ends_with(&format!(":{}", std::process::id())),
+        "this process fired it: {fired_by}"
+    );
+    assert_eq!(schedule["cron"], "*/5 * * * * *");
+    let last: DateTime<Utc> = schedule["last_tick"].as_str().unwrap().parse().unwrap();
+    let next: DateTime<Utc> = schedule["next_tick"].as_str().unwrap().parse().unwrap();
+    assert!(
+        next > last && next > Utc::now() - chrono::Duration::seconds(1),
+        "{schedule}"
+    );
+    let job = app
+        .admin_json(&format!("/_admin/jobs/{}", schedule["last_job_id"]))
+        .await;
+    assert_eq!(job["kind"], "poll_connectors");
+    let list = app.admin_json("/_admin/schedules").await;
+    let purger = list["schedules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "connectors.purge_deleted")
+        .unwrap();
+    assert!(purger["fired_by"].is_null(), "not fired yet: {purger}");
+    assert!(purger["next_tick"].is_string());
+    app.stop().await;
 }

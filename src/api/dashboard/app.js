@@ -102,7 +102,11 @@ function jobsLink(filter, text) {
 }
 
 async function overview() {
-  const data = await api("/_admin/queues");
+  const [data, schedules] = await Promise.all([api("/_admin/queues"), api("/_admin/schedules")]);
+  const scheduleRows = schedules.schedules.map((s) => h("tr", { class: "schedule", "data-schedule": s.name },
+    h("td", {}, s.name), h("td", {}, s.cron), h("td", {}, when(s.last_tick)), h("td", {}, s.fired_by || "not yet"),
+    h("td", {}, s.last_job_id ? h("a", { href: `#/job/${s.last_job_id}` }, `${s.last_job_id} `, stateBadge(s.last_job_state || "gone")) : ""),
+    h("td", {}, when(s.next_tick))));
   const queueRows = [];
   for (const q of data.queues) {
     queueRows.push(h("tr", { class: "queue", "data-queue": q.queue },
@@ -116,7 +120,7 @@ async function overview() {
     .filter((t) => t.queue === "connector" || t.queue === "embedding")
     .map((t) => h("tr", {},
       h("td", {}, t.queue), h("td", {}, jobsLink({ queue: t.queue, tenant_id: t.tenant_id }, t.tenant_id)),
-      countsCells(t)));
+      h("td", {}, t.provider || ""), countsCells(t)));
   const workerRows = data.workers.map((w) => h("tr", { class: w.alive ? "" : "dead-worker" },
     h("td", {}, w.id), h("td", {}, w.host), h("td", {}, w.kinds.join(", ")), h("td", {}, w.version),
     h("td", {}, ago(w.last_seen)), h("td", {}, w.alive ? "alive" : "silent")));
@@ -133,7 +137,10 @@ async function overview() {
     h("h2", {}, "Queues"),
     table(["queue", "kind", ...COUNT_HEADERS], queueRows, "No jobs yet."),
     h("h2", {}, "Tenants (connector and embedding queues)"),
-    table(["queue", "tenant", ...COUNT_HEADERS], tenantRows, "No tenant has queued work."),
+    table(["queue", "tenant", "provider", ...COUNT_HEADERS], tenantRows, "No tenant has queued work."),
+    h("h2", {}, "Schedules"),
+    table(["schedule", "cron (UTC)", "last tick", "fired by", "last job", "next tick"], scheduleRows,
+      "No schedule is registered (no process runs with RUN_SCHEDULER=true)."),
     h("h2", {}, "Workers"),
     table(["id", "host", "kinds", "version", "last heartbeat", ""], workerRows, "No worker has registered."),
   ];
@@ -338,10 +345,12 @@ async function connectors() {
   ];
 }
 
+// A message stays up for a while (errors until the next navigation) before refreshes show the time again.
 function flash(message, isError) {
   const el = document.getElementById("status");
   el.textContent = message;
   el.className = isError ? "error" : "ok";
+  el.dataset.until = String(Date.now() + 8000);
 }
 
 function route() {
@@ -372,7 +381,8 @@ async function render() {
     const editing = view.contains(document.activeElement) && document.activeElement.form;
     if (!editing) view.replaceChildren(...[content].flat(Infinity));
     document.getElementById("status").dataset.updated = new Date().toISOString();
-    if (!document.getElementById("status").classList.contains("error")) {
+    const status = document.getElementById("status");
+    if (!status.classList.contains("error") && Date.now() > Number(status.dataset.until || 0)) {
       document.getElementById("status").textContent = `updated ${new Date().toLocaleTimeString(undefined, { hour12: false })}`;
     }
   } catch (e) {

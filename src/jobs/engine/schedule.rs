@@ -208,6 +208,65 @@ async fn keep_time(pool: PgPool, entry: Entry, stop: CancellationToken) {
     }
 }
 
+/// This process, as a schedule's `fired_by` names it.
+fn firing_process() -> &'static str {
+    static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| {
+        format!(
+            "{}:{}",
+            gethostname::gethostname().to_string_lossy(),
+            std::process::id()
+        )
+    })
+}
+
+/// A schedule's state, for operators.
+#[derive(Debug, Clone)]
+pub struct ScheduleState {
+    /// Name.
+    pub name: String,
+    /// Cron expression (UTC).
+    pub cron: String,
+    /// The kind of job a tick enqueues.
+    pub kind: String,
+    /// The newest tick fired.
+    pub last_tick: DateTime<Utc>,
+    /// The next tick, from now.
+    pub next_tick: Option<DateTime<Utc>>,
+    /// The process (`host:pid`) that fired the last tick; none before the first fire.
+    pub fired_by: Option<String>,
+    /// The job the last tick enqueued.
+    pub last_job_id: Option<crate::domain::JobId>,
+    /// That job's state, while it is kept.
+    pub last_job_state: Option<String>,
+    /// When it finished.
+    pub last_job_finished_at: Option<DateTime<Utc>>,
+}
+
+/// Every schedule with its last and next tick, who fired it and how its job went.
+pub async fn states(pool: &PgPool) -> Result<Vec<ScheduleState>> {
+    let now = Utc::now();
+    Ok(store::list_schedules(pool)
+        .await?
+        .into_iter()
+        .map(|row| ScheduleState {
+            next_tick: row
+                .cron
+                .parse::<CronExpr>()
+                .ok()
+                .and_then(|c| c.next_tick(now)),
+            name: row.name,
+            cron: row.cron,
+            kind: row.kind,
+            last_tick: row.last_tick,
+            fired_by: row.fired_by,
+            last_job_id: row.last_job_id.map(crate::domain::JobId),
+            last_job_state: row.last_job_state,
+            last_job_finished_at: row.last_job_finished_at,
+        })
+        .collect())
+}
+
 /// Fires the latest tick at or before `now`, if it is newer than the schedule's last fired tick.
 async fn fire(
     pool: &PgPool,
@@ -223,7 +282,7 @@ async fn fire(
     }
     let job = (entry.make)(tick)?;
     let result = store::insert(&mut tx, &[job]).await?;
-    store::set_schedule_job(&mut tx, &entry.name, result[0].id).await?;
+    store::set_schedule_job(&mut tx, &entry.name, result[0].id, firing_process()).await?;
     tx.commit().await?;
     metrics()
         .schedule_ticks_fired

@@ -59,13 +59,16 @@ pub struct QueueStat {
     pub kinds: BTreeMap<String, Counts>,
 }
 
-/// Statistics of one tenant in one queue.
+/// Statistics of one tenant in one queue, for one provider (the guide's `connector:{provider}:{tenant}`
+/// queues), or for jobs without one.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TenantStat {
     /// Queue name.
     pub queue: String,
     /// Tenant.
     pub tenant_id: String,
+    /// Provider, for jobs that carry one.
+    pub provider: Option<String>,
     /// Totals.
     pub counts: Counts,
 }
@@ -85,7 +88,7 @@ pub struct Overview {
 pub async fn overview(pool: &PgPool, orphan_timeout: Duration) -> Result<Overview> {
     let rows = store::queue_counts(pool).await?;
     let mut queues: BTreeMap<String, QueueStat> = BTreeMap::new();
-    let mut tenants: BTreeMap<(String, String), Counts> = BTreeMap::new();
+    let mut tenants: BTreeMap<(String, String, Option<String>), Counts> = BTreeMap::new();
     for row in &rows {
         let queue = queues
             .entry(row.queue.clone())
@@ -98,7 +101,7 @@ pub async fn overview(pool: &PgPool, orphan_timeout: Duration) -> Result<Overvie
         queue.kinds.entry(row.kind.clone()).or_default().add(row);
         if let Some(tenant) = &row.tenant_id {
             tenants
-                .entry((row.queue.clone(), tenant.clone()))
+                .entry((row.queue.clone(), tenant.clone(), row.provider.clone()))
                 .or_default()
                 .add(row);
         }
@@ -115,9 +118,10 @@ pub async fn overview(pool: &PgPool, orphan_timeout: Duration) -> Result<Overvie
         queues: queues.into_values().collect(),
         tenants: tenants
             .into_iter()
-            .map(|((queue, tenant_id), counts)| TenantStat {
+            .map(|((queue, tenant_id, provider), counts)| TenantStat {
                 queue,
                 tenant_id,
+                provider,
                 counts,
             })
             .collect(),

@@ -45,7 +45,7 @@ impl JobFilter {
 }
 
 /// The operator's view of the stored state; 'available' shows as pending or scheduled by its run time.
-const VIEW_STATE: &str = "CASE WHEN j.state = 'available' THEN (CASE WHEN j.run_at > now() THEN 'scheduled' ELSE 'pending' END) ELSE j.state END";
+pub(super) const VIEW_STATE: &str = "CASE WHEN j.state = 'available' THEN (CASE WHEN j.run_at > now() THEN 'scheduled' ELSE 'pending' END) ELSE j.state END";
 
 /// The filter as SQL over alias `j`, with its parameters starting at `$1`.
 fn filter_sql(first_param: usize) -> String {
