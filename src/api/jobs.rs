@@ -30,6 +30,7 @@ pub(super) fn router() -> OpenApiRouter<ApiState> {
         .routes(routes!(reschedule_job))
         .routes(routes!(queue_stats))
         .routes(routes!(list_schedules))
+        .routes(routes!(queue_history))
 }
 
 /// A job as operators see it.
@@ -746,6 +747,74 @@ async fn list_schedules(
                 last_job_id: s.last_job_id.map(|j| j.0),
                 last_job_state: s.last_job_state,
                 last_job_finished_at: s.last_job_finished_at,
+            })
+            .collect(),
+    }))
+}
+
+/// How far back.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct HistoryQuery {
+    /// Minutes of history, 1 to 1440 (default 60).
+    #[param(minimum = 1, maximum = 1440)]
+    pub minutes: Option<i64>,
+}
+
+/// One queue's minute.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct MinuteView {
+    /// The minute's start.
+    pub minute: DateTime<Utc>,
+    /// Queue.
+    pub queue: String,
+    /// Due and waiting, when the minute was sampled.
+    pub pending: i64,
+    /// Waiting for a later run time, when sampled.
+    pub scheduled: i64,
+    /// Running, when sampled.
+    pub running: i64,
+    /// Completed during the minute.
+    pub completed: i64,
+    /// Jobs whose attempt failed during the minute (retried or dead-lettered).
+    pub failed: i64,
+    /// Dead-lettered during the minute.
+    pub dead: i64,
+}
+
+/// Per-minute history.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct QueueHistory {
+    /// Oldest first; a queue without jobs in a minute has no entry for it.
+    pub minutes: Vec<MinuteView>,
+}
+
+/// Throughput, failures and depth per queue and minute, for the last `minutes` (sampled by the processes
+/// once a minute, kept a day): what the dashboard's charts draw.
+#[utoipa::path(get, path = "/_admin/queues/history", tag = "jobs", params(HistoryQuery), security(("admin_token" = [])),
+    responses((status = 200, body = QueueHistory), (status = 401, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn queue_history(
+    _: Admin,
+    State(state): State<ApiState>,
+    Query(query): Query<HistoryQuery>,
+) -> Result<Json<QueueHistory>, ApiError> {
+    let minutes = query.minutes.unwrap_or(60);
+    if !(1..=1440).contains(&minutes) {
+        return Err(ApiError::invalid("minutes must be from 1 to 1440"));
+    }
+    let rows = crate::jobs::engine::stats::history(&state.pool, minutes).await?;
+    Ok(Json(QueueHistory {
+        minutes: rows
+            .into_iter()
+            .map(|r| MinuteView {
+                minute: r.minute,
+                queue: r.queue,
+                pending: r.pending,
+                scheduled: r.scheduled,
+                running: r.running,
+                completed: r.completed,
+                failed: r.failed,
+                dead: r.dead,
             })
             .collect(),
     }))

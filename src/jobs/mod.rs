@@ -92,6 +92,16 @@ pub fn register(runtime: &mut Runtime, deps: &Deps, queues: Option<&[String]>) {
 
 /// Chores every process runs with the engine's own upkeep, whatever its role.
 pub fn chores(runtime: &mut Runtime) {
+    // Every 20 s, so each minute is sampled soon after it ends by whichever process gets there first.
+    runtime.chore(Chore::new(
+        "sample_job_history",
+        std::time::Duration::from_secs(20),
+        |pool| async move {
+            crate::store::jobs::sample_history(&pool).await?;
+            // Only deletions are worth a log line.
+            crate::store::jobs::prune_history(&pool, engine::stats::HISTORY_KEPT).await
+        },
+    ));
     runtime.chore(Chore::new(
         "prune_webhook_deliveries",
         upkeep::PRUNE_EVERY,

@@ -39,6 +39,13 @@ try {
   const deadCell = page.locator('tr[data-kind="backfill_page"] td[data-col="dead"]');
   await deadCell.filter({ hasText: "1" }).waitFor({ timeout: 10000 }).catch(() => fail(page, "the dead job is not counted"));
   await page.locator("table").filter({ hasText: "last heartbeat" }).locator("tbody tr").first().waitFor();
+  // Charts of the sampled minutes: the minute with dead letters shows on the throughput chart's dead line.
+  for (const chart of ["#chart-throughput", "#chart-depth"]) {
+    await page.locator(`${chart} polyline`).first().waitFor().catch(() => fail(page, `${chart} is not drawn`));
+  }
+  const deadLine = await page.locator('#chart-throughput polyline[data-series="dead"]').getAttribute("points");
+  const ys = deadLine.split(" ").map((p) => Number(p.split(",")[1]));
+  if (new Set(ys).size < 2) await fail(page, `the dead letter does not show on the chart: ${deadLine}`);
   await page.locator('tr[data-schedule="connectors.purge_deleted"]').waitFor()
     .catch(() => fail(page, "the schedules are not shown"));
   await page.screenshot({ path: `${shots}/overview.png`, fullPage: true });

@@ -53,6 +53,16 @@ async fn the_dashboard_shows_a_dead_job_replays_it_and_sees_it_complete_in_chrom
     .await;
     // Now the replay can succeed.
     emulators::s3_bucket(&emulators::s3_client().await, &bucket).await;
+    // Two sampled minutes of history for the charts (sampling itself is tested in jobs_engine).
+    sqlx::query(
+        "INSERT INTO job_history (minute, queue, pending, scheduled, running, completed, failed, dead)
+         VALUES (date_trunc('minute', now()) - interval '3 minutes', 'connector', 40, 0, 2, 7, 3, 2),
+                (date_trunc('minute', now()) - interval '2 minutes', 'connector', 25, 5, 2, 12, 1, 0)
+         ON CONFLICT DO NOTHING",
+    )
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
     // A backlog queued for tomorrow, for the dashboard to cancel in bulk.
     let mut conn = app.db.pool.acquire().await.unwrap();
     for i in 0..3 {

@@ -635,3 +635,56 @@ async fn a_tenants_backlog_does_not_delay_another_tenants_first_job() {
     );
     db.drop_db().await;
 }
+
+#[tokio::test]
+async fn each_minute_is_sampled_once_with_its_completions_failures_dead_letters_and_depth() {
+    let db = TestDb::new().await;
+    let mut conn = db.pool.acquire().await.unwrap();
+    for i in 0..6 {
+        engine::enqueue(&mut conn, &Probe::new(&format!("h{i}"), Behavior::Succeed))
+            .await
+            .unwrap();
+    }
+    drop(conn);
+    // Last minute: two completed, one dead, one failed and waiting for its retry; two still pending.
+    sqlx::query(
+        "WITH m AS (SELECT date_trunc('minute', now()) - interval '1 minute' + interval '10 seconds' AS at),
+              picked AS (SELECT id, row_number() OVER (ORDER BY id) AS n FROM jobs)
+         UPDATE jobs j SET
+           state = CASE p.n WHEN 1 THEN 'completed' WHEN 2 THEN 'completed' WHEN 3 THEN 'dead' ELSE j.state END,
+           finished_at = CASE WHEN p.n <= 3 THEN m.at END,
+           run_at = CASE p.n WHEN 4 THEN now() + interval '1 hour' ELSE j.run_at END,
+           errors = CASE WHEN p.n IN (3, 4) THEN jsonb_build_array(jsonb_build_object(
+               'attempt', 1, 'at', m.at, 'class', 'transient', 'error', 'boom')) ELSE j.errors END
+         FROM picked p, m WHERE p.id = j.id",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let written = activekg::store::jobs::sample_history(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(written, 1, "one queue had jobs");
+    assert_eq!(
+        activekg::store::jobs::sample_history(&db.pool)
+            .await
+            .unwrap(),
+        0,
+        "a minute is sampled once, whoever gets there first"
+    );
+    let rows = activekg::store::jobs::history(&db.pool, 5).await.unwrap();
+    let r = &rows[0];
+    assert_eq!(
+        (
+            r.pending,
+            r.scheduled,
+            r.running,
+            r.completed,
+            r.failed,
+            r.dead
+        ),
+        (2, 1, 0, 2, 2, 1),
+        "{r:?}"
+    );
+    db.drop_db().await;
+}

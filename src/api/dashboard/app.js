@@ -101,8 +101,68 @@ function jobsLink(filter, text) {
   return h("a", { href: `#/jobs${q ? `?${q}` : ""}` }, text);
 }
 
+function svg(tag, attrs, ...children) {
+  const el = document.createElementNS("http://www.w3.org/2000/svg", tag);
+  for (const [k, v] of Object.entries(attrs || {})) el.setAttribute(k, String(v));
+  for (const child of children.flat()) {
+    el.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return el;
+}
+
+const SERIES_COLOURS = ["#2563eb", "#dc2626", "#7c3aed", "#059669", "#d97706", "#db2777", "#0891b2"];
+
+// A line chart of per-minute values over the last `span` minutes; `series` is [{name, values: Map(ms -> n)}].
+function lineChart(id, title, series, span) {
+  const [w, hgt, pad] = [640, 160, 30];
+  const end = Math.floor(Date.now() / 60000) * 60000 - 60000;
+  const start = end - (span - 1) * 60000;
+  const max = Math.max(1, ...series.flatMap((s) => [...s.values.values()]));
+  const x = (t) => pad + ((t - start) / ((span - 1) * 60000)) * (w - 2 * pad);
+  const y = (v) => hgt - pad + 10 - (v / max) * (hgt - pad - 10);
+  const lines = series.map((s, i) => {
+    const points = [];
+    for (let t = start; t <= end; t += 60000) points.push(`${x(t).toFixed(1)},${y(s.values.get(t) || 0).toFixed(1)}`);
+    return svg("polyline", { points: points.join(" "), fill: "none", stroke: SERIES_COLOURS[i % SERIES_COLOURS.length],
+      "stroke-width": 2, "data-series": s.name });
+  });
+  const axis = [
+    svg("line", { x1: pad, y1: y(0), x2: w - pad, y2: y(0), stroke: "#9ca3af" }),
+    svg("text", { x: 2, y: y(max) + 4, "font-size": 10, fill: "#6b7280" }, String(max)),
+    svg("text", { x: 2, y: y(0) + 4, "font-size": 10, fill: "#6b7280" }, "0"),
+    svg("text", { x: pad, y: hgt - 2, "font-size": 10, fill: "#6b7280" }, `${span} min ago`),
+    svg("text", { x: w - pad - 20, y: hgt - 2, "font-size": 10, fill: "#6b7280" }, "now"),
+  ];
+  // Colours as SVG presentation attributes: the page's CSP allows no inline styles.
+  const legend = series.map((s, i) => svg("text", { x: pad + i * 110, y: 10, "font-size": 11,
+    fill: SERIES_COLOURS[i % SERIES_COLOURS.length], class: "legend" }, `■ ${s.name}`));
+  return h("figure", { class: "chart", id },
+    h("figcaption", {}, title),
+    svg("svg", { viewBox: `0 0 ${w} ${hgt}`, width: w, height: hgt, role: "img", "aria-label": title },
+      axis, lines, legend));
+}
+
+function historyCharts(history) {
+  const minute = (iso) => new Date(iso).getTime();
+  const totals = { completed: new Map(), failed: new Map(), dead: new Map() };
+  const depth = new Map();
+  for (const m of history.minutes) {
+    const t = minute(m.minute);
+    for (const k of Object.keys(totals)) totals[k].set(t, (totals[k].get(t) || 0) + m[k]);
+    if (!depth.has(m.queue)) depth.set(m.queue, new Map());
+    depth.get(m.queue).set(t, m.pending + m.scheduled + m.running);
+  }
+  return [
+    lineChart("chart-throughput", "Completed, failed and dead per minute (last hour, all queues)",
+      Object.entries(totals).map(([name, values]) => ({ name, values })), 60),
+    lineChart("chart-depth", "Queue depth (pending + scheduled + running) per queue (last hour)",
+      [...depth.entries()].map(([name, values]) => ({ name, values })), 60),
+  ];
+}
+
 async function overview() {
-  const [data, schedules] = await Promise.all([api("/_admin/queues"), api("/_admin/schedules")]);
+  const [data, schedules, history] = await Promise.all([
+    api("/_admin/queues"), api("/_admin/schedules"), api("/_admin/queues/history?minutes=60")]);
   const scheduleRows = schedules.schedules.map((s) => h("tr", { class: "schedule", "data-schedule": s.name },
     h("td", {}, s.name), h("td", {}, s.cron), h("td", {}, when(s.last_tick)), h("td", {}, s.fired_by || "not yet"),
     h("td", {}, s.last_job_id ? h("a", { href: `#/job/${s.last_job_id}` }, `${s.last_job_id} `, stateBadge(s.last_job_state || "gone")) : ""),
@@ -134,6 +194,7 @@ async function overview() {
       card("Pending", totals.pending), card("Scheduled", totals.scheduled), card("Running", totals.running),
       card("Dead", totals.dead, totals.dead ? "error" : "", "#/jobs?state=dead"),
       card("Workers alive", data.workers.filter((w) => w.alive).length)),
+    h("div", { class: "charts" }, historyCharts(history)),
     h("h2", {}, "Queues"),
     table(["queue", "kind", ...COUNT_HEADERS], queueRows, "No jobs yet."),
     h("h2", {}, "Tenants (connector and embedding queues)"),

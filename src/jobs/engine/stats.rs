@@ -129,6 +129,14 @@ pub async fn overview(pool: &PgPool, orphan_timeout: Duration) -> Result<Overvie
     })
 }
 
+/// How long the per-minute history is kept.
+pub const HISTORY_KEPT: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// The per-minute history of the last `minutes` (at most a day), oldest first, every queue.
+pub async fn history(pool: &PgPool, minutes: i64) -> Result<Vec<store::HistoryRow>> {
+    store::history(pool, minutes.clamp(1, 24 * 60)).await
+}
+
 /// Gauges another room derives from the same counts (e.g. the connector backlog), refreshed with ours.
 pub type ExtraGauges = fn(&[QueueCounts]);
 

@@ -1,5 +1,6 @@
 //! The engine's upkeep in SQL: taking back jobs of workers that went silent, and pruning finished jobs.
 
+use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgExecutor};
 
 use crate::domain::JobId;
@@ -120,4 +121,81 @@ pub async fn prune<'e>(
     .execute(db)
     .await?;
     Ok(done.rows_affected())
+}
+
+/// Records the minute before this one for every queue with jobs (its completions, failed attempts and
+/// dead letters, and the depth now), unless a process did already. Returns the rows written.
+pub async fn sample_history<'e>(db: impl PgExecutor<'e>) -> Result<u64> {
+    let done = sqlx::query(
+        r#"
+        WITH m AS (SELECT date_trunc('minute', now()) - interval '1 minute' AS start),
+        failures AS (
+            SELECT j.queue, j.state, j.run_at, j.finished_at,
+                   CASE WHEN j.errors->-1->>'at' ~ '^\d{4}-\d{2}-\d{2}T'
+                             AND j.errors->-1->>'class' IS DISTINCT FROM 'replayed'
+                        THEN (j.errors->-1->>'at')::timestamptz END AS failed_at
+            FROM jobs j, m
+            WHERE j.state IN ('available', 'running') OR j.finished_at >= m.start
+        )
+        INSERT INTO job_history (minute, queue, pending, scheduled, running, completed, failed, dead)
+        SELECT m.start, f.queue,
+               count(*) FILTER (WHERE f.state = 'available' AND f.run_at <= now()),
+               count(*) FILTER (WHERE f.state = 'available' AND f.run_at > now()),
+               count(*) FILTER (WHERE f.state = 'running'),
+               count(*) FILTER (WHERE f.state = 'completed' AND f.finished_at >= m.start
+                                  AND f.finished_at < m.start + interval '1 minute'),
+               count(*) FILTER (WHERE f.failed_at >= m.start AND f.failed_at < m.start + interval '1 minute'),
+               count(*) FILTER (WHERE f.state = 'dead' AND f.finished_at >= m.start
+                                  AND f.finished_at < m.start + interval '1 minute')
+        FROM failures f, m
+        GROUP BY m.start, f.queue
+        ON CONFLICT (minute, queue) DO NOTHING
+        "#,
+    )
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// Deletes history older than `keep`. Returns how many rows went.
+pub async fn prune_history<'e>(db: impl PgExecutor<'e>, keep: std::time::Duration) -> Result<u64> {
+    let done =
+        sqlx::query("DELETE FROM job_history WHERE minute < now() - make_interval(secs => $1)")
+            .bind(keep.as_secs_f64())
+            .execute(db)
+            .await?;
+    Ok(done.rows_affected())
+}
+
+/// One queue's minute, as sampled.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct HistoryRow {
+    /// The minute.
+    pub minute: DateTime<Utc>,
+    /// Queue.
+    pub queue: String,
+    /// Due and waiting, when sampled.
+    pub pending: i64,
+    /// Waiting for a later time, when sampled.
+    pub scheduled: i64,
+    /// Running, when sampled.
+    pub running: i64,
+    /// Completed during the minute.
+    pub completed: i64,
+    /// Jobs whose attempt failed during the minute.
+    pub failed: i64,
+    /// Dead-lettered during the minute.
+    pub dead: i64,
+}
+
+/// The sampled minutes of the last `minutes`, oldest first.
+pub async fn history<'e>(db: impl PgExecutor<'e>, minutes: i64) -> Result<Vec<HistoryRow>> {
+    Ok(sqlx::query_as::<_, HistoryRow>(
+        "SELECT minute, queue, pending, scheduled, running, completed, failed, dead FROM job_history
+          WHERE minute >= date_trunc('minute', now()) - make_interval(mins => $1::int)
+          ORDER BY minute, queue",
+    )
+    .bind(minutes)
+    .fetch_all(db)
+    .await?)
 }
