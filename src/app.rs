@@ -439,6 +439,11 @@ pub async fn run_process(
         settings
     };
     let settings = with_embedding_fallback(settings)?;
+    if settings.redis_url.is_some() {
+        tracing::warn!(
+            "REDIS_URL is set but has no effect: every queue is in PostgreSQL (unset it to silence this)"
+        );
+    }
     let e = &settings.embedding;
     tracing::info!(
         "embedder: {} ({}); switch with EMBEDDING_BACKEND=local|openai|hash (local needs `activekg fetch-model`)",

@@ -162,8 +162,9 @@ pub struct Settings {
     pub database: DatabaseSource,
     /// `ACTIVEKG_POOL_SIZE`: connections in the pool.
     pub pool_size: u32,
-    /// `REDIS_URL`.
-    pub redis_url: Secret,
+    /// `REDIS_URL`, when given. Nothing uses it yet (every queue is in PostgreSQL); a given one is still
+    /// checked, and `serve` warns that it has no effect.
+    pub redis_url: Option<Secret>,
     /// `RUN_SCHEDULER`: whether this process fires cron schedules.
     pub run_scheduler: bool,
     /// `ADMIN_TOKEN`: bearer token for `/_admin/*`; `None` means admin routes refuse.
@@ -727,13 +728,10 @@ impl Env {
             },
         };
         let pool_size = self.number("ACTIVEKG_POOL_SIZE", 10, 1, 1000);
-        let redis_url = Secret::new(
-            self.text("REDIS_URL")
-                .unwrap_or_else(|| "redis://localhost:6379/0".to_owned()),
-        );
-        if !redis_url.expose().starts_with("redis://")
-            && !redis_url.expose().starts_with("rediss://")
-        {
+        let redis_url = self.text("REDIS_URL").map(Secret::new);
+        if redis_url.as_ref().is_some_and(|url| {
+            !url.expose().starts_with("redis://") && !url.expose().starts_with("rediss://")
+        }) {
             self.problems.push(
                 "REDIS_URL is not a Redis URL: expected redis://host:6379/0 or rediss://..."
                     .to_owned(),
@@ -1010,7 +1008,10 @@ mod tests {
         assert_eq!(s.listen.to_string(), "0.0.0.0:8000");
         assert!(s.is_embedded());
         assert_eq!(s.pool_size, 10);
-        assert_eq!(s.redis_url.expose(), "redis://localhost:6379/0");
+        assert!(
+            s.redis_url.is_none(),
+            "nothing uses Redis, so nothing defaults it"
+        );
         assert!(s.run_scheduler);
         assert_eq!(s.jobs.batch_size, 10);
         assert_eq!(s.jobs.poll_interval, Duration::from_secs(1));

@@ -178,6 +178,8 @@ async fn serve_stops_cleanly_on_sigterm() {
         ("ACTIVEKG_DSN", db.url.clone()),
         ("CONNECTOR_KEK_V1", KEK.to_owned()),
         ("ACTIVEKG_LISTEN", listen.clone()),
+        // Given but unused: said once at start, not silently accepted.
+        ("REDIS_URL", "redis://127.0.0.1:6379/0".to_owned()),
     ]);
     let client = reqwest::Client::new();
     eventually(
@@ -209,5 +211,11 @@ async fn serve_stops_cleanly_on_sigterm() {
         .await
         .unwrap();
     assert_eq!(workers, 0, "the worker row was removed on the way out");
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(log.contains("REDIS_URL is set but has no effect"), "{log}");
+    assert!(
+        log.contains("embedder: local"),
+        "serve says which embedder: {log}"
+    );
     db.drop_db().await;
 }
