@@ -468,3 +468,45 @@ async fn a_worker_whose_pool_is_taken_by_its_jobs_still_heartbeats() {
     rescuer.shutdown().await;
     db.drop_db().await;
 }
+
+#[tokio::test]
+async fn a_fair_claim_takes_turns_between_a_tenants_providers_too() {
+    let db = fixture().await;
+    // One tenant: 200 due S3 jobs, then one due GCS job (the guide's two queues of that tenant).
+    sqlx::query(
+        "INSERT INTO jobs (kind, queue, args, max_attempts, run_at, tenant_id, provider)
+         SELECT 'test_fair', 'test', jsonb_build_object('tenant', 'acme', 'n', g, 'provider', 's3'), 5,
+                now() - interval '1 hour' + g * interval '1 second', 'acme', 's3'
+         FROM generate_series(1, 200) g",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO jobs (kind, queue, args, max_attempts, run_at, tenant_id, provider)
+         VALUES ('test_fair', 'test', '{\"tenant\": \"acme\", \"n\": 0, \"provider\": \"gcs\"}', 5, now(), 'acme', 'gcs')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let (claimed, _) = activekg::store::jobs::claim_fair(&mut conn, "test_fair", "w", 10, "")
+        .await
+        .unwrap();
+    let providers: Vec<&str> = claimed
+        .iter()
+        .map(|c| c.args["provider"].as_str().unwrap())
+        .collect();
+    // Each due pair gets an equal share of the batch (here 5), as tenants do.
+    assert_eq!(
+        providers.iter().filter(|p| **p == "s3").count(),
+        5,
+        "{providers:?}"
+    );
+    assert!(
+        providers.contains(&"gcs"),
+        "the GCS job does not wait behind 200 S3 jobs of the same tenant: {providers:?}"
+    );
+    conn.close().await.unwrap();
+    db.drop_db().await;
+}

@@ -72,7 +72,8 @@ pub async fn claim<'e>(
     .await?)
 }
 
-/// Like [`claim`], but shares the batch between tenants: it walks tenants with available jobs in key order
+/// Like [`claim`], but shares the batch between tenants, each tenant's providers apart (the guide's
+/// `connector:{provider}:{tenant}` queues): it walks (tenant, provider) pairs with available jobs in key order
 /// starting after `after_tenant` (at most `4 * limit` of them), and takes up to an equal share of due jobs
 /// from each, oldest first. One tenant's backlog therefore cannot hold back another tenant's first job.
 /// Returns the claimed jobs and where the next claim should start (empty once the walk reached the last
@@ -91,13 +92,13 @@ pub async fn claim_fair<'e>(
     let rows = sqlx::query(concat!(
         r#"
         WITH RECURSIVE tenants(t, depth) AS (
-            (SELECT coalesce(tenant_id, ''), 1 FROM jobs
-             WHERE kind = $1 AND state = 'available' AND coalesce(tenant_id, '') > $4
-             ORDER BY coalesce(tenant_id, '') LIMIT 1)
+            (SELECT (coalesce(tenant_id, '') || '/' || coalesce(provider, '')), 1 FROM jobs
+             WHERE kind = $1 AND state = 'available' AND (coalesce(tenant_id, '') || '/' || coalesce(provider, '')) > $4
+             ORDER BY (coalesce(tenant_id, '') || '/' || coalesce(provider, '')) LIMIT 1)
             UNION ALL
-            SELECT (SELECT coalesce(j.tenant_id, '') FROM jobs j
-                    WHERE j.kind = $1 AND j.state = 'available' AND coalesce(j.tenant_id, '') > tenants.t
-                    ORDER BY coalesce(j.tenant_id, '') LIMIT 1),
+            SELECT (SELECT (coalesce(j.tenant_id, '') || '/' || coalesce(j.provider, '')) FROM jobs j
+                    WHERE j.kind = $1 AND j.state = 'available' AND (coalesce(j.tenant_id, '') || '/' || coalesce(j.provider, '')) > tenants.t
+                    ORDER BY (coalesce(j.tenant_id, '') || '/' || coalesce(j.provider, '')) LIMIT 1),
                    tenants.depth + 1
             FROM tenants WHERE tenants.t IS NOT NULL AND tenants.depth < 4 * $3
         ),
@@ -106,7 +107,7 @@ pub async fn claim_fair<'e>(
             SELECT walked.t FROM walked
             WHERE EXISTS (SELECT 1 FROM jobs j
                           WHERE j.kind = $1 AND j.state = 'available' AND j.run_at <= now()
-                            AND coalesce(j.tenant_id, '') = walked.t)
+                            AND (coalesce(j.tenant_id, '') || '/' || coalesce(j.provider, '')) = walked.t)
         ),
         share AS (SELECT greatest(1, ceil($3::float8 / greatest((SELECT count(*) FROM due), 1)))::int AS n,
                          CASE WHEN (SELECT count(*) FROM walked) >= 4 * $3 THEN (SELECT max(t) FROM walked)
@@ -116,7 +117,7 @@ pub async fn claim_fair<'e>(
             CROSS JOIN LATERAL (
                 SELECT j.id FROM jobs j
                 WHERE j.kind = $1 AND j.state = 'available' AND j.run_at <= now()
-                  AND coalesce(j.tenant_id, '') = due.t
+                  AND (coalesce(j.tenant_id, '') || '/' || coalesce(j.provider, '')) = due.t
                 ORDER BY j.run_at, j.id
                 LIMIT share.n
                 FOR UPDATE OF j SKIP LOCKED
