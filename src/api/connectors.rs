@@ -10,10 +10,10 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::ApiState;
 use super::auth::Admin;
 use super::error::{ApiError, ErrorBody};
-use crate::domain::{Provider, TenantId};
+use super::{ApiState, optional_tenant, tenant};
+use crate::domain::Provider;
 use crate::jobs::backfill_page;
 use crate::jobs::engine;
 use crate::jobs::purge_deleted::{self, PurgeDeleted};
@@ -41,10 +41,6 @@ pub(super) fn router() -> OpenApiRouter<ApiState> {
 
 fn provider(raw: &str) -> Result<Provider, ApiError> {
     raw.parse().map_err(ApiError::invalid)
-}
-
-fn tenant(raw: &str) -> Result<TenantId, ApiError> {
-    TenantId::parse(raw).map_err(ApiError::invalid)
 }
 
 /// A connector to test, and optionally one object to look for.
@@ -449,7 +445,7 @@ async fn rotate_keys(
         return Err(ApiError::invalid("batch_size must be from 1 to 10000"));
     }
     let scope = RotationScope {
-        tenant_id: optional_tenant(body.tenant_id.as_deref())?,
+        tenant_id: optional_tenant(body.tenant_id.as_deref())?.map(|t| t.to_string()),
         provider: body.provider.as_deref().map(provider).transpose()?,
     };
     let rows_behind = state.registry.count_behind(&scope).await?;
@@ -489,10 +485,6 @@ async fn rotate_keys(
 }
 
 /// A tenant filter: absent means all tenants.
-fn optional_tenant(raw: Option<&str>) -> Result<Option<String>, ApiError> {
-    Ok(raw.map(tenant).transpose()?.map(|t| t.to_string()))
-}
-
 /// Starts a run of a kind that is one at a time per scope: 202 with the new job's id, or 200 with the id of
 /// the run already active (`true`).
 async fn start_run<J: engine::Job>(
@@ -574,7 +566,7 @@ async fn purge_deleted(
     if !(1..=100_000).contains(&batch_size) {
         return Err(ApiError::invalid("batch_size must be from 1 to 100000"));
     }
-    let tenant_id = optional_tenant(body.tenant_id.as_deref())?;
+    let tenant_id = optional_tenant(body.tenant_id.as_deref())?.map(|t| t.to_string());
     let retention_days = state.settings.purger_retention_days;
     let mut response = PurgeResponse {
         dry_run: body.dry_run,

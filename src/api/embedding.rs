@@ -11,9 +11,9 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use super::ApiState;
 use super::auth::Admin;
 use super::error::{ApiError, ErrorBody};
+use super::{ApiState, optional_tenant};
 use crate::domain::{EmbeddingStatus, TenantId};
 use crate::store::embeddings::{QueueFigures, RequeueFilter, VectorIndex};
 use crate::workflows::embeddings::{self as workflow, Requeue, Scope};
@@ -113,12 +113,7 @@ async fn status(
     State(state): State<ApiState>,
     Query(query): Query<StatusQuery>,
 ) -> Result<Json<EmbeddingStatusView>, ApiError> {
-    let tenant = query
-        .tenant_id
-        .as_deref()
-        .map(TenantId::parse)
-        .transpose()
-        .map_err(ApiError::invalid)?;
+    let tenant = optional_tenant(query.tenant_id.as_deref())?;
     let (scope, overall) =
         workflow::status(&state.pool, tenant.as_ref().map(TenantId::as_str)).await?;
     let settings = &state.settings.embedding;
@@ -196,13 +191,7 @@ async fn requeue(
     State(state): State<ApiState>,
     Json(body): Json<RequeueRequest>,
 ) -> Result<Json<RequeueResponse>, ApiError> {
-    let tenant_id = body
-        .tenant_id
-        .as_deref()
-        .map(TenantId::parse)
-        .transpose()
-        .map_err(ApiError::invalid)?
-        .map(|t| t.to_string());
+    let tenant_id = optional_tenant(body.tenant_id.as_deref())?.map(|t| t.to_string());
     let statuses = match body.status.as_deref() {
         None | Some("all") => None,
         Some(one) => Some(vec![

@@ -9,9 +9,9 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::ApiState;
 use super::auth::Admin;
 use super::error::{ApiError, ErrorBody};
+use super::{ApiState, optional_tenant};
 use crate::domain::{AttemptError, JobId, JobState};
 use crate::jobs::engine::admin;
 use crate::jobs::engine::stats::{self, Counts};
@@ -189,39 +189,34 @@ impl JobQuery {
             .state
             .map(|text| text.parse::<JobState>().map_err(ApiError::invalid))
             .transpose()?;
-        let state = match (forced_state, asked) {
-            // The dead-letter queue asked for another state holds none of them.
-            (Some(forced), Some(asked)) if forced != asked => None,
-            (Some(forced), _) => Some(Some(forced)),
-            (None, asked) => Some(asked),
-        };
+        // The dead-letter queue asked for another state holds none of them.
+        let holds_none = matches!((forced_state, asked), (Some(f), Some(a)) if f != a);
         let cursor = self
             .cursor
-            .map(
-                |c| match c.len() <= 18 && c.bytes().all(|b| b.is_ascii_digit()) {
-                    true => c.parse::<i64>().map(JobId).ok(),
-                    false => None,
-                },
-            )
             .map(|c| {
-                c.ok_or_else(|| ApiError::invalid("cursor is not a cursor from a previous page"))
+                // The shape the spec states, no looser; 18 digits always fit an i64.
+                let digits =
+                    !c.is_empty() && c.len() <= 18 && c.bytes().all(|b| b.is_ascii_digit());
+                digits
+                    .then(|| JobId(c.parse().expect("at most 18 digits fit an i64")))
+                    .ok_or_else(|| ApiError::invalid("cursor is not a cursor from a previous page"))
             })
             .transpose()?;
         let limit = self.limit.unwrap_or(50);
         if !(1..=500).contains(&limit) {
             return Err(ApiError::invalid("limit must be from 1 to 500"));
         }
-        valid_tenant(self.tenant_id.as_deref())?;
+        optional_tenant(self.tenant_id.as_deref())?;
         let filter = JobFilter {
             queue: self.queue,
             kind: self.kind,
-            state: state.flatten(),
+            state: forced_state.or(asked),
             tenant_id: self.tenant_id,
             since: self.since,
             until: self.until,
             ids: None,
         };
-        Ok(state.map(|_| (filter, cursor, limit)))
+        Ok((!holds_none).then_some((filter, cursor, limit)))
     }
 }
 
@@ -376,7 +371,7 @@ pub struct DeadFilter {
 impl DeadFilter {
     /// The filter (the dead state is implied by the action), the confirmation and the limit.
     fn parts(self) -> Result<(JobFilter, bool, i64), ApiError> {
-        valid_tenant(self.tenant_id.as_deref())?;
+        optional_tenant(self.tenant_id.as_deref())?;
         let filter = JobFilter {
             queue: self.queue,
             kind: self.kind,
@@ -388,15 +383,6 @@ impl DeadFilter {
         };
         Ok((filter, self.all, self.limit.unwrap_or(admin::MAX_BULK)))
     }
-}
-
-/// A tenant filter that no tenant could match is a mistake worth saying, not an empty answer.
-fn valid_tenant(tenant: Option<&str>) -> Result<(), ApiError> {
-    tenant
-        .map(crate::domain::TenantId::parse)
-        .transpose()
-        .map(drop)
-        .map_err(ApiError::invalid)
 }
 
 /// How many jobs a bulk action touched.
@@ -520,7 +506,7 @@ async fn cancel_waiting_jobs(
     State(state): State<ApiState>,
     Json(body): Json<CancelFilter>,
 ) -> Result<Json<CancelResult>, ApiError> {
-    valid_tenant(body.tenant_id.as_deref())?;
+    optional_tenant(body.tenant_id.as_deref())?;
     let waiting = body
         .state
         .as_deref()
@@ -738,15 +724,15 @@ async fn list_schedules(
         schedules: schedules
             .into_iter()
             .map(|s| ScheduleView {
-                name: s.name,
-                cron: s.cron,
-                kind: s.kind,
-                last_tick: s.last_tick,
                 next_tick: s.next_tick,
-                fired_by: s.fired_by,
-                last_job_id: s.last_job_id.map(|j| j.0),
-                last_job_state: s.last_job_state,
-                last_job_finished_at: s.last_job_finished_at,
+                name: s.stored.name,
+                cron: s.stored.cron,
+                kind: s.stored.kind,
+                last_tick: s.stored.last_tick,
+                fired_by: s.stored.fired_by,
+                last_job_id: s.stored.last_job_id,
+                last_job_state: s.stored.last_job_state,
+                last_job_finished_at: s.stored.last_job_finished_at,
             })
             .collect(),
     }))

@@ -196,6 +196,16 @@ pub fn probes_router(state: ApiState) -> Router {
         .layer(middleware::from_fn(error::json_errors))
 }
 
+/// A tenant id from a request, refused with a 422 that says what is wrong with it.
+fn tenant(raw: &str) -> Result<crate::domain::TenantId, ApiError> {
+    crate::domain::TenantId::parse(raw).map_err(ApiError::invalid)
+}
+
+/// An optional tenant filter: one no tenant could match is a mistake worth saying, not an empty answer.
+fn optional_tenant(raw: Option<&str>) -> Result<Option<crate::domain::TenantId>, ApiError> {
+    raw.map(tenant).transpose()
+}
+
 async fn not_found(request: Request) -> ApiError {
     ApiError::not_found(format!(
         "no route for {} {}",

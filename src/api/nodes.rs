@@ -11,9 +11,9 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use super::ApiState;
 use super::auth::Admin;
 use super::error::{ApiError, ErrorBody};
+use super::{ApiState, optional_tenant};
 use crate::domain::{EmbeddingStatus, TenantId};
 use crate::embedding::EmbedError;
 use crate::jobs::embed_node::Caps;
@@ -365,9 +365,7 @@ async fn list_nodes(
     if !(1..=500).contains(&limit) {
         return Err(ApiError::invalid("limit must be from 1 to 500"));
     }
-    if let Some(tenant) = &query.tenant_id {
-        TenantId::parse(tenant).map_err(ApiError::invalid)?;
-    }
+    optional_tenant(query.tenant_id.as_deref())?;
     if let Some(status) = &query.embedding_status {
         status
             .parse::<EmbeddingStatus>()
@@ -467,7 +465,7 @@ async fn search(
     State(state): State<ApiState>,
     Json(body): Json<SearchRequest>,
 ) -> Result<Json<SearchResponse>, ApiError> {
-    let tenant = TenantId::parse(&body.tenant_id).map_err(ApiError::invalid)?;
+    let tenant = super::tenant(&body.tenant_id)?;
     let k = body.k.unwrap_or(10);
     if !(1..=100).contains(&k) {
         return Err(ApiError::invalid("k must be from 1 to 100"));

@@ -212,17 +212,7 @@ pub async fn start(
     max_objects: Option<i64>,
 ) -> crate::error::Result<(Uuid, crate::domain::JobId)> {
     use crate::error::Error;
-    let connector = match registry.load(tenant, provider).await {
-        Ok(Some(connector)) => connector,
-        Ok(None) => {
-            return Err(Error::NotFound {
-                what: "connector",
-                id: format!("{provider} of tenant {tenant}"),
-            });
-        }
-        Err(LoadError::Database(e)) => return Err(e),
-        Err(e) => return Err(Error::Conflict(e.to_string())),
-    };
+    let connector = registry.require(tenant, provider).await?;
     if !connector.enabled {
         return Err(Error::Conflict(format!(
             "the {provider} connector of tenant {tenant} is disabled: enable it before backfilling"

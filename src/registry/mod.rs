@@ -474,6 +474,17 @@ impl Registry {
         self.cache.listening()
     }
 
+    /// The connector, for an action that needs it: a missing one is `NotFound`, one whose configuration
+    /// cannot be read (a key gone, a broken row) a `Conflict` saying why.
+    pub async fn require(&self, tenant: &TenantId, provider: Provider) -> Result<Arc<Connector>> {
+        match self.load(tenant, provider).await {
+            Ok(Some(connector)) => Ok(connector),
+            Ok(None) => Err(not_found(tenant, provider)),
+            Err(LoadError::Database(e)) => Err(e),
+            Err(e) => Err(Error::Conflict(e.to_string())),
+        }
+    }
+
     /// How many rows of `scope` are not at the active key version.
     pub async fn count_behind(&self, scope: &RotationScope) -> Result<u64> {
         store::count_behind(&self.pool, scope, self.keyring.active_version()).await
@@ -583,7 +594,8 @@ impl Registry {
     }
 }
 
-fn not_found(tenant: &TenantId, provider: Provider) -> Error {
+/// The error for a connector that does not exist.
+pub fn not_found(tenant: &TenantId, provider: Provider) -> Error {
     Error::NotFound {
         what: "connector",
         id: format!("{provider} of tenant {tenant}"),

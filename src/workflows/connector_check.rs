@@ -9,7 +9,7 @@ use crate::domain::{ChangeOp, JobId, Provider, TenantId, storable_key};
 use crate::error::{Error, Result};
 use crate::jobs::engine;
 use crate::jobs::ingest_object::IngestObject;
-use crate::registry::{LoadError, Registry};
+use crate::registry::{self, LoadError, Registry};
 
 /// One check and what it found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,7 +53,7 @@ pub async fn check(
 ) -> Result<Vec<Check>> {
     let connector = match registry.load(tenant, provider).await {
         Ok(Some(connector)) => connector,
-        Ok(None) => return Err(not_found(tenant, provider)),
+        Ok(None) => return Err(registry::not_found(tenant, provider)),
         Err(LoadError::Database(e)) => return Err(e),
         Err(e) => {
             return Ok(vec![Check::new(
@@ -227,12 +227,7 @@ pub async fn ingest_now(
     if key.is_empty() {
         return Err(Error::Invalid("key must name an object".to_owned()));
     }
-    let connector = match registry.load(tenant, provider).await {
-        Ok(Some(connector)) => connector,
-        Ok(None) => return Err(not_found(tenant, provider)),
-        Err(LoadError::Database(e)) => return Err(e),
-        Err(e) => return Err(Error::Conflict(e.to_string())),
-    };
+    let connector = registry.require(tenant, provider).await?;
     if !connector.enabled {
         return Err(Error::Conflict(format!(
             "the {provider} connector of tenant {tenant} is disabled: enable it first"
@@ -260,11 +255,4 @@ pub async fn ingest_now(
     queued.id.ok_or_else(|| {
         Error::Unavailable("the job was queued by a transaction not yet visible; retry".to_owned())
     })
-}
-
-fn not_found(tenant: &TenantId, provider: Provider) -> Error {
-    Error::NotFound {
-        what: "connector",
-        id: format!("{provider} of tenant {tenant}"),
-    }
 }

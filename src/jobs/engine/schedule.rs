@@ -220,27 +220,13 @@ fn firing_process() -> &'static str {
     })
 }
 
-/// A schedule's state, for operators.
+/// A schedule as stored, and its next tick from now.
 #[derive(Debug, Clone)]
 pub struct ScheduleState {
-    /// Name.
-    pub name: String,
-    /// Cron expression (UTC).
-    pub cron: String,
-    /// The kind of job a tick enqueues.
-    pub kind: String,
-    /// The newest tick fired.
-    pub last_tick: DateTime<Utc>,
-    /// The next tick, from now.
+    /// Its row: last tick, who fired it, its job.
+    pub stored: store::ScheduleRow,
+    /// The next tick.
     pub next_tick: Option<DateTime<Utc>>,
-    /// The process (`host:pid`) that fired the last tick; none before the first fire.
-    pub fired_by: Option<String>,
-    /// The job the last tick enqueued.
-    pub last_job_id: Option<crate::domain::JobId>,
-    /// That job's state, while it is kept.
-    pub last_job_state: Option<String>,
-    /// When it finished.
-    pub last_job_finished_at: Option<DateTime<Utc>>,
 }
 
 /// Every schedule with its last and next tick, who fired it and how its job went.
@@ -249,20 +235,13 @@ pub async fn states(pool: &PgPool) -> Result<Vec<ScheduleState>> {
     Ok(store::list_schedules(pool)
         .await?
         .into_iter()
-        .map(|row| ScheduleState {
-            next_tick: row
+        .map(|stored| ScheduleState {
+            next_tick: stored
                 .cron
                 .parse::<CronExpr>()
                 .ok()
                 .and_then(|c| c.next_tick(now)),
-            name: row.name,
-            cron: row.cron,
-            kind: row.kind,
-            last_tick: row.last_tick,
-            fired_by: row.fired_by,
-            last_job_id: row.last_job_id.map(crate::domain::JobId),
-            last_job_state: row.last_job_state,
-            last_job_finished_at: row.last_job_finished_at,
+            stored,
         })
         .collect())
 }
