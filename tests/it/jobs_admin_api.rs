@@ -327,6 +327,23 @@ async fn a_waiting_backlog_is_cancelled_in_bulk_after_a_dry_run_count_and_runnin
     activekg::jobs::engine::enqueue_at(&mut conn, &job("quiet", "k/0".to_owned()), None)
         .await
         .unwrap();
+    // One of the noisy tenant's jobs is running on a live worker: a bulk cancel leaves it to finish.
+    activekg::jobs::engine::enqueue_at(&mut conn, &job("noisy", "k/running".to_owned()), None)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO job_workers (id, host, pid, kinds, version) VALUES ('live-w', 'h', 1, '{ingest_object}', 't')",
+    )
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    sqlx::query(
+        "UPDATE jobs SET state = 'running', locked_by = 'live-w', attempt = 1, attempted_at = now()
+          WHERE args->>'key' = 'k/running'",
+    )
+    .execute(&mut *conn)
+    .await
+    .unwrap();
     drop(conn);
 
     let message = assert_error(
@@ -387,6 +404,13 @@ async fn a_waiting_backlog_is_cancelled_in_bulk_after_a_dry_run_count_and_runnin
             .iter()
             .all(|j| j["unique_key"].is_null()),
         "cancelled jobs give up their keys, so the same change can be queued again"
+    );
+    let running = app
+        .admin_json("/_admin/jobs?tenant_id=noisy&state=running")
+        .await;
+    assert_eq!(
+        running["jobs"][0]["args"]["key"], "k/running",
+        "the running job is left to finish: {running}"
     );
     let quiet = app.admin_json("/_admin/jobs?tenant_id=quiet").await;
     assert_eq!(
