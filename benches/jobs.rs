@@ -1,29 +1,42 @@
 //! Job engine benchmark: `cargo bench --bench jobs`.
 //!
-//! No-op jobs on the local PostgreSQL (fsync as configured, on by default), at batch sizes 10 and 100 and
-//! concurrency 1, 8 and 32, for three engines in the same run:
-//! - `activekg`: our engine (apalis workers over our `jobs` table);
-//! - `apalis-postgres`: bare apalis-postgres 1.0 (default config but the batch size, NOTIFY via `with_pubsub`);
-//! - `raw loop`: a hand-written `SELECT ... FOR UPDATE SKIP LOCKED` + `UPDATE` loop, the ceiling.
+//! No-op jobs on one PostgreSQL (the test server, fsync as configured), measured the way the peer benchmarks
+//! in `tools/peers` measure graphile-worker and pg-boss, so their figures can be set side by side:
+//! - drain: N jobs are bulk-inserted, then the workers start; the rate is N over the time from the first
+//!   handler call to the first moment the database shows no job unfinished;
+//! - latency: the workers start first, then a separate producer process (this binary again) sends single-job
+//!   transactions open-loop at a fixed rate; each job carries its send time and the handler records how late
+//!   it started (so the figure includes the INSERT and its commit, the wake-up and the claim).
 //!
-//! Each cell reports drain throughput (a backlog of ACTIVEKG_BENCH_JOBS jobs, default 10000) and the
-//! enqueue-to-start latency of single-job transactions offered at ACTIVEKG_BENCH_RATE jobs/s (default 200)
-//! for ACTIVEKG_BENCH_SECONDS (default 3). ACTIVEKG_BENCH_BATCHES and ACTIVEKG_BENCH_CONCURRENCY (comma
-//! lists) and ACTIVEKG_BENCH_SKIP_APALIS narrow the run. Server: ACTIVEKG_TEST_DATABASE_URL (default the local
-//! one); a database `activekg_bench` is recreated there.
+//! Per configuration it reports the drain rate, latency percentiles, WAL bytes per job (drain and latency
+//! phases), and CPU time per job during the drain: this process's, and the whole machine's (PostgreSQL
+//! included). Engines:
+//! - `activekg`: our engine at the default settings (`Settings` parsed from an empty environment), for the
+//!   concurrencies in ACTIVEKG_BENCH_CONCURRENCY (default 8,32);
+//! - `raw loop`: a hand-written `SELECT ... FOR UPDATE SKIP LOCKED` + `UPDATE` loop (batches of
+//!   ACTIVEKG_BENCH_RAW_BATCHES, default 10,100,1000), the ceiling of what a claim/complete pair costs;
+//! - `apalis-postgres` (ACTIVEKG_BENCH_APALIS=1): bare apalis-postgres 1.0 at batch 10;
+//! - the peers, when `tools/peers` has been installed into ACTIVEKG_BENCH_PEERS (default
+//!   `target/bench-peers`; `scripts/bench-peers` installs it): graphile-worker and pg-boss, in the same run.
+//!
+//! Passes are interleaved (ACTIVEKG_BENCH_PASSES, default 2): every configuration once, then again, so a
+//! change in the machine's load shows as spread in every row rather than as a difference between rows.
+//! ACTIVEKG_BENCH_JOBS (default 20000), ACTIVEKG_BENCH_RATE (200) and ACTIVEKG_BENCH_SECONDS (10) size the
+//! phases. Server: ACTIVEKG_TEST_DATABASE_URL (default the local one); a database `activekg_bench` is
+//! recreated there.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use activekg::config::JobSettings;
+use activekg::config::{JobSettings, Settings};
 use activekg::jobs::engine::{self, Job, JobContext, JobError, Policy, Runtime};
 use apalis::layers::WorkerBuilderExt;
 use apalis::prelude::{TaskSink, WorkerBuilder, WorkerContext};
 use apalis_postgres::{Config as ApalisConfig, PostgresStorage};
 use serde::{Deserialize, Serialize};
-use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool};
-use tokio::sync::Mutex;
+use sqlx::{Connection, PgConnection, PgPool};
 
 fn now_us() -> u64 {
     SystemTime::now()
@@ -36,41 +49,58 @@ fn now_us() -> u64 {
 #[derive(Default)]
 struct Recorder {
     done: AtomicUsize,
-    latencies_us: Mutex<Vec<u64>>,
+    first_us: AtomicU64,
+    latencies_us: std::sync::Mutex<Vec<u64>>,
 }
 
 impl Recorder {
-    async fn record(&self, sent_us: u64) {
-        self.latencies_us
-            .lock()
-            .await
-            .push(now_us().saturating_sub(sent_us));
+    fn record(&self, sent_us: u64) {
+        let now = now_us();
+        let _ = self
+            .first_us
+            .compare_exchange(0, now, Ordering::SeqCst, Ordering::SeqCst);
+        if sent_us > 0 {
+            self.latencies_us
+                .lock()
+                .unwrap()
+                .push(now.saturating_sub(sent_us));
+        }
         self.done.fetch_add(1, Ordering::SeqCst);
     }
 
-    async fn wait_for(&self, n: usize, limit: Duration) -> Duration {
-        let started = Instant::now();
+    /// Waits until the handler saw `n` jobs, then until `unfinished` says 0; returns when that answer came.
+    async fn wait_done(&self, n: usize, pool: &PgPool, unfinished: &str) -> u64 {
+        let limit = Instant::now() + Duration::from_secs(600);
         while self.done.load(Ordering::SeqCst) < n {
             assert!(
-                started.elapsed() < limit,
-                "only {} of {n} jobs ran within {limit:?}",
+                Instant::now() < limit,
+                "only {} of {n} jobs ran",
                 self.done.load(Ordering::SeqCst)
             );
-            tokio::time::sleep(Duration::from_millis(2)).await;
+            tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        started.elapsed()
+        loop {
+            let left: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(unfinished))
+                .fetch_one(pool)
+                .await
+                .unwrap();
+            if left == 0 {
+                return now_us();
+            }
+            assert!(Instant::now() < limit, "{left} jobs never finished");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
-    async fn reset(&self) {
-        self.done.store(0, Ordering::SeqCst);
-        self.latencies_us.lock().await.clear();
-    }
-
-    async fn percentiles(&self) -> (f64, f64, f64) {
-        let mut l = self.latencies_us.lock().await.clone();
+    fn percentiles(&self) -> [f64; 3] {
+        let mut l = self.latencies_us.lock().unwrap().clone();
         l.sort_unstable();
-        let at = |p: f64| l[((l.len() as f64 - 1.0) * p).round() as usize] as f64 / 1000.0;
-        (at(0.5), at(0.95), at(0.99))
+        // Nearest rank, as the peers compute it.
+        let at = |p: f64| {
+            let k = ((p * l.len() as f64).ceil() as usize).clamp(1, l.len().max(1)) - 1;
+            l.get(k).map_or(f64::NAN, |v| *v as f64 / 1000.0)
+        };
+        [at(0.5), at(0.95), at(0.99)]
     }
 }
 
@@ -81,7 +111,6 @@ struct Noop<const C: usize> {
 
 impl<const C: usize> Job for Noop<C> {
     const KIND: &'static str = match C {
-        1 => "bench_noop_c1",
         8 => "bench_noop_c8",
         _ => "bench_noop_c32",
     };
@@ -99,17 +128,92 @@ struct ApalisNoop {
     sent_us: u64,
 }
 
-struct Cell {
-    engine: &'static str,
-    batch: usize,
-    concurrency: usize,
-    drain_per_s: f64,
-    latency_ms: (f64, f64, f64),
+/// CPU time so far, in microseconds: this process's and the whole machine's (busy, all cores).
+#[derive(Clone, Copy)]
+struct Cpu {
+    process_us: f64,
+    machine_us: f64,
 }
 
+impl Cpu {
+    fn now() -> Self {
+        // Both files count in clock ticks (USER_HZ, 100 on Linux).
+        let tick_us = 10_000.0;
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map_or("", |(_, rest)| rest)
+            .split_whitespace()
+            .collect();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        // utime and stime are fields 14 and 15 of the line, 12 and 13 after the command name.
+        let process = ticks(11) + ticks(12);
+        let all = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let cpu: Vec<f64> = all
+            .lines()
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .skip(1)
+            .take(8)
+            .map(|f| f.parse().unwrap_or(0.0))
+            .collect();
+        let busy =
+            cpu.iter().sum::<f64>() - cpu.get(3).unwrap_or(&0.0) - cpu.get(4).unwrap_or(&0.0);
+        Self {
+            process_us: process * tick_us,
+            machine_us: busy * tick_us,
+        }
+    }
+
+    fn since(self, start: Cpu, jobs: usize) -> (f64, f64) {
+        (
+            (self.process_us - start.process_us) / jobs as f64,
+            (self.machine_us - start.machine_us) / jobs as f64,
+        )
+    }
+}
+
+/// One measured run of one configuration.
+#[derive(Clone, Default)]
+struct Sample {
+    drain_per_s: f64,
+    latency_ms: [f64; 3],
+    wal_drain: f64,
+    wal_latency: f64,
+    cpu_process_us: f64,
+    cpu_machine_us: f64,
+}
+
+/// A configuration and its samples over the passes.
+struct Row {
+    engine: String,
+    config: String,
+    /// Claim size, for comparing with the raw loop at the same size.
+    batch: Option<usize>,
+    samples: Vec<Sample>,
+}
+
+#[derive(Clone)]
 struct Bench {
     pool: PgPool,
+    url: String,
     jobs: usize,
+    rate: u32,
+    seconds: u64,
+    defaults: JobSettings,
+}
+
+/// What the producer process is asked to send.
+#[derive(Serialize, Deserialize)]
+struct ProducerPlan {
+    url: String,
+    target: String,
     rate: u32,
     seconds: u64,
 }
@@ -120,78 +224,112 @@ impl Bench {
             .execute(&self.pool)
             .await
             .unwrap();
+        sqlx::query("CHECKPOINT").execute(&self.pool).await.unwrap();
     }
 
-    /// Offers `rate` single-job transactions per second for `seconds`, via `enqueue`.
-    async fn offer<F, Fut>(&self, mut enqueue: F) -> usize
-    where
-        F: FnMut(u64) -> Fut,
-        Fut: std::future::Future<Output = ()>,
-    {
-        let total = self.rate as usize * self.seconds as usize;
-        let mut ticker = tokio::time::interval(Duration::from_secs(1) / self.rate);
-        for _ in 0..total {
-            ticker.tick().await;
-            enqueue(now_us()).await;
-        }
-        total
+    async fn wal(&self) -> f64 {
+        sqlx::query_scalar("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::float8")
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
     }
 
-    async fn ours<const C: usize>(&self, batch: usize) -> Cell {
-        self.clean().await;
-        let recorder = Arc::new(Recorder::default());
-        let settings = JobSettings {
-            batch_size: batch as u32,
-            poll_interval: Duration::from_secs(1),
-            orphan_timeout: Duration::from_secs(30),
-            shutdown_grace: Duration::from_secs(5),
-            keep_completed: Duration::from_secs(3600),
-            keep_dead: Duration::from_secs(3600),
+    /// Runs the producer process against `target` and returns how many jobs it sent.
+    async fn produce(&self, target: &str) -> usize {
+        let plan = ProducerPlan {
+            url: self.url.clone(),
+            target: target.to_owned(),
+            rate: self.rate,
+            seconds: self.seconds,
         };
+        let out = tokio::process::Command::new(std::env::current_exe().unwrap())
+            .env(
+                "ACTIVEKG_BENCH_PRODUCER",
+                serde_json::to_string(&plan).unwrap(),
+            )
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "producer failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    }
+
+    /// Drain, then latency, around a running consumer; `start` starts it, `stop` stops it.
+    async fn measure<Start, Fut, Stop, StopFut>(
+        &self,
+        recorder: Arc<Recorder>,
+        unfinished: &str,
+        target: &str,
+        start: Start,
+    ) -> Sample
+    where
+        Start: FnOnce(Arc<Recorder>) -> Fut,
+        Fut: Future<Output = Stop>,
+        Stop: FnOnce() -> StopFut,
+        StopFut: Future<Output = ()>,
+    {
+        let wal0 = self.wal().await;
+        let cpu0 = Cpu::now();
+        let stop = start(recorder.clone()).await;
+        let end_us = recorder.wait_done(self.jobs, &self.pool, unfinished).await;
+        let (cpu_process_us, cpu_machine_us) = Cpu::now().since(cpu0, self.jobs);
+        let wal1 = self.wal().await;
+        let first = recorder.first_us.load(Ordering::SeqCst);
+        let drain_per_s = self.jobs as f64 / ((end_us - first) as f64 / 1e6);
+
+        recorder.done.store(0, Ordering::SeqCst);
+        recorder.latencies_us.lock().unwrap().clear();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let sent = self.produce(target).await;
+        recorder.wait_done(sent, &self.pool, unfinished).await;
+        let wal2 = self.wal().await;
+        stop().await;
+        let latency_ms = recorder.percentiles();
+        Sample {
+            drain_per_s,
+            latency_ms,
+            wal_drain: (wal1 - wal0) / self.jobs as f64,
+            wal_latency: (wal2 - wal1) / sent as f64,
+            cpu_process_us,
+            cpu_machine_us,
+        }
+    }
+
+    async fn ours<const C: usize>(&self) -> Sample {
+        self.clean().await;
         let backlog: Vec<Noop<C>> = (0..self.jobs).map(|_| Noop { sent_us: 0 }).collect();
         let mut conn = self.pool.acquire().await.unwrap();
         for chunk in backlog.chunks(5000) {
             engine::enqueue_many(&mut conn, chunk).await.unwrap();
         }
         drop(conn);
-        let mut runtime = Runtime::new(self.pool.clone(), settings);
-        runtime.register(
-            recorder.clone(),
-            |job: Noop<C>, cx: JobContext<Arc<Recorder>>| async move {
-                cx.state.record(job.sent_us).await;
-                Ok::<(), JobError>(())
+        let (pool, settings) = (self.pool.clone(), self.defaults.clone());
+        self.measure(
+            Arc::new(Recorder::default()),
+            "SELECT count(*) FROM jobs WHERE state IN ('available', 'running')",
+            &format!("activekg:{C}"),
+            |recorder| async move {
+                let mut runtime = Runtime::new(pool, settings);
+                runtime.register(
+                    recorder,
+                    |job: Noop<C>, cx: JobContext<Arc<Recorder>>| async move {
+                        cx.state.record(job.sent_us);
+                        Ok::<(), JobError>(())
+                    },
+                );
+                let workers = runtime.start().await.unwrap();
+                move || async move { workers.shutdown().await }
             },
-        );
-        let workers = runtime.start().await.unwrap();
-        let drained = recorder.wait_for(self.jobs, Duration::from_secs(600)).await;
-        recorder.reset().await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let pool = self.pool.clone();
-        let offered = self
-            .offer(|sent_us| {
-                let pool = pool.clone();
-                async move {
-                    let mut conn = pool.acquire().await.unwrap();
-                    engine::enqueue(&mut conn, &Noop::<C> { sent_us })
-                        .await
-                        .unwrap();
-                }
-            })
-            .await;
-        recorder.wait_for(offered, Duration::from_secs(120)).await;
-        workers.shutdown().await;
-        Cell {
-            engine: "activekg",
-            batch,
-            concurrency: C,
-            drain_per_s: self.jobs as f64 / drained.as_secs_f64(),
-            latency_ms: recorder.percentiles().await,
-        }
+        )
+        .await
     }
 
-    async fn apalis(&self, batch: usize, concurrency: usize) -> Cell {
+    async fn apalis(&self, batch: usize, concurrency: usize) -> Sample {
         self.clean().await;
-        let recorder = Arc::new(Recorder::default());
         let config = ApalisConfig::default().queue("bench").batch_size(batch);
         let mut storage =
             PostgresStorage::<ApalisNoop>::new(&self.pool).with_config(config.clone());
@@ -199,114 +337,211 @@ impl Bench {
         for chunk in backlog.chunks(5000) {
             storage.push_bulk(chunk.to_vec()).await.unwrap();
         }
-        let context = WorkerContext::new(&format!("bench-apalis-{}", rand::random::<u32>()));
-        let worker_recorder = recorder.clone();
-        let worker = WorkerBuilder::new(&context)
-            .backend(
-                PostgresStorage::<ApalisNoop>::new(&self.pool)
-                    .with_config(config)
-                    .with_pubsub(),
-            )
-            .concurrency(concurrency)
-            .build(move |job: ApalisNoop| {
-                let recorder = worker_recorder.clone();
-                async move {
-                    recorder.record(job.sent_us).await;
-                    Ok::<(), std::io::Error>(())
+        let pool = self.pool.clone();
+        self.measure(
+            Arc::new(Recorder::default()),
+            "SELECT count(*) FROM apalis.jobs WHERE status IN ('Pending', 'Queued', 'Running')",
+            "apalis",
+            |recorder| async move {
+                let context =
+                    WorkerContext::new(&format!("bench-apalis-{}", rand::random::<u32>()));
+                let worker = WorkerBuilder::new(&context)
+                    .backend(
+                        PostgresStorage::<ApalisNoop>::new(&pool)
+                            .with_config(config)
+                            .with_pubsub(),
+                    )
+                    .concurrency(concurrency)
+                    .build(move |job: ApalisNoop| {
+                        let recorder = recorder.clone();
+                        async move {
+                            recorder.record(job.sent_us);
+                            Ok::<(), std::io::Error>(())
+                        }
+                    });
+                let running = tokio::spawn(worker.run());
+                move || async move {
+                    let _ = context.stop();
+                    let _ = tokio::time::timeout(Duration::from_secs(10), running).await;
                 }
-            });
-        let running = tokio::spawn(worker.run());
-        let drained = recorder.wait_for(self.jobs, Duration::from_secs(600)).await;
-        recorder.reset().await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let offered = self
-            .offer(|sent_us| {
-                let mut storage = storage.clone();
-                async move { storage.push(ApalisNoop { sent_us }).await.unwrap() }
-            })
-            .await;
-        recorder.wait_for(offered, Duration::from_secs(120)).await;
-        let _ = context.stop();
-        let _ = tokio::time::timeout(Duration::from_secs(10), running).await;
-        Cell {
-            engine: "apalis-postgres",
-            batch,
-            concurrency,
-            drain_per_s: self.jobs as f64 / drained.as_secs_f64(),
-            latency_ms: recorder.percentiles().await,
-        }
+            },
+        )
+        .await
     }
 
-    async fn raw(&self, batch: usize, concurrency: usize) -> Cell {
+    async fn raw(&self, batch: usize, concurrency: usize) -> Sample {
         self.clean().await;
-        let recorder = Arc::new(Recorder::default());
         sqlx::query("INSERT INTO bench_raw (sent_us) SELECT 0 FROM generate_series(1, $1)")
             .bind(self.jobs as i64)
             .execute(&self.pool)
             .await
             .unwrap();
-        let stop = Arc::new(tokio::sync::Notify::new());
-        let mut loops = Vec::new();
-        for _ in 0..concurrency {
-            let (pool, recorder, stop) = (self.pool.clone(), recorder.clone(), stop.clone());
-            loops.push(tokio::spawn(async move {
-                loop {
-                    let claimed: Vec<(i64, i64)> = sqlx::query_as(
-                        "WITH next AS (SELECT id FROM bench_raw WHERE state = 'available' ORDER BY id LIMIT $1
-                                       FOR UPDATE SKIP LOCKED)
-                         UPDATE bench_raw b SET state = 'running' FROM next WHERE b.id = next.id
-                         RETURNING b.id, b.sent_us",
-                    )
-                    .bind(batch as i64)
-                    .fetch_all(&pool)
-                    .await
-                    .unwrap();
-                    if claimed.is_empty() {
-                        tokio::select! {
-                            () = stop.notified() => return,
-                            () = tokio::time::sleep(Duration::from_millis(2)) => continue,
-                        }
-                    }
-                    let ids: Vec<i64> = claimed.iter().map(|(id, _)| *id).collect();
-                    for (_, sent_us) in &claimed {
-                        recorder.record(*sent_us as u64).await;
-                    }
-                    sqlx::query("UPDATE bench_raw SET state = 'done' WHERE id = ANY($1)")
-                        .bind(&ids)
-                        .execute(&pool)
-                        .await
-                        .unwrap();
-                }
-            }));
-        }
-        let drained = recorder.wait_for(self.jobs, Duration::from_secs(600)).await;
-        recorder.reset().await;
         let pool = self.pool.clone();
-        let offered = self
-            .offer(|sent_us| {
-                let pool = pool.clone();
-                async move {
+        self.measure(
+            Arc::new(Recorder::default()),
+            "SELECT count(*) FROM bench_raw WHERE state <> 'done'",
+            "raw",
+            |recorder| async move {
+                let loops: Vec<_> = (0..concurrency)
+                    .map(|_| tokio::spawn(raw_loop(pool.clone(), recorder.clone(), batch)))
+                    .collect();
+                move || async move { loops.iter().for_each(|l| l.abort()) }
+            },
+        )
+        .await
+    }
+}
+
+/// The ceiling: claim a batch, run it, mark it done; poll every 2 ms when idle.
+async fn raw_loop(pool: PgPool, recorder: Arc<Recorder>, batch: usize) {
+    loop {
+        let claimed: Vec<(i64, i64)> = sqlx::query_as(
+            "WITH next AS (SELECT id FROM bench_raw WHERE state = 'available' ORDER BY id LIMIT $1
+                           FOR UPDATE SKIP LOCKED)
+             UPDATE bench_raw b SET state = 'running' FROM next WHERE b.id = next.id
+             RETURNING b.id, b.sent_us",
+        )
+        .bind(batch as i64)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        if claimed.is_empty() {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            continue;
+        }
+        let ids: Vec<i64> = claimed.iter().map(|(id, _)| *id).collect();
+        for (_, sent_us) in &claimed {
+            recorder.record(*sent_us as u64);
+        }
+        sqlx::query("UPDATE bench_raw SET state = 'done' WHERE id = ANY($1)")
+            .bind(&ids)
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+}
+
+/// The producer process: 20 warm-up jobs, a second's pause, then `rate` sends a second for `seconds`, each
+/// started on schedule whether or not the earlier ones returned (open loop). Prints how many it sent.
+async fn producer(plan: ProducerPlan) {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(16)
+        .connect(&plan.url)
+        .await
+        .unwrap();
+    let send = |pool: PgPool, sent_us: u64| {
+        let target = plan.target.clone();
+        async move {
+            match target.as_str() {
+                "activekg:8" => enqueue_one::<8>(&pool, sent_us).await,
+                "activekg:32" => enqueue_one::<32>(&pool, sent_us).await,
+                "raw" => {
                     sqlx::query("INSERT INTO bench_raw (sent_us) VALUES ($1)")
                         .bind(sent_us as i64)
                         .execute(&pool)
                         .await
                         .unwrap();
                 }
-            })
-            .await;
-        recorder.wait_for(offered, Duration::from_secs(120)).await;
-        stop.notify_waiters();
-        for l in loops {
-            l.abort();
+                "apalis" => {
+                    PostgresStorage::<ApalisNoop>::new(&pool)
+                        .with_config(ApalisConfig::default().queue("bench"))
+                        .push(ApalisNoop { sent_us })
+                        .await
+                        .unwrap();
+                }
+                other => panic!("unknown producer target {other}"),
+            }
         }
-        Cell {
-            engine: "raw loop",
-            batch,
-            concurrency,
-            drain_per_s: self.jobs as f64 / drained.as_secs_f64(),
-            latency_ms: recorder.percentiles().await,
+    };
+    for _ in 0..20 {
+        send(pool.clone(), 0).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let total = plan.rate as usize * plan.seconds as usize;
+    let start = Instant::now();
+    let mut sends = Vec::with_capacity(total);
+    for i in 0..total {
+        tokio::time::sleep_until((start + Duration::from_secs(1) * i as u32 / plan.rate).into())
+            .await;
+        sends.push(tokio::spawn(send(pool.clone(), now_us())));
+    }
+    for s in sends {
+        s.await.unwrap();
+    }
+    println!("{}", total + 20);
+}
+
+async fn enqueue_one<const C: usize>(pool: &PgPool, sent_us: u64) {
+    let mut conn = pool.acquire().await.unwrap();
+    engine::enqueue(&mut conn, &Noop::<C> { sent_us })
+        .await
+        .unwrap();
+}
+
+/// The peer benchmarks' results for one pass, as rows.
+fn peers(dir: &Path, admin: &str, bench: &Bench, pass: usize) -> Vec<(String, String, Sample)> {
+    let mut rows = Vec::new();
+    let node = dir.join("node_modules/.bin/node");
+    let runs = [
+        (
+            "graphile-worker",
+            "bench-graphile.mjs",
+            "c8,c32,c8-lq,c32-lq",
+            "c8,c8-lq",
+        ),
+        ("pg-boss", "bench-pgboss.mjs", "b100-lc8", "b10-lc8-notify"),
+    ];
+    for (engine, script, drains, latencies) in runs {
+        let out = std::env::temp_dir().join(format!("activekg-bench-{engine}-{pass}.json"));
+        let status = std::process::Command::new(&node)
+            .current_dir(dir)
+            .env("PEERS_PG_DSN", admin)
+            .args([script, "--phases", "drain,latency", "--runs", "1"])
+            .args(["--n", &bench.jobs.to_string()])
+            .args(["--drain-configs", drains, "--latency-configs", latencies])
+            .args(["--rate", &bench.rate.to_string()])
+            .args(["--duration", &bench.seconds.to_string()])
+            .arg("--out")
+            .arg(&out)
+            .stdout(std::process::Stdio::null())
+            .status();
+        if !matches!(status, Ok(s) if s.success()) {
+            eprintln!("{engine}: the peer benchmark failed ({status:?}); its rows are missing");
+            continue;
+        }
+        let results: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+        for row in results["rows"].as_array().into_iter().flatten() {
+            let config = row["config"].as_str().unwrap_or("?").to_owned();
+            let f = |k: &str| row[k].as_f64().unwrap_or(f64::NAN);
+            let sample = match row["phase"].as_str() {
+                Some("drain") => Sample {
+                    drain_per_s: f("drain_jobs_per_s"),
+                    latency_ms: [f64::NAN; 3],
+                    wal_drain: f("wal_bytes_per_job_drain"),
+                    wal_latency: f64::NAN,
+                    cpu_process_us: f64::NAN,
+                    cpu_machine_us: f64::NAN,
+                },
+                Some("latency") => Sample {
+                    drain_per_s: f64::NAN,
+                    latency_ms: [f("p50_ms"), f("p95_ms"), f("p99_ms")],
+                    wal_drain: f64::NAN,
+                    wal_latency: f("wal_bytes_per_job"),
+                    cpu_process_us: f64::NAN,
+                    cpu_machine_us: f64::NAN,
+                },
+                _ => continue,
+            };
+            let label = if row["phase"] == "drain" {
+                format!("{config} (drain)")
+            } else {
+                format!("{config} (latency)")
+            };
+            rows.push((engine.to_owned(), label, sample));
         }
     }
+    rows
 }
 
 fn env_list(name: &str, default: &[usize]) -> Vec<usize> {
@@ -327,11 +562,127 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
+fn add(rows: &mut Vec<Row>, engine: &str, config: &str, batch: Option<usize>, sample: Sample) {
+    match rows
+        .iter_mut()
+        .find(|r| r.engine == engine && r.config == config)
+    {
+        Some(row) => row.samples.push(sample),
+        None => rows.push(Row {
+            engine: engine.to_owned(),
+            config: config.to_owned(),
+            batch,
+            samples: vec![sample],
+        }),
+    }
+}
+
+/// "median [min-max]" over the samples, or "-" when the figure does not apply.
+fn spread(values: impl Iterator<Item = f64>, digits: usize) -> String {
+    let mut v: Vec<f64> = values.filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return "-".to_owned();
+    }
+    v.sort_by(f64::total_cmp);
+    let median = if v.len() % 2 == 1 {
+        v[v.len() / 2]
+    } else {
+        (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
+    };
+    if v.len() == 1 {
+        format!("{median:.digits$}")
+    } else {
+        format!(
+            "{median:.digits$} [{:.digits$}-{:.digits$}]",
+            v[0],
+            v[v.len() - 1]
+        )
+    }
+}
+
+fn report(rows: &[Row]) {
+    println!(
+        "\n| engine | configuration | drain jobs/s | p50 ms | p95 ms | p99 ms | WAL B/job drain / latency | CPU us/job process / machine |"
+    );
+    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for row in rows {
+        let s = &row.samples;
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} / {} | {} / {} |",
+            row.engine,
+            row.config,
+            spread(s.iter().map(|x| x.drain_per_s), 0),
+            spread(s.iter().map(|x| x.latency_ms[0]), 2),
+            spread(s.iter().map(|x| x.latency_ms[1]), 2),
+            spread(s.iter().map(|x| x.latency_ms[2]), 2),
+            spread(s.iter().map(|x| x.wal_drain), 0),
+            spread(s.iter().map(|x| x.wal_latency), 0),
+            spread(s.iter().map(|x| x.cpu_process_us), 1),
+            spread(s.iter().map(|x| x.cpu_machine_us), 1),
+        );
+    }
+    // Ratios by pass, so both figures of a ratio come from the same minutes.
+    let passes = rows.iter().map(|r| r.samples.len()).max().unwrap_or(0);
+    let best = |engine: &str, pass: usize| {
+        rows.iter()
+            .filter(|r| r.engine == engine)
+            .filter_map(|r| r.samples.get(pass))
+            .map(|s| s.drain_per_s)
+            .filter(|x| x.is_finite())
+            .fold(f64::NAN, f64::max)
+    };
+    println!();
+    for row in rows.iter().filter(|r| r.engine == "activekg") {
+        let vs_graphile: Vec<f64> = (0..passes)
+            .filter_map(|p| Some(row.samples.get(p)?.drain_per_s / best("graphile-worker", p)))
+            .collect();
+        let raw_at = |size: usize| {
+            rows.iter().find(|r| {
+                r.engine == "raw loop"
+                    && r.batch == Some(size)
+                    && r.config.ends_with(&format!("conc {}", row.config_conc()))
+            })
+        };
+        let mut line = format!("activekg {}:", row.config);
+        if vs_graphile.iter().any(|x| x.is_finite()) {
+            line += &format!(
+                " {} x graphile-worker's best drain of the same pass;",
+                spread(vs_graphile.into_iter(), 2)
+            );
+        }
+        for size in [10, 100, 1000] {
+            if let Some(raw) = raw_at(size) {
+                let ratio = (0..passes).filter_map(|p| {
+                    Some(row.samples.get(p)?.drain_per_s / raw.samples.get(p)?.drain_per_s)
+                });
+                line += &format!(" {} of the raw loop at batch {size};", percent(ratio));
+            }
+        }
+        println!("{line}");
+    }
+}
+
+fn percent(ratios: impl Iterator<Item = f64>) -> String {
+    let v: Vec<f64> = ratios.map(|r| r * 100.0).collect();
+    format!("{}%", spread(v.into_iter(), 0))
+}
+
+impl Row {
+    fn config_conc(&self) -> String {
+        self.config
+            .rsplit_once("conc ")
+            .map_or(String::new(), |(_, c)| c.to_owned())
+    }
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .try_init();
+    if let Ok(plan) = std::env::var("ACTIVEKG_BENCH_PRODUCER") {
+        return producer(serde_json::from_str(&plan).unwrap()).await;
+    }
     let admin = std::env::var("ACTIVEKG_TEST_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
     let mut conn = PgConnection::connect(&admin).await.unwrap();
@@ -344,8 +695,10 @@ async fn main() {
         .await
         .unwrap();
     let url = format!("{}/activekg_bench", admin.rsplit_once('/').unwrap().0);
+    // The pool a deployment would have (ACTIVEKG_POOL_SIZE's default), plus the bench's own monitor queries.
+    let defaults = Settings::from_vars(Vec::<(String, String)>::new()).unwrap();
     let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(60)
+        .max_connections(defaults.pool_size + 2)
         .connect(&url)
         .await
         .unwrap();
@@ -359,64 +712,103 @@ async fn main() {
     .execute(&pool)
     .await
     .unwrap();
-    let fsync: String = sqlx::query_scalar("SHOW fsync")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let settings: Vec<(String, String)> = sqlx::query_as(
+        "SELECT name, setting FROM pg_settings WHERE name IN ('fsync', 'synchronous_commit', 'server_version', 'shared_buffers')",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
     let bench = Bench {
         pool: pool.clone(),
-        jobs: env_or("ACTIVEKG_BENCH_JOBS", 10_000),
+        url,
+        jobs: env_or("ACTIVEKG_BENCH_JOBS", 20_000),
         rate: env_or("ACTIVEKG_BENCH_RATE", 200),
-        seconds: env_or("ACTIVEKG_BENCH_SECONDS", 3),
+        seconds: env_or("ACTIVEKG_BENCH_SECONDS", 10),
+        defaults: defaults.jobs.clone(),
     };
+    let peers_dir = std::env::var("ACTIVEKG_BENCH_PEERS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-peers"));
+    let with_peers = peers_dir.join("node_modules/.bin/node").exists();
     println!(
-        "no-op jobs; drain of {} queued jobs; latency offered at {} jobs/s for {} s (one job per transaction); fsync={fsync}; {} CPUs",
+        "no-op jobs; drain of {} jobs; latency offered at {} jobs/s for {} s from a separate process; {} CPUs; {}; activekg defaults: batch {}, poll {:?}; peers: {}",
         bench.jobs,
         bench.rate,
         bench.seconds,
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        settings
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" "),
+        bench.defaults.batch_size,
+        bench.defaults.poll_interval,
+        if with_peers {
+            peers_dir.display().to_string()
+        } else {
+            "not installed (scripts/bench-peers)".to_owned()
+        },
     );
-    println!(
-        "{:<16} {:>5} {:>4} {:>12} {:>9} {:>9} {:>9} {:>9}",
-        "engine", "batch", "conc", "drain jobs/s", "p50 ms", "p95 ms", "p99 ms", "vs raw"
-    );
-    let batches: Vec<usize> = env_list("ACTIVEKG_BENCH_BATCHES", &[10, 100]);
-    let concurrencies: Vec<usize> = env_list("ACTIVEKG_BENCH_CONCURRENCY", &[1, 8, 32]);
-    let skip_apalis = std::env::var("ACTIVEKG_BENCH_SKIP_APALIS").is_ok();
-    for &batch in &batches {
-        for &concurrency in &concurrencies {
-            let raw = bench.raw(batch, concurrency).await;
-            let ours = match concurrency {
-                1 => bench.ours::<1>(batch).await,
-                8 => bench.ours::<8>(batch).await,
-                32 => bench.ours::<32>(batch).await,
-                other => panic!("concurrency {other} is not one of 1, 8, 32"),
+    let passes: usize = env_or("ACTIVEKG_BENCH_PASSES", 2);
+    let concurrencies = env_list("ACTIVEKG_BENCH_CONCURRENCY", &[8, 32]);
+    let raw_batches = env_list("ACTIVEKG_BENCH_RAW_BATCHES", &[10, 100, 1000]);
+    let with_apalis = std::env::var("ACTIVEKG_BENCH_APALIS").is_ok_and(|v| v == "1");
+
+    // Untimed warm-up: page cache, plans, the allocator.
+    let warm = Bench {
+        jobs: 2000,
+        seconds: 1,
+        ..bench.clone()
+    };
+    warm.ours::<8>().await;
+    warm.raw(100, 8).await;
+
+    let mut rows: Vec<Row> = Vec::new();
+    for pass in 0..passes {
+        eprintln!("pass {} of {passes}", pass + 1);
+        for &conc in &concurrencies {
+            let sample = match conc {
+                8 => bench.ours::<8>().await,
+                32 => bench.ours::<32>().await,
+                other => panic!("concurrency {other} is not one of 8, 32"),
             };
-            let mut cells = vec![ours];
-            if !skip_apalis {
-                cells.push(bench.apalis(batch, concurrency).await);
+            add(
+                &mut rows,
+                "activekg",
+                &format!("defaults, conc {conc}"),
+                None,
+                sample,
+            );
+            for &batch in &raw_batches {
+                let sample = bench.raw(batch, conc).await;
+                add(
+                    &mut rows,
+                    "raw loop",
+                    &format!("batch {batch}, conc {conc}"),
+                    Some(batch),
+                    sample,
+                );
             }
-            cells.push(raw);
-            let raw = cells.last().unwrap().drain_per_s;
-            for cell in &cells {
-                println!(
-                    "{:<16} {:>5} {:>4} {:>12.0} {:>9.2} {:>9.2} {:>9.2} {:>8.0}%",
-                    cell.engine,
-                    cell.batch,
-                    cell.concurrency,
-                    cell.drain_per_s,
-                    cell.latency_ms.0,
-                    cell.latency_ms.1,
-                    cell.latency_ms.2,
-                    100.0 * cell.drain_per_s / raw
+            if with_apalis {
+                let sample = bench.apalis(10, conc).await;
+                add(
+                    &mut rows,
+                    "apalis-postgres",
+                    &format!("batch 10, conc {conc}"),
+                    Some(10),
+                    sample,
                 );
             }
         }
+        if with_peers {
+            for (engine, config, sample) in peers(&peers_dir, &admin, &bench, pass) {
+                add(&mut rows, &engine, &config, None, sample);
+            }
+        }
     }
+    report(&rows);
     pool.close().await;
-    let _ = sqlx::query(AssertSqlSafe(
-        "DROP DATABASE IF EXISTS activekg_bench WITH (FORCE)".to_owned(),
-    ))
-    .execute(&mut conn)
-    .await;
+    let _ = sqlx::query("DROP DATABASE IF EXISTS activekg_bench WITH (FORCE)")
+        .execute(&mut conn)
+        .await;
 }
