@@ -25,7 +25,7 @@ use tokio::time::Sleep;
 
 use super::Job;
 use super::outcome::{Claim, OutcomeLayer, Reporter};
-use super::pace::Pace;
+use super::pace::{ClaimSize, Pace};
 use crate::domain::{AttemptError, JobId};
 use crate::store::jobs::{self as store, Claimed, Completion, Finish};
 
@@ -55,7 +55,7 @@ impl KindSignal {
 /// Settings a backend reads.
 #[derive(Debug, Clone)]
 pub struct BackendSettings {
-    /// Most rows claimed per fetch.
+    /// Rows claimed per fetch at first and whenever the queue runs short (claims grow while a backlog lasts).
     pub batch_size: usize,
     /// Fetch at least this often when no notification arrives.
     pub poll_interval: Duration,
@@ -72,16 +72,16 @@ pub struct PgQueue<J> {
     signal: Arc<KindSignal>,
     slots: Arc<Semaphore>,
     pace: Arc<Pace>,
+    claim_size: ClaimSize,
     settings: BackendSettings,
-    buffer: VecDeque<Claimed>,
+    /// Claimed rows not started yet, with when they arrived.
+    buffer: VecDeque<(Claimed, std::time::Instant)>,
     fetching: Option<BoxFuture<'static, crate::error::Result<Vec<Claimed>>>>,
     releasing: Option<BoxFuture<'static, ()>>,
     timer: Pin<Box<Sleep>>,
     /// The last fetch filled its limit, so more work is probably waiting.
     more: bool,
     last_limit: usize,
-    /// When the rows in `buffer` arrived.
-    received: std::time::Instant,
     /// Where the next fair claim starts its walk over tenants (shared with the fetch future).
     fair_cursor: Arc<std::sync::Mutex<String>>,
     fetch_failures: u32,
@@ -111,6 +111,7 @@ impl<J: Job> PgQueue<J> {
             signal,
             slots: Arc::new(Semaphore::new(settings.concurrency.max(1))),
             pace: Arc::new(Pace::default()),
+            claim_size: ClaimSize::new(settings.batch_size),
             // First fetch happens at once: the timer starts expired.
             timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
             settings,
@@ -119,19 +120,24 @@ impl<J: Job> PgQueue<J> {
             releasing: None,
             more: false,
             last_limit: 0,
-            received: std::time::Instant::now(),
             fair_cursor: Arc::default(),
             fetch_failures: 0,
             _job: PhantomData,
         }
     }
 
-    fn start_fetch(&mut self) {
+    /// Starts a claim for what the free slots and the kind's pace call for, less what is already buffered;
+    /// false when that is nothing.
+    fn start_fetch(&mut self) -> bool {
         // One slot is already reserved by the outcome layer's poll_ready for the task we are about to yield.
         let free = self.slots.available_permits() + 1;
-        let limit =
-            self.pace
-                .claim_limit(free, self.settings.concurrency, self.settings.batch_size);
+        let limit = self
+            .pace
+            .claim_limit(free, self.settings.concurrency, self.claim_size.get())
+            .saturating_sub(self.buffer.len());
+        if limit == 0 {
+            return false;
+        }
         let pool = self.pool.clone();
         let worker = self.reporter.worker_id.clone();
         self.fetching = Some(if self.settings.fair {
@@ -152,17 +158,68 @@ impl<J: Job> PgQueue<J> {
         self.timer
             .as_mut()
             .reset(tokio::time::Instant::now() + self.settings.poll_interval);
+        true
+    }
+
+    /// Lands a claim in flight if it has finished, without waiting for it.
+    fn land_fetch(&mut self, cx: &mut Context<'_>) {
+        let Some(fetch) = self.fetching.as_mut() else {
+            return;
+        };
+        match fetch.poll_unpin(cx) {
+            Poll::Pending => {}
+            Poll::Ready(Ok(rows)) => {
+                tracing::trace!(
+                    kind = J::KIND,
+                    limit = self.last_limit,
+                    claimed = rows.len(),
+                    "claimed jobs"
+                );
+                self.fetching = None;
+                self.fetch_failures = 0;
+                self.more = rows.len() >= self.last_limit;
+                self.claim_size.claimed(self.last_limit, rows.len());
+                let received = std::time::Instant::now();
+                self.buffer
+                    .extend(rows.into_iter().map(|row| (row, received)));
+            }
+            Poll::Ready(Err(err)) => {
+                self.fetching = None;
+                self.fetch_failures += 1;
+                let wait = Duration::from_millis(250 * 2u64.pow(self.fetch_failures.min(5)));
+                if self.fetch_failures == 1 || self.fetch_failures.is_multiple_of(20) {
+                    tracing::warn!(kind = J::KIND, %err, failures = self.fetch_failures, retry_in = ?wait,
+                        "could not fetch jobs; will retry");
+                }
+                self.timer
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + wait);
+            }
+        }
+    }
+
+    /// While a backlog lasts, the next claim starts once the buffer is down to half the last one, so its
+    /// round trip overlaps the jobs still buffered instead of leaving the slots idle.
+    fn prefetch(&mut self) {
+        if self.fetching.is_none()
+            && self.more
+            && self.fetch_failures == 0
+            && self.buffer.len() <= self.last_limit / 2
+            && !self.reporter.lease.is_fenced()
+        {
+            self.start_fetch();
+        }
     }
 
     /// Turns a claimed row into an apalis task, or dead-letters it if its arguments no longer decode.
-    fn to_task(&self, row: Claimed) -> Option<Task<J>> {
+    fn to_task(&self, row: Claimed, received: std::time::Instant) -> Option<Task<J>> {
         let claim = Claim {
             id: JobId(row.id),
             attempt: u32::try_from(row.attempt).unwrap_or(0),
             max_attempts: u32::try_from(row.max_attempts).unwrap_or(1),
             due_at: row.run_at.max(row.enqueued_at),
             claimed_at: row.attempted_at,
-            received: self.received,
+            received,
             progress: row.progress,
             handbacks: u32::try_from(row.handbacks).unwrap_or(0),
             cancel: self.reporter.lease.attempt_token(),
@@ -222,43 +279,16 @@ impl<J: Job> Backend for PgQueue<J> {
         _: &WorkerContext,
     ) -> Poll<Option<Result<Task<J>, Self::Error>>> {
         loop {
-            if let Some(row) = self.buffer.pop_front() {
-                match self.to_task(row) {
+            self.land_fetch(cx);
+            if let Some((row, received)) = self.buffer.pop_front() {
+                self.prefetch();
+                match self.to_task(row, received) {
                     Some(task) => return Poll::Ready(Some(Ok(task))),
                     None => continue,
                 }
             }
-            if let Some(fetch) = self.fetching.as_mut() {
-                match fetch.poll_unpin(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Ok(rows)) => {
-                        tracing::trace!(
-                            kind = J::KIND,
-                            limit = self.last_limit,
-                            claimed = rows.len(),
-                            "claimed jobs"
-                        );
-                        self.fetching = None;
-                        self.received = std::time::Instant::now();
-                        self.fetch_failures = 0;
-                        self.more = rows.len() >= self.last_limit;
-                        self.buffer.extend(rows);
-                        continue;
-                    }
-                    Poll::Ready(Err(err)) => {
-                        self.fetching = None;
-                        self.fetch_failures += 1;
-                        let wait =
-                            Duration::from_millis(250 * 2u64.pow(self.fetch_failures.min(5)));
-                        if self.fetch_failures == 1 || self.fetch_failures.is_multiple_of(20) {
-                            tracing::warn!(kind = J::KIND, %err, failures = self.fetch_failures, retry_in = ?wait,
-                                "could not fetch jobs; will retry");
-                        }
-                        self.timer
-                            .as_mut()
-                            .reset(tokio::time::Instant::now() + wait);
-                    }
-                }
+            if self.fetching.is_some() {
+                return Poll::Pending;
             }
             let timer_fired = self.timer.as_mut().poll(cx).is_ready();
             if self.reporter.lease.is_fenced() {
@@ -276,14 +306,12 @@ impl<J: Job> Backend for PgQueue<J> {
             // After a failed fetch only the timer (now the error backoff) may trigger the next one.
             let due =
                 timer_fired || (self.fetch_failures == 0 && (self.more || self.signal.take()));
-            if due {
-                self.start_fetch();
+            if due && self.start_fetch() {
                 continue;
             }
             self.signal.register(cx.waker());
             // A notification may have landed between take() and register(); do not sleep through it.
-            if self.signal.take() {
-                self.start_fetch();
+            if self.signal.take() && self.start_fetch() {
                 continue;
             }
             return Poll::Pending;
@@ -301,12 +329,14 @@ impl<J: Job> Backend for PgQueue<J> {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(rows) => {
                     self.fetching = None;
-                    self.buffer.extend(rows.unwrap_or_default());
+                    let now = std::time::Instant::now();
+                    self.buffer
+                        .extend(rows.unwrap_or_default().into_iter().map(|row| (row, now)));
                 }
             }
         }
         if self.releasing.is_none() && !self.buffer.is_empty() {
-            let ids: Vec<i64> = self.buffer.drain(..).map(|row| row.id).collect();
+            let ids: Vec<i64> = self.buffer.drain(..).map(|(row, _)| row.id).collect();
             let pool = self.pool.clone();
             let worker = self.reporter.worker_id.clone();
             self.releasing = Some(

@@ -1,5 +1,6 @@
-//! How far ahead of its free slots a worker claims: as far as the kind's recent pace says those jobs will
-//! start soon. Claimed rows waiting in one worker's memory cannot run on another replica.
+//! How many rows a worker claims at once: as far ahead of its free slots as the kind's recent pace says those
+//! jobs will start soon, in claims that grow while a backlog lasts. Claimed rows waiting in one worker's
+//! memory cannot run on another replica, so slow kinds never claim ahead.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -30,15 +31,52 @@ impl Pace {
     }
 
     /// Rows to claim: every free slot, plus what `concurrency` slots get through within the horizon at the
-    /// recent pace, capped by the batch size.
-    pub fn claim_limit(&self, free: usize, concurrency: usize, batch: usize) -> usize {
+    /// recent pace, capped by the current claim size (see [`ClaimSize`]).
+    pub fn claim_limit(&self, free: usize, concurrency: usize, size: usize) -> usize {
         let mean = f64::from_bits(self.mean_ns.load(Ordering::Relaxed));
         let ahead = if mean > 0.0 {
-            (Self::HORIZON_NS * concurrency as f64 / mean).min(batch as f64) as usize
+            (Self::HORIZON_NS * concurrency as f64 / mean).min(size as f64) as usize
         } else {
             0
         };
-        (free + ahead).clamp(1, batch.max(1))
+        (free + ahead).clamp(1, size.max(1))
+    }
+}
+
+/// The claim size of one worker: the configured batch (`CONNECTOR_WORKER_BATCH_SIZE`) at first and whenever
+/// the queue runs short, doubled after every claim that the size alone held back (it came back full), up
+/// to [`ClaimSize::MAX`]. A deep backlog of quick jobs is so claimed in a few large statements instead of
+/// many small ones (graphile-worker's local queue does the same), while a trickle costs one small claim.
+#[derive(Debug, Clone, Copy)]
+pub struct ClaimSize {
+    batch: usize,
+    now: usize,
+}
+
+impl ClaimSize {
+    /// The most rows one claim takes, however long the backlog.
+    pub const MAX: usize = 1000;
+
+    /// Starts at `batch`.
+    pub fn new(batch: usize) -> Self {
+        let batch = batch.clamp(1, Self::MAX);
+        Self { batch, now: batch }
+    }
+
+    /// The size to claim with now.
+    pub fn get(&self) -> usize {
+        self.now
+    }
+
+    /// Learns from a claim asked for `limit` rows that got `got`.
+    pub fn claimed(&mut self, limit: usize, got: usize) {
+        self.now = if got >= limit && limit >= self.now {
+            (self.now * 2).min(Self::MAX)
+        } else if got < limit {
+            self.batch
+        } else {
+            self.now
+        };
     }
 }
 
@@ -72,6 +110,27 @@ mod tests {
         medium.observe(Duration::from_millis(10));
         // 8 slots at 10 ms each get through 40 jobs in 50 ms.
         assert_eq!(medium.claim_limit(1, 8, 100), 41);
+    }
+
+    #[test]
+    fn the_claim_size_doubles_while_claims_come_back_full_and_falls_back_when_one_does_not() {
+        let mut size = ClaimSize::new(10);
+        let mut seen = Vec::new();
+        for _ in 0..9 {
+            let limit = size.get();
+            size.claimed(limit, limit);
+            seen.push(size.get());
+        }
+        assert_eq!(seen, [20, 40, 80, 160, 320, 640, 1000, 1000, 1000]);
+        size.claimed(1000, 999);
+        assert_eq!(size.get(), 10, "a short claim means the backlog is gone");
+    }
+
+    #[test]
+    fn a_claim_held_back_by_free_slots_does_not_grow_the_size() {
+        let mut size = ClaimSize::new(10);
+        size.claimed(3, 3);
+        assert_eq!(size.get(), 10);
     }
 
     #[test]
