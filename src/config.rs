@@ -71,7 +71,8 @@ impl fmt::Debug for KeyEncryptionKeys {
 /// The job engine's knobs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobSettings {
-    /// `CONNECTOR_WORKER_BATCH_SIZE`: how many jobs a worker claims per fetch.
+    /// `CONNECTOR_WORKER_BATCH_SIZE`: how many jobs a worker claims per fetch at first; claims grow from it
+    /// while a backlog of quick jobs lasts (see `jobs::engine::pace`).
     pub batch_size: u32,
     /// `CONNECTOR_WORKER_POLL_INTERVAL`: the fallback poll when no notification arrives.
     pub poll_interval: Duration,

@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
 use crate::helpers::{TestDb, eventually, fast_job_settings};
-use crate::kinds::{Behavior, Probe, create_probe_tables, run_noop, run_probe};
+use crate::kinds::{Behavior, Noop, Probe, create_probe_tables, run_noop, run_probe};
 
 async fn start_workers(pool: &PgPool, settings: JobSettings) -> RuntimeHandle {
     let mut runtime = Runtime::new(pool.clone(), settings);
@@ -396,6 +396,39 @@ async fn an_idle_worker_starts_a_new_job_on_notify_without_waiting_for_its_poll(
     assert!(
         latencies[4] < Duration::from_millis(500),
         "enqueue-to-start latencies: {latencies:?}"
+    );
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn a_backlog_of_quick_jobs_is_claimed_in_growing_claims_not_batch_by_batch() {
+    let db = fixture().await;
+    let backlog: Vec<Noop> = (0..3000).map(|n| Noop { n }).collect();
+    let mut conn = db.pool.acquire().await.unwrap();
+    engine::enqueue_many(&mut conn, &backlog).await.unwrap();
+    drop(conn);
+    let workers = start_workers(&db.pool, fast_job_settings()).await;
+    eventually(Duration::from_secs(60), "the backlog to drain", || async {
+        let left: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM jobs WHERE kind = 'test_noop' AND state <> 'completed'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        (left == 0).then_some(())
+    })
+    .await;
+    workers.shutdown().await;
+    // Every claim stamps its rows with its own statement's now(): one time per claim.
+    let claims: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT attempted_at) FROM jobs WHERE kind = 'test_noop'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(
+        claims <= 60,
+        "3000 quick jobs at batch size 10 took {claims} claims (300 without growing claims)"
     );
     db.drop_db().await;
 }

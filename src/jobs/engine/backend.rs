@@ -82,6 +82,10 @@ pub struct PgQueue<J> {
     /// The last fetch filled its limit, so more work is probably waiting.
     more: bool,
     last_limit: usize,
+    /// When the claim in flight started.
+    fetch_started: std::time::Instant,
+    /// The claim size, not the free slots or the kind's pace, set the last claim's limit.
+    bound_by_size: bool,
     /// Where the next fair claim starts its walk over tenants (shared with the fetch future).
     fair_cursor: Arc<std::sync::Mutex<String>>,
     fetch_failures: u32,
@@ -120,6 +124,8 @@ impl<J: Job> PgQueue<J> {
             releasing: None,
             more: false,
             last_limit: 0,
+            bound_by_size: false,
+            fetch_started: std::time::Instant::now(),
             fair_cursor: Arc::default(),
             fetch_failures: 0,
             _job: PhantomData,
@@ -131,13 +137,13 @@ impl<J: Job> PgQueue<J> {
     fn start_fetch(&mut self) -> bool {
         // One slot is already reserved by the outcome layer's poll_ready for the task we are about to yield.
         let free = self.slots.available_permits() + 1;
-        let limit = self
-            .pace
-            .claim_limit(free, self.settings.concurrency, self.claim_size.get())
-            .saturating_sub(self.buffer.len());
+        let size = self.claim_size.get();
+        let target = self.pace.claim_limit(free, self.settings.concurrency, size);
+        let limit = target.saturating_sub(self.buffer.len());
         if limit == 0 {
             return false;
         }
+        self.bound_by_size = target >= size;
         let pool = self.pool.clone();
         let worker = self.reporter.worker_id.clone();
         self.fetching = Some(if self.settings.fair {
@@ -155,6 +161,7 @@ impl<J: Job> PgQueue<J> {
         });
         self.more = false;
         self.last_limit = limit;
+        self.fetch_started = std::time::Instant::now();
         self.timer
             .as_mut()
             .reset(tokio::time::Instant::now() + self.settings.poll_interval);
@@ -173,12 +180,15 @@ impl<J: Job> PgQueue<J> {
                     kind = J::KIND,
                     limit = self.last_limit,
                     claimed = rows.len(),
+                    buffered = self.buffer.len(),
+                    took = ?self.fetch_started.elapsed(),
                     "claimed jobs"
                 );
                 self.fetching = None;
                 self.fetch_failures = 0;
                 self.more = rows.len() >= self.last_limit;
-                self.claim_size.claimed(self.last_limit, rows.len());
+                self.claim_size
+                    .claimed(self.bound_by_size, rows.len() >= self.last_limit);
                 let received = std::time::Instant::now();
                 self.buffer
                     .extend(rows.into_iter().map(|row| (row, received)));

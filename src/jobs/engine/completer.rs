@@ -1,7 +1,7 @@
 //! Writes attempt results back to the job rows, batching whatever has piled up into one statement.
 //!
-//! At low load each result is written at once; under load, results that finish while a write is in flight
-//! share the next one. If the database is unreachable the batch is kept and retried, and the bounded channel
+//! At low load each result is written at once; under load, results that finish while writes are in flight
+//! share the next one, and up to three writes run at once. If the database is unreachable the batch is kept and retried, and the bounded channel
 //! pushes back on workers (a slot is only freed once its result is queued here).
 
 use std::sync::Arc;
@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 
 use crate::store::jobs::{self as store, Completion};
 
@@ -70,36 +70,67 @@ impl Completer {
     }
 }
 
+/// Writes that may be in flight at once. One writer spends most of its time waiting on the round trip and
+/// on its own result rows; a backlog drained by a worker produces results faster than that.
+const WRITERS: usize = 3;
+
 async fn run(pool: PgPool, worker: Arc<str>, mut rx: mpsc::Receiver<Message>) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut flushes = Vec::new();
     let mut parked = Parked::default();
+    let mut writes = JoinSet::new();
     loop {
-        let first = tokio::select! {
-            first = rx.recv() => first,
-            () = parked.due(), if !parked.is_empty() => {
-                parked.retry(&pool, &worker).await;
-                continue;
+        tokio::select! {
+            // New results are taken only while a writer is free; the bounded channel holds the rest.
+            first = rx.recv(), if writes.len() < WRITERS => {
+                let Some(first) = first else { break };
+                let mut batch = Vec::with_capacity(MAX_BATCH);
+                let mut next = Some(first);
+                while let Some(message) = next.take() {
+                    match message {
+                        Message::Done(completion) => batch.push(completion),
+                        Message::Flush(done) => flushes.push(done),
+                    }
+                    if batch.len() < MAX_BATCH {
+                        next = rx.try_recv().ok();
+                    }
+                }
+                if !batch.is_empty() {
+                    writes.spawn(write(pool.clone(), worker.clone(), batch));
+                }
+                if !flushes.is_empty() {
+                    // Everything queued before the flush is in a write by now: wait for all of them.
+                    while let Some(written) = writes.join_next().await {
+                        park_refused(written, &mut parked);
+                    }
+                    for done in flushes.drain(..) {
+                        let _ = done.send(());
+                    }
+                }
             }
-        };
-        let Some(first) = first else { break };
-        let mut next = Some(first);
-        while let Some(message) = next.take() {
-            match message {
-                Message::Done(completion) => batch.push(completion),
-                Message::Flush(done) => flushes.push(done),
-            }
-            if batch.len() < MAX_BATCH {
-                next = rx.try_recv().ok();
-            }
+            Some(written) = writes.join_next(), if !writes.is_empty() => park_refused(written, &mut parked),
+            () = parked.due(), if !parked.is_empty() => parked.retry(&pool, &worker).await,
         }
-        write(&pool, &worker, &mut batch, &mut parked).await;
-        for done in flushes.drain(..) {
-            let _ = done.send(());
-        }
+    }
+    while let Some(written) = writes.join_next().await {
+        park_refused(written, &mut parked);
     }
     // Last chance for parked results before the process exits; their jobs are rescued otherwise.
     parked.retry(&pool, &worker).await;
+}
+
+type Refused = Vec<(Completion, crate::error::Error)>;
+
+fn park_refused(written: Result<Refused, tokio::task::JoinError>, parked: &mut Parked) {
+    match written {
+        Ok(refused) => {
+            for (completion, err) in refused {
+                parked.park(completion, &err);
+            }
+        }
+        Err(err) => {
+            tracing::error!(%err, "a job result write failed; its jobs will be rescued as orphans")
+        }
+    }
 }
 
 /// Results the database refused one by one (a trigger raising, a value it cannot store): set aside and
@@ -158,16 +189,15 @@ impl Parked {
 }
 
 /// Writes the batch. While the database is unreachable the whole batch waits and is retried; when the
-/// database refuses the statement, the batch is split until the refused results are found and parked.
-async fn write(pool: &PgPool, worker: &str, batch: &mut Vec<Completion>, parked: &mut Parked) {
-    if batch.is_empty() {
-        return;
-    }
-    tracing::trace!(results = batch.len(), "recording job results");
+/// database refuses the statement, the batch is split until the refused results are found, which are
+/// returned to be parked.
+async fn write(pool: PgPool, worker: Arc<str>, batch: Vec<Completion>) -> Refused {
+    let started = std::time::Instant::now();
     let mut delay = Duration::from_millis(100);
     loop {
-        match store::finish(pool, worker, batch).await {
+        match store::finish(&pool, &worker, &batch).await {
             Ok(applied) => {
+                tracing::trace!(results = batch.len(), took = ?started.elapsed(), "recorded job results");
                 if applied.len() < batch.len() {
                     // Rescued and re-run elsewhere, or released at shutdown: the newer attempt owns the row.
                     tracing::debug!(
@@ -175,34 +205,30 @@ async fn write(pool: &PgPool, worker: &str, batch: &mut Vec<Completion>, parked:
                         "some results were for attempts that are no longer current; ignored"
                     );
                 }
-                batch.clear();
-                return;
+                return Vec::new();
             }
             Err(crate::error::Error::Unavailable(err)) => {
                 tracing::warn!(%err, pending = batch.len(), retry_in = ?delay, "could not record job results; retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
-            Err(err) => {
-                split(pool, worker, std::mem::take(batch), err, parked).await;
-                return;
-            }
+            Err(err) => return split(&pool, &worker, batch, err).await,
         }
     }
 }
 
-/// Bisects a refused batch: halves that the database takes are written, single refused results parked.
+/// Bisects a refused batch: halves that the database takes are written, single refused results returned.
 async fn split(
     pool: &PgPool,
     worker: &str,
     batch: Vec<Completion>,
     err: crate::error::Error,
-    parked: &mut Parked,
-) {
+) -> Refused {
+    let mut refused = Vec::new();
     let mut pending = vec![(batch, err)];
     while let Some((mut batch, err)) = pending.pop() {
         if batch.len() == 1 {
-            parked.park(batch.remove(0), &err);
+            refused.push((batch.remove(0), err));
             continue;
         }
         let second = batch.split_off(batch.len() / 2);
@@ -212,4 +238,5 @@ async fn split(
             }
         }
     }
+    refused
 }

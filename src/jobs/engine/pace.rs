@@ -68,14 +68,13 @@ impl ClaimSize {
         self.now
     }
 
-    /// Learns from a claim asked for `limit` rows that got `got`.
-    pub fn claimed(&mut self, limit: usize, got: usize) {
-        self.now = if got >= limit && limit >= self.now {
-            (self.now * 2).min(Self::MAX)
-        } else if got < limit {
-            self.batch
-        } else {
-            self.now
+    /// Learns from a claim: whether it came back `full`, and whether this size is what held it back
+    /// (`bound_by_size`), rather than the free slots or the kind's pace.
+    pub fn claimed(&mut self, bound_by_size: bool, full: bool) {
+        self.now = match (full, bound_by_size) {
+            (true, true) => (self.now * 2).min(Self::MAX),
+            (true, false) => self.now,
+            (false, _) => self.batch,
         };
     }
 }
@@ -117,19 +116,18 @@ mod tests {
         let mut size = ClaimSize::new(10);
         let mut seen = Vec::new();
         for _ in 0..9 {
-            let limit = size.get();
-            size.claimed(limit, limit);
+            size.claimed(true, true);
             seen.push(size.get());
         }
         assert_eq!(seen, [20, 40, 80, 160, 320, 640, 1000, 1000, 1000]);
-        size.claimed(1000, 999);
+        size.claimed(true, false);
         assert_eq!(size.get(), 10, "a short claim means the backlog is gone");
     }
 
     #[test]
     fn a_claim_held_back_by_free_slots_does_not_grow_the_size() {
         let mut size = ClaimSize::new(10);
-        size.claimed(3, 3);
+        size.claimed(false, true);
         assert_eq!(size.get(), 10);
     }
 
