@@ -1,8 +1,9 @@
 //! Writes attempt results back to the job rows, batching whatever has piled up into one statement.
 //!
 //! At low load each result is written at once; under load, results that finish while writes are in flight
-//! share the next one, and up to three writes run at once. If the database is unreachable the batch is kept and retried, and the bounded channel
-//! pushes back on workers (a slot is only freed once its result is queued here).
+//! share the next one, and up to three writes run at once. If the database is unreachable a batch is kept
+//! and retried, and the bounded channel pushes back on workers (a slot is only freed once its result is
+//! queued here).
 
 use std::sync::Arc;
 use std::time::Duration;
