@@ -22,7 +22,7 @@
 //! Passes are interleaved (ACTIVEKG_BENCH_PASSES, default 2): every configuration once, then again, so a
 //! change in the machine's load shows as spread in every row rather than as a difference between rows.
 //! ACTIVEKG_BENCH_JOBS (default 20000), ACTIVEKG_BENCH_RATE (200) and ACTIVEKG_BENCH_SECONDS (10) size the
-//! phases. Server: ACTIVEKG_TEST_DATABASE_URL (default the local one); a database `activekg_bench` is
+//! phases. ACTIVEKG_BENCH_SETUP_SQL runs after the migrations, to try a server-side change without a rebuild. Server: ACTIVEKG_TEST_DATABASE_URL (default the local one); a database `activekg_bench` is
 //! recreated there.
 
 use std::path::{Path, PathBuf};
@@ -712,6 +712,12 @@ async fn main() {
     .execute(&pool)
     .await
     .unwrap();
+    if let Ok(setup) = std::env::var("ACTIVEKG_BENCH_SETUP_SQL") {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(setup))
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
     let settings: Vec<(String, String)> = sqlx::query_as(
         "SELECT name, setting FROM pg_settings WHERE name IN ('fsync', 'synchronous_commit', 'server_version', 'shared_buffers')",
     )
