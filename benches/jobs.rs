@@ -22,7 +22,9 @@
 //! Passes are interleaved (ACTIVEKG_BENCH_PASSES, default 2): every configuration once, then again, so a
 //! change in the machine's load shows as spread in every row rather than as a difference between rows.
 //! ACTIVEKG_BENCH_JOBS (default 20000), ACTIVEKG_BENCH_RATE (200) and ACTIVEKG_BENCH_SECONDS (10) size the
-//! phases. ACTIVEKG_BENCH_SETUP_SQL runs after the migrations, to try a server-side change without a rebuild. Server: ACTIVEKG_TEST_DATABASE_URL (default the local one); a database `activekg_bench` is
+//! phases. ACTIVEKG_BENCH_SETUP_SQL runs after the migrations, to try a server-side change without a rebuild;
+//! ACTIVEKG_BENCH_SHOW_SLOW prints every start later than 20 ms, with when it was sent, to tell a machine's
+//! hiccup (a burst at one moment) from the engine's tail. Server: ACTIVEKG_TEST_DATABASE_URL (default the local one); a database `activekg_bench` is
 //! recreated there.
 
 use std::path::{Path, PathBuf};
@@ -59,6 +61,16 @@ impl Recorder {
         let _ = self
             .first_us
             .compare_exchange(0, now, Ordering::SeqCst, Ordering::SeqCst);
+        if sent_us > 0
+            && std::env::var_os("ACTIVEKG_BENCH_SHOW_SLOW").is_some()
+            && now - sent_us > 20_000
+        {
+            eprintln!(
+                "slow start: {} ms late, sent at {} us",
+                (now - sent_us) / 1000,
+                sent_us % 100_000_000
+            );
+        }
         if sent_us > 0 {
             self.latencies_us
                 .lock()

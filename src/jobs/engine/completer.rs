@@ -76,16 +76,28 @@ impl Completer {
 const WRITERS: usize = 3;
 
 async fn run(pool: PgPool, worker: Arc<str>, mut rx: mpsc::Receiver<Message>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut flushes = Vec::new();
     let mut parked = Parked::default();
     let mut writes = JoinSet::new();
+    let spawn = |writes: &mut JoinSet<Refused>, batch: &mut Vec<Completion>| {
+        let batch = std::mem::replace(batch, Vec::with_capacity(MAX_BATCH));
+        writes.spawn(write(pool.clone(), worker.clone(), batch));
+    };
     loop {
+        // With nothing in flight a result is written at once. Under load a new write waits for a quarter of
+        // a full batch or for a writer to finish: every statement also reads the worker's running jobs, so
+        // many small ones cost nearly as much as full ones.
+        if !batch.is_empty()
+            && writes.len() < WRITERS
+            && (writes.is_empty() || batch.len() >= MAX_BATCH / 4)
+        {
+            spawn(&mut writes, &mut batch);
+        }
         tokio::select! {
-            // New results are taken only while a writer is free; the bounded channel holds the rest.
-            first = rx.recv(), if writes.len() < WRITERS => {
-                let Some(first) = first else { break };
-                let mut batch = Vec::with_capacity(MAX_BATCH);
-                let mut next = Some(first);
+            message = rx.recv(), if batch.len() < MAX_BATCH => {
+                let Some(message) = message else { break };
+                let mut next = Some(message);
                 while let Some(message) = next.take() {
                     match message {
                         Message::Done(completion) => batch.push(completion),
@@ -95,11 +107,11 @@ async fn run(pool: PgPool, worker: Arc<str>, mut rx: mpsc::Receiver<Message>) {
                         next = rx.try_recv().ok();
                     }
                 }
-                if !batch.is_empty() {
-                    writes.spawn(write(pool.clone(), worker.clone(), batch));
-                }
                 if !flushes.is_empty() {
-                    // Everything queued before the flush is in a write by now: wait for all of them.
+                    // Everything queued before the flush is in `batch` or a write by now: write and wait.
+                    if !batch.is_empty() {
+                        spawn(&mut writes, &mut batch);
+                    }
                     while let Some(written) = writes.join_next().await {
                         park_refused(written, &mut parked);
                     }
@@ -111,6 +123,9 @@ async fn run(pool: PgPool, worker: Arc<str>, mut rx: mpsc::Receiver<Message>) {
             Some(written) = writes.join_next(), if !writes.is_empty() => park_refused(written, &mut parked),
             () = parked.due(), if !parked.is_empty() => parked.retry(&pool, &worker).await,
         }
+    }
+    if !batch.is_empty() {
+        spawn(&mut writes, &mut batch);
     }
     while let Some(written) = writes.join_next().await {
         park_refused(written, &mut parked);
@@ -196,9 +211,17 @@ async fn write(pool: PgPool, worker: Arc<str>, batch: Vec<Completion>) -> Refuse
     let started = std::time::Instant::now();
     let mut delay = Duration::from_millis(100);
     loop {
-        match store::finish(&pool, &worker, &batch).await {
+        let written = match pool.acquire().await {
+            Ok(mut conn) => {
+                let acquired = started.elapsed();
+                let written = store::finish(&mut *conn, &worker, &batch).await;
+                tracing::trace!(results = batch.len(), ?acquired, took = ?started.elapsed(), "recorded job results");
+                written
+            }
+            Err(err) => Err(err.into()),
+        };
+        match written {
             Ok(applied) => {
-                tracing::trace!(results = batch.len(), took = ?started.elapsed(), "recorded job results");
                 if applied.len() < batch.len() {
                     // Rescued and re-run elsewhere, or released at shutdown: the newer attempt owns the row.
                     tracing::debug!(
