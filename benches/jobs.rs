@@ -206,8 +206,9 @@ struct Sample {
 struct Row {
     engine: String,
     config: String,
-    /// Claim size, for comparing with the raw loop at the same size.
+    /// Claim size and concurrency, for comparing with the raw loop at the same ones.
     batch: Option<usize>,
+    conc: Option<usize>,
     samples: Vec<Sample>,
 }
 
@@ -574,7 +575,13 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
-fn add(rows: &mut Vec<Row>, engine: &str, config: &str, batch: Option<usize>, sample: Sample) {
+fn add(
+    rows: &mut Vec<Row>,
+    engine: &str,
+    config: &str,
+    (batch, conc): (Option<usize>, Option<usize>),
+    sample: Sample,
+) {
     match rows
         .iter_mut()
         .find(|r| r.engine == engine && r.config == config)
@@ -584,6 +591,7 @@ fn add(rows: &mut Vec<Row>, engine: &str, config: &str, batch: Option<usize>, sa
             engine: engine.to_owned(),
             config: config.to_owned(),
             batch,
+            conc,
             samples: vec![sample],
         }),
     }
@@ -648,13 +656,6 @@ fn report(rows: &[Row]) {
         let vs_graphile: Vec<f64> = (0..passes)
             .filter_map(|p| Some(row.samples.get(p)?.drain_per_s / best("graphile-worker", p)))
             .collect();
-        let raw_at = |size: usize| {
-            rows.iter().find(|r| {
-                r.engine == "raw loop"
-                    && r.batch == Some(size)
-                    && r.config.ends_with(&format!("conc {}", row.config_conc()))
-            })
-        };
         let mut line = format!("activekg {}:", row.config);
         if vs_graphile.iter().any(|x| x.is_finite()) {
             line += &format!(
@@ -662,13 +663,18 @@ fn report(rows: &[Row]) {
                 spread(vs_graphile.into_iter(), 2)
             );
         }
-        for size in [10, 100, 1000] {
-            if let Some(raw) = raw_at(size) {
-                let ratio = (0..passes).filter_map(|p| {
-                    Some(row.samples.get(p)?.drain_per_s / raw.samples.get(p)?.drain_per_s)
-                });
-                line += &format!(" {} of the raw loop at batch {size};", percent(ratio));
-            }
+        for raw in rows
+            .iter()
+            .filter(|r| r.engine == "raw loop" && r.conc == row.conc)
+        {
+            let ratio = (0..passes).filter_map(|p| {
+                Some(row.samples.get(p)?.drain_per_s / raw.samples.get(p)?.drain_per_s)
+            });
+            line += &format!(
+                " {} of the raw loop at batch {};",
+                percent(ratio),
+                raw.batch.unwrap_or(0)
+            );
         }
         println!("{line}");
     }
@@ -677,14 +683,6 @@ fn report(rows: &[Row]) {
 fn percent(ratios: impl Iterator<Item = f64>) -> String {
     let v: Vec<f64> = ratios.map(|r| r * 100.0).collect();
     format!("{}%", spread(v.into_iter(), 0))
-}
-
-impl Row {
-    fn config_conc(&self) -> String {
-        self.config
-            .rsplit_once("conc ")
-            .map_or(String::new(), |(_, c)| c.to_owned())
-    }
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -794,7 +792,7 @@ async fn main() {
                 &mut rows,
                 "activekg",
                 &format!("defaults, conc {conc}"),
-                None,
+                (None, Some(conc)),
                 sample,
             );
             for &batch in &raw_batches {
@@ -803,7 +801,7 @@ async fn main() {
                     &mut rows,
                     "raw loop",
                     &format!("batch {batch}, conc {conc}"),
-                    Some(batch),
+                    (Some(batch), Some(conc)),
                     sample,
                 );
             }
@@ -813,14 +811,14 @@ async fn main() {
                     &mut rows,
                     "apalis-postgres",
                     &format!("batch 10, conc {conc}"),
-                    Some(10),
+                    (Some(10), Some(conc)),
                     sample,
                 );
             }
         }
         if with_peers {
             for (engine, config, sample) in peers(&peers_dir, &admin, &bench, pass) {
-                add(&mut rows, &engine, &config, None, sample);
+                add(&mut rows, &engine, &config, (None, None), sample);
             }
         }
     }

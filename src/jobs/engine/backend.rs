@@ -1,9 +1,9 @@
 //! An apalis [`Backend`] over our `jobs` table: one per (process, kind).
 //!
-//! It claims as many due rows as it can start soon (see [`Pace`]), fetches when woken by NOTIFY, after a
-//! fetch that came back full, or on the poll interval, and never dies on a database error: it logs, waits and tries again. Rows whose arguments no
-//! longer decode are dead-lettered instead of killing the worker. On shutdown, rows it claimed but did not
-//! start are handed back.
+//! It claims as many due rows as it can start soon (see [`Pace`]), fetches when woken by NOTIFY, on the poll
+//! interval, or (while a backlog lasts) once half of the last claim is started, and never dies on a database
+//! error: it logs, waits and tries again. Rows whose arguments no longer decode are dead-lettered instead of
+//! killing the worker. On shutdown, rows it claimed but did not start are handed back.
 
 use std::collections::VecDeque;
 use std::marker::PhantomData;
@@ -187,8 +187,7 @@ impl<J: Job> PgQueue<J> {
                 self.fetching = None;
                 self.fetch_failures = 0;
                 self.more = rows.len() >= self.last_limit;
-                self.claim_size
-                    .claimed(self.bound_by_size, rows.len() >= self.last_limit);
+                self.claim_size.claimed(self.bound_by_size, self.more);
                 let received = std::time::Instant::now();
                 self.buffer
                     .extend(rows.into_iter().map(|row| (row, received)));

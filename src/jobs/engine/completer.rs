@@ -211,15 +211,8 @@ async fn write(pool: PgPool, worker: Arc<str>, batch: Vec<Completion>) -> Refuse
     let started = std::time::Instant::now();
     let mut delay = Duration::from_millis(100);
     loop {
-        let written = match pool.acquire().await {
-            Ok(mut conn) => {
-                let acquired = started.elapsed();
-                let written = store::finish(&mut *conn, &worker, &batch).await;
-                tracing::trace!(results = batch.len(), ?acquired, took = ?started.elapsed(), "recorded job results");
-                written
-            }
-            Err(err) => Err(err.into()),
-        };
+        let written = store::finish(&pool, &worker, &batch).await;
+        tracing::trace!(results = batch.len(), took = ?started.elapsed(), "recorded job results");
         match written {
             Ok(applied) => {
                 if applied.len() < batch.len() {
