@@ -76,6 +76,9 @@ pub struct Metrics {
     pub worker_errors: IntCounterVec,
     /// Ingest duration (stat to commit), by provider.
     pub ingest_duration: HistogramVec,
+    /// Time spent in each stage of the pipeline from object to vector, by stage ([`Stage`]), as
+    /// each job saw it: summed, the shares say where a document's time goes.
+    pub pipeline_stage: HistogramVec,
     /// Pub/Sub push authentication results (the guide's metric: secret_ok, oidc_ok, skipped, token_missing,
     /// token_invalid, signature_invalid, keys_unavailable, not_configured), by provider (`gcs`).
     pub webhook_verify: IntCounterVec,
@@ -303,6 +306,11 @@ impl Metrics {
                 "Time to ingest one object (stat, fetch, extract, chunk, write), by provider.",
                 &["provider"],
             )?,
+            pipeline_stage: histogram(
+                "activekg_pipeline_stage_seconds",
+                "Time one job spent in one pipeline stage: fetch (stat and read the object), extract (the sandboxed parse, child start included), chunk, embed (waiting for and running the model), write (the graph or vector transaction).",
+                &["stage"],
+            )?,
             webhook_verify: counter(
                 "webhook_pubsub_verify_total",
                 "Pub/Sub push authentication results, by provider and result.",
@@ -430,6 +438,9 @@ impl Metrics {
         for error_type in ["no_config", "parse", "processing", "unsupported_provider"] {
             zero(&self.worker_errors, &[error_type]);
         }
+        for stage in Stage::ALL {
+            self.pipeline_stage.with_label_values(&[stage.label()]);
+        }
         for provider in known.providers {
             self.ingest_duration.with_label_values(&[provider]);
             for result in ["started", "completed", "failed"] {
@@ -509,6 +520,52 @@ pub struct Known<'a> {
     pub secret_fields: &'a [(&'a str, &'a str)],
     /// (tenant, provider) of every connector configured at start-up.
     pub tenants: &'a [(String, String)],
+}
+
+/// A stage of the pipeline from object to vector, as `activekg_pipeline_stage_seconds` labels it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Looking the object up in its store and reading it.
+    Fetch,
+    /// The sandboxed parse to text, the child process's start included.
+    Extract,
+    /// Cutting the text into chunks (in the same child).
+    Chunk,
+    /// Waiting for the model and running it.
+    Embed,
+    /// The transaction that writes the graph, or a vector.
+    Write,
+}
+
+impl Stage {
+    /// Every stage, in pipeline order.
+    pub const ALL: [Stage; 5] = [
+        Stage::Fetch,
+        Stage::Extract,
+        Stage::Chunk,
+        Stage::Embed,
+        Stage::Write,
+    ];
+
+    /// The `stage` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Stage::Fetch => "fetch",
+            Stage::Extract => "extract",
+            Stage::Chunk => "chunk",
+            Stage::Embed => "embed",
+            Stage::Write => "write",
+        }
+    }
+}
+
+impl Metrics {
+    /// Records `took` in `stage`.
+    pub fn stage(&self, stage: Stage, took: std::time::Duration) {
+        self.pipeline_stage
+            .with_label_values(&[stage.label()])
+            .observe(took.as_secs_f64());
+    }
 }
 
 /// Classes of `activekg_jobs_failed_total` (see `jobs::engine::outcome`).

@@ -38,6 +38,9 @@ pub struct Extraction {
     pub content_hash: String,
     /// The chunks.
     pub chunks: Vec<Chunk>,
+    /// How long the child took to cut the text into chunks (the rest of its time went to reading the file).
+    #[serde(default)]
+    pub chunk_time: Duration,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -248,12 +251,14 @@ pub fn child_main() -> ExitCode {
     }
     let answer = match super::extract(&bytes, request.content_type.as_deref(), &request.key) {
         Ok(extracted) => {
+            let started = std::time::Instant::now();
             let chunks = super::chunk(&extracted.text, ChunkPolicy::default(), WordPiece::minilm());
             Answer::Ok(Extraction {
                 format: extracted.format,
                 content_hash: extracted.content_hash(),
                 title: extracted.title,
                 chunks,
+                chunk_time: started.elapsed(),
             })
         }
         Err(err) => Answer::Refused(err.to_string()),

@@ -6,7 +6,7 @@
 //! `ready` with the vector, or `skipped` when there is no text.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
@@ -15,7 +15,7 @@ use super::engine::{Backoff, Job, JobContext, JobError, Policy, Uniqueness};
 use crate::domain::NodeId;
 use crate::embedding::{self, EmbedError};
 use crate::extract;
-use crate::metrics::metrics;
+use crate::metrics::{Stage, metrics};
 use crate::store::embeddings as store;
 
 /// Queue of embedding jobs.
@@ -204,7 +204,10 @@ pub async fn run(job: EmbedNode, cx: JobContext<Deps>) -> Result<(), JobError> {
         tally("ready");
         return Ok(());
     }
-    let vector = match deps.embeddings.embed(text.clone()).await {
+    let embedding = Instant::now();
+    let vector = deps.embeddings.embed(text.clone()).await;
+    metrics().stage(Stage::Embed, embedding.elapsed());
+    let vector = match vector {
         Ok(vector) => vector,
         Err(err) => {
             if matches!(err, EmbedError::Rejected(_) | EmbedError::Featureless)
@@ -215,6 +218,7 @@ pub async fn run(job: EmbedNode, cx: JobContext<Deps>) -> Result<(), JobError> {
             return Err(job_error(err));
         }
     };
+    let writing = Instant::now();
     let mut tx = cx.begin().await?;
     match store::lock_text(&mut tx, job.node_id).await? {
         // Deleted while we computed.
@@ -237,6 +241,7 @@ pub async fn run(job: EmbedNode, cx: JobContext<Deps>) -> Result<(), JobError> {
     )
     .await?;
     tx.commit().await?;
+    metrics().stage(Stage::Write, writing.elapsed());
     tally("ready");
     Ok(())
 }

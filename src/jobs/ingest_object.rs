@@ -18,7 +18,7 @@ use crate::extract::{
     self,
     sandbox::{Extraction, Sandbox, SandboxError},
 };
-use crate::metrics::metrics;
+use crate::metrics::{Stage, metrics};
 use crate::registry::{LoadError, Registry};
 use crate::store::graph::{self, ChunkWrite};
 
@@ -275,7 +275,10 @@ async fn ingest_once<S: ObjectSource>(
 ) -> Result<Pass, JobError> {
     let deps = &cx.state;
     // Whatever the event said, the store's current state decides: events can arrive late or out of order.
-    let Some(meta) = source.stat(&job.key).await.map_err(source_error)? else {
+    let looked = Instant::now();
+    let stat = source.stat(&job.key).await.map_err(source_error)?;
+    let mut fetching = looked.elapsed();
+    let Some(meta) = stat else {
         return commit_delete(cx, source, job, target).await;
     };
     if job.op == ChangeOp::Delete {
@@ -313,11 +316,14 @@ async fn ingest_once<S: ObjectSource>(
             },
         ));
     }
+    let read = Instant::now();
     let bytes = match source.fetch(&meta, deps.max_file_bytes).await {
         Ok(bytes) => bytes,
         Err(SourceError::Changed(_) | SourceError::NotFound(_)) => return Ok(Pass::Changed),
         Err(other) => return Err(source_error(other)),
     };
+    fetching += read.elapsed();
+    metrics().stage(Stage::Fetch, fetching);
     // Only naming the format, which reads no more than a magic number, is safe outside the sandbox. An
     // object in no format we read is not a failed document: it is recorded and counted, not dead-lettered.
     if extract::Format::detect(meta.content_type.as_deref(), &job.key, &bytes).is_none() {
@@ -331,6 +337,7 @@ async fn ingest_once<S: ObjectSource>(
         .await;
     }
     // In a child process: a hostile file can end only that child (see extract::sandbox).
+    let extracting = Instant::now();
     let extraction = deps
         .extractor
         .run(bytes, meta.content_type.clone(), &job.key)
@@ -339,8 +346,17 @@ async fn ingest_once<S: ObjectSource>(
             SandboxError::Unavailable(_) => JobError::transient_with_code("processing", e),
             SandboxError::Refused(_) | SandboxError::Broke(_) => JobError::permanent("parse", e),
         })?;
+    let sandboxed = extracting.elapsed();
+    metrics().stage(Stage::Chunk, extraction.chunk_time);
+    metrics().stage(
+        Stage::Extract,
+        sandboxed.saturating_sub(extraction.chunk_time),
+    );
 
-    write(cx, source, job, target, &meta, &extraction).await
+    let writing = Instant::now();
+    let pass = write(cx, source, job, target, &meta, &extraction).await;
+    metrics().stage(Stage::Write, writing.elapsed());
+    pass
 }
 
 /// Ends the job as skipped, keeping why in its result (`progress`) for the operator.

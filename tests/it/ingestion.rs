@@ -308,6 +308,20 @@ async fn backfill_mixed(fixture: &Fixture, provider: Provider) {
     assert_eq!(skipped[2].0, "kb/zz-backup.tar.gz");
     assert!(skipped[2].1.contains("not a document type"), "{skipped:?}");
     assert_eq!(m.ingest_errors.with_label_values(&labels).get(), 2);
+    // Each document's time is accounted to the stages it went through (no embedding workers run here).
+    let stage = |s: activekg::metrics::Stage| {
+        let h = m.pipeline_stage.with_label_values(&[s.label()]);
+        (h.get_sample_count(), h.get_sample_sum())
+    };
+    use activekg::metrics::Stage;
+    for s in [Stage::Fetch, Stage::Extract, Stage::Chunk, Stage::Write] {
+        let (count, sum) = stage(s);
+        assert!(
+            count >= 195 && sum > 0.0,
+            "{s:?}: {count} steps, {sum} s for 195 documents"
+        );
+    }
+    assert_eq!(stage(Stage::Embed).0, 0, "no embedding ran");
 }
 
 #[tokio::test]

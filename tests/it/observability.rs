@@ -213,6 +213,7 @@ async fn a_fresh_server_exports_every_metric_with_zero_series_for_the_label_valu
         r#"webhook_pubsub_verify_total{provider="gcs",result="token_invalid"} 0"#,
         r#"webhook_sns_verify_total{provider="s3",result="signature_ok"} 0"#,
         r#"connector_ingest_duration_seconds_count{provider="gcs"} 0"#,
+        r#"activekg_pipeline_stage_seconds_count{stage="embed"} 0"#,
         r#"connector_pubsub_messages_total{result="rejected"} 0"#,
         r#"activekg_worker_fenced_total 0"#,
     ] {
