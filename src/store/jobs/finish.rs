@@ -84,6 +84,28 @@ pub async fn finish<'e>(
         delays.push(delay);
         errors.push(error.map(|e| serde_json::to_value(e).unwrap_or(Value::Null)));
     }
+    if ids.is_empty() {
+        // Only plain completions (a drain's usual batch): without the other endings' part, which would
+        // still read every running row of the worker to join them with no rows (measured: 12.7 ms against
+        // 5 ms for 500 results with 2,000 rows running).
+        let rows: Vec<(i64,)> = sqlx::query_as(
+            r#"
+            UPDATE jobs j
+            SET state = 'completed', finished_at = now(), locked_by = NULL,
+                unique_key = CASE WHEN j.unique_while_active THEN NULL ELSE j.unique_key END
+            FROM unnest($1::int8[], $2::int4[]) AS c(id, attempt)
+            WHERE j.id = c.id AND j.attempt = c.attempt AND j.state = 'running' AND j.locked_by = $3
+            RETURNING j.id
+            "#,
+        )
+        .bind(&done_ids)
+        .bind(&done_attempts)
+        .bind(worker)
+        .persistent(false)
+        .fetch_all(db)
+        .await?;
+        return Ok(rows.into_iter().map(|(id,)| JobId(id)).collect());
+    }
     // Not a cached prepared statement: after a few runs PostgreSQL would switch to a generic plan that
     // cannot see how many rows `unnest` yields and walks every running row of the worker per result
     // (measured at 300-800 ms for 1000 results, against ~7 ms planned for the actual arrays).
