@@ -7,8 +7,9 @@
 //!    from the create call until every node is `ready` (local model, and the model-free `hash` embedder to
 //!    show the engine's own ceiling).
 //!
-//! Reference: sentence-transformers on torch CPU, measured on a 2-core machine like CI's: 1.6 chunks/s at
-//! batch 1, 9.2 at batch 64. EMBEDDING_MODEL_DIR (default .activekg/models/all-MiniLM-L6-v2; run
+//! Reference: sentence-transformers on torch (CPU) over the same chunks in the same run, when
+//! scripts/bench-torch has installed it into target/bench-torch (benches/torch_reference.py); without it,
+//! the design notes' figures (1.6 chunks/s at batch 1, 9.2 at batch 64). EMBEDDING_MODEL_DIR (default .activekg/models/all-MiniLM-L6-v2; run
 //! scripts/fetch-model), ACTIVEKG_BENCH_NODES (default 200), ACTIVEKG_TEST_DATABASE_URL.
 
 // The binary's allocator (see main.rs), so the figures are the service's.
@@ -69,6 +70,43 @@ async fn throughput(
     run(batch * parallel).await; // warm-up
     let took = run(n).await;
     n as f64 / took.as_secs_f64()
+}
+
+/// sentence-transformers on torch over the same chunks, when scripts/bench-torch installed it: chunks/s
+/// by "threads/batch".
+fn torch_reference(
+    dir: &std::path::Path,
+    texts: &[String],
+    batches: &[usize],
+    cores: usize,
+) -> Option<serde_json::Map<String, serde_json::Value>> {
+    let python = concat!(env!("CARGO_MANIFEST_DIR"), "/target/bench-torch/bin/python");
+    if !std::path::Path::new(python).exists() {
+        return None;
+    }
+    let request = tempfile::NamedTempFile::new().unwrap();
+    serde_json::to_writer(
+        &request,
+        &serde_json::json!({
+            "model_dir": dir, "texts": texts, "batches": batches, "threads": [1, cores],
+        }),
+    )
+    .unwrap();
+    let output = std::process::Command::new(python)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/benches/torch_reference.py"
+        ))
+        .arg(request.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .env("TRANSFORMERS_OFFLINE", "1")
+        .env("TQDM_DISABLE", "1")
+        .env("TRANSFORMERS_VERBOSITY", "error")
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .expect("the torch reference runs");
+    assert!(output.status.success(), "the torch reference failed");
+    Some(serde_json::from_slice(&output.stdout).expect("the torch reference answers JSON"))
 }
 
 async fn database() -> PgPool {
@@ -212,8 +250,22 @@ async fn pipeline(
     n as f64 / took.as_secs_f64()
 }
 
-#[tokio::main(flavor = "multi_thread")]
-async fn main() {
+/// As the service does (see main.rs): one single-threaded model call per inference thread, unless the
+/// caller sets RAYON_NUM_THREADS.
+#[allow(unsafe_code)]
+fn main() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        // SAFETY: before the runtime or any other thread exists.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", "1") };
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime")
+        .block_on(run());
+}
+
+async fn run() {
     let dir = std::env::var_os("EMBEDDING_MODEL_DIR").map_or_else(
         || PathBuf::from(".activekg/models/all-MiniLM-L6-v2"),
         PathBuf::from,
@@ -227,23 +279,55 @@ async fn main() {
         tokens as f64 / texts.len() as f64,
         std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "<unset>".to_owned())
     );
-    println!("\nlocal all-MiniLM-L6-v2 (candle), chunks/s");
+    let batches = [1, 8, 16, 32, 64];
+    let torch = torch_reference(&dir, &texts, &batches, cores);
     println!(
-        "{:>6} {:>10} {:>10}",
+        "\nchunks/s: local all-MiniLM-L6-v2 (candle) and sentence-transformers on torch (same chunks)"
+    );
+    println!(
+        "{:>6} {:>10} {:>10} {:>10} {:>10} {:>8}",
         "batch",
         "1 thread",
-        format!("{cores} threads")
+        format!("{cores} threads"),
+        "torch 1",
+        format!("torch {cores}"),
+        "ratio"
     );
     let one: Arc<dyn Embedder> =
         Arc::new(LocalEmbedder::load(&dir, "all-MiniLM-L6-v2", 1).expect("the model loads"));
     let all: Arc<dyn Embedder> =
         Arc::new(LocalEmbedder::load(&dir, "all-MiniLM-L6-v2", cores).expect("the model loads"));
-    for batch in [1, 8, 16, 32] {
+    let (mut ours_best, mut torch_best) = (0f64, 0f64);
+    for batch in batches {
         let single = throughput(one.clone(), batch, 1, &texts).await;
         let parallel = throughput(all.clone(), batch, cores, &texts).await;
-        println!("{batch:>6} {single:>10.1} {parallel:>10.1}");
+        ours_best = ours_best.max(single).max(parallel);
+        let reference = |threads: usize| {
+            torch
+                .as_ref()
+                .and_then(|t| t.get(&format!("{threads}/{batch}")))
+                .and_then(serde_json::Value::as_f64)
+        };
+        let (t1, tn) = (reference(1), reference(cores));
+        torch_best = torch_best.max(t1.unwrap_or(0.0)).max(tn.unwrap_or(0.0));
+        let show = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
+        let ratio = tn.map_or("-".to_owned(), |t| format!("{:.2}x", parallel / t));
+        println!(
+            "{batch:>6} {single:>10.1} {parallel:>10.1} {:>10} {:>10} {ratio:>8}",
+            show(t1),
+            show(tn)
+        );
     }
-    println!("torch reference: 1.6 (batch 1), 9.2 (batch 64)");
+    if torch.is_some() {
+        println!(
+            "best against best: {ours_best:.1} / {torch_best:.1} chunks/s = {:.2}x torch",
+            ours_best / torch_best
+        );
+    } else {
+        println!(
+            "torch not installed (scripts/bench-torch); the design notes' figures: 1.6 (batch 1), 9.2 (batch 64)"
+        );
+    }
 
     let pool = database().await;
     let n = env_or("ACTIVEKG_BENCH_NODES", 200);
