@@ -266,8 +266,12 @@ impl Service {
             .iter()
             .map(|s| {
                 (
-                    value(&format!("activekg_pipeline_stage_seconds_sum{{stage=\"{s}\"}}")),
-                    value(&format!("activekg_pipeline_stage_seconds_count{{stage=\"{s}\"}}")),
+                    value(&format!(
+                        "activekg_pipeline_stage_seconds_sum{{stage=\"{s}\"}}"
+                    )),
+                    value(&format!(
+                        "activekg_pipeline_stage_seconds_count{{stage=\"{s}\"}}"
+                    )),
                 )
             })
             .collect();
