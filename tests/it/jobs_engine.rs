@@ -721,3 +721,63 @@ async fn each_minute_is_sampled_once_with_its_completions_failures_dead_letters_
     );
     db.drop_db().await;
 }
+
+/// Collects what the process logs, for tests that read log lines.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_line_a_handler_logs_names_the_kind_job_attempt_and_tenant_it_belongs_to() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    tracing::subscriber::set_global_default(
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish(),
+    )
+    .expect("this test's process has no subscriber yet");
+    let db = fixture().await;
+    let mut probe = Probe::new(
+        "logged",
+        Behavior::Fail {
+            times: 1,
+            retry_after_ms: Some(10),
+        },
+    );
+    probe.tenant = Some("acme".to_owned());
+    let id = enqueue(&db.pool, &probe).await;
+    let workers = start_workers(&db.pool, fast_job_settings()).await;
+    wait_for_state(&db.pool, id, JobState::Completed, Duration::from_secs(10)).await;
+    workers.shutdown().await;
+
+    let logged = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let lines: Vec<&str> = logged
+        .lines()
+        .filter(|l| l.contains("probe attempt starts"))
+        .collect();
+    assert_eq!(lines.len(), 2, "one line per attempt: {logged}");
+    for (line, attempt) in lines.iter().zip(1..) {
+        for field in [
+            "kind=\"test_probe\"".to_owned(),
+            format!("id={}", id.0),
+            format!("attempt={attempt}"),
+            "tenant=\"acme\"".to_owned(),
+        ] {
+            assert!(line.contains(&field), "{field} missing from {line}");
+        }
+    }
+    db.drop_db().await;
+}

@@ -211,6 +211,7 @@ async fn record(pool: &PgPool, cx: &JobContext<PgPool>, label: &str, event: &str
 /// The probe handler.
 pub async fn run_probe(job: Probe, cx: JobContext<PgPool>) -> Result<(), JobError> {
     let pool = cx.state.clone();
+    tracing::info!(label = %job.label, "probe attempt starts");
     record(&pool, &cx, &job.label, "start").await;
     let result = match job.behavior {
         Behavior::Succeed => Ok(()),

@@ -18,6 +18,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::sync::PollSemaphore;
 use tower::{Layer, Service};
+use tracing::Instrument;
 
 use super::completer::Completer;
 use super::lease::Lease;
@@ -174,6 +175,14 @@ where
         let kind_metrics = self.metrics.clone();
         let reporter = self.reporter.clone();
         let claim = task.ctx().data().get::<Claim>().cloned();
+        // Every line a handler logs names its attempt: kind, job id, attempt number and tenant.
+        let span = tracing::info_span!(
+            "job",
+            kind = J::KIND,
+            id = claim.as_ref().map(|c| c.id.0),
+            attempt = claim.as_ref().map(|c| c.attempt),
+            tenant = task.args.tenant_id(),
+        );
         let attempt = self.inner.call(task);
         async move {
             let Some(claim) = claim else {
@@ -293,6 +302,7 @@ where
             drop(permit);
             Ok(())
         }
+        .instrument(span)
         .boxed()
     }
 }
