@@ -20,6 +20,8 @@
 //! - [`domain`]: pure types: ids, providers, states.
 //! - [`config`], [`error`], [`metrics`]: settings from the environment, the error taxonomy, every metric.
 
+#![warn(missing_docs)]
+
 pub mod api;
 pub mod app;
 pub mod cli;
