@@ -16,6 +16,9 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[allow(dead_code, unreachable_pub)]
+#[path = "../tests/it/emulators.rs"]
+mod emulators;
+#[allow(dead_code, unreachable_pub)]
 #[path = "../tests/it/fixtures.rs"]
 mod fixtures;
 
@@ -24,7 +27,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use activekg::embedding::{Batcher, Embedder, local::LocalEmbedder};
-use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
 use futures::StreamExt;
 use sqlx::{Connection, PgConnection};
 
@@ -38,21 +40,6 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn moto_url() -> String {
-    let status = std::process::Command::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/scripts/test-services"
-    ))
-    .arg("start")
-    .status()
-    .expect("scripts/test-services runs");
-    assert!(status.success(), "scripts/test-services start failed");
-    format!(
-        "http://127.0.0.1:{}",
-        env_or("ACTIVEKG_TEST_MOTO_PORT", 39500u16)
-    )
 }
 
 /// Prose that differs per document and paragraph, so no chunk repeats another.
@@ -352,7 +339,7 @@ async fn run() {
     let batch = defaults.embedding.batch_size as usize;
     let ceiling = model_ceiling(&model, batch, cores).await;
 
-    let moto = moto_url();
+    let moto = emulators::moto_url();
     let admin = std::env::var("ACTIVEKG_TEST_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
     let mut conn = PgConnection::connect(&admin).await.unwrap();
@@ -369,23 +356,13 @@ async fn run() {
     let service = Service::start(&dsn, &moto, &model).await;
     let pool = sqlx::PgPool::connect(&dsn).await.unwrap();
 
-    let s3 = aws_sdk_s3::Client::from_conf(
-        aws_sdk_s3::config::Builder::new()
-            .behavior_version(BehaviorVersion::latest())
-            .region(Region::new("us-east-1"))
-            .credentials_provider(Credentials::new("test", "test", None, None, "bench"))
-            .endpoint_url(&moto)
-            .force_path_style(true)
-            .build(),
-    );
-    let bucket = format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-    s3.create_bucket().bucket(&bucket).send().await.unwrap();
+    let s3 = emulators::s3_client().await;
+    let bucket = emulators::unique_bucket("bench");
+    emulators::s3_bucket(&s3, &bucket).await;
     service
         .admin_post(
             "/_admin/connectors/s3/register",
-            serde_json::json!({"tenant_id": TENANT, "config": {
-                "bucket": bucket, "endpoint": moto, "force_path_style": true, "region": "us-east-1",
-                "access_key_id": "test", "secret_access_key": "test"}}),
+            serde_json::json!({"tenant_id": TENANT, "config": emulators::s3_config(&bucket)}),
         )
         .await;
     let topic = sns_topic(&moto, &format!("{}/_webhooks/s3", service.base)).await;

@@ -1,9 +1,6 @@
 //! Connector configurations over HTTP: register, read back redacted, merge-patch, delete, enable/disable,
 //! validation errors, and no secret ever leaving the process (responses, logs, Debug output).
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
 use activekg::crypto::Sealed;
 use activekg::domain::{Provider, TenantId};
 use serde_json::{Value, json};
@@ -274,23 +271,10 @@ async fn bad_requests_get_a_clear_422_or_409_and_nothing_is_written() {
     app.stop().await;
 }
 
-/// Collects every log line, at every level, from the test's own thread (the app runs on it).
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test]
 async fn no_secret_appears_in_any_response_log_line_or_debug_output() {
-    let logs = Captured::default();
+    // Every log line, at every level, from the test's own thread (the app runs on it).
+    let logs = crate::helpers::Captured::default();
     let writer = logs.clone();
     let subscriber = tracing_subscriber::fmt()
         .with_max_level(tracing::Level::TRACE)
@@ -338,7 +322,7 @@ async fn no_secret_appears_in_any_response_log_line_or_debug_output() {
     );
     app.stop().await;
 
-    let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let logs = logs.text();
     assert!(
         logs.contains("connector registered"),
         "the capture saw the app's logs"

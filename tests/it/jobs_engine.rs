@@ -722,24 +722,9 @@ async fn each_minute_is_sampled_once_with_its_completions_failures_dead_letters_
     db.drop_db().await;
 }
 
-/// Collects what the process logs, for tests that read log lines.
-#[derive(Clone, Default)]
-struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test]
 async fn a_line_a_handler_logs_names_the_kind_job_attempt_and_tenant_it_belongs_to() {
-    let captured = Captured::default();
+    let captured = crate::helpers::Captured::default();
     let writer = captured.clone();
     tracing::subscriber::set_global_default(
         tracing_subscriber::fmt()
@@ -763,7 +748,7 @@ async fn a_line_a_handler_logs_names_the_kind_job_attempt_and_tenant_it_belongs_
     wait_for_state(&db.pool, id, JobState::Completed, Duration::from_secs(10)).await;
     workers.shutdown().await;
 
-    let logged = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let logged = captured.text();
     let lines: Vec<&str> = logged
         .lines()
         .filter(|l| l.contains("probe attempt starts"))
