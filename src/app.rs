@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, ApiState};
+use crate::backoff::{Backoff, Retries};
 use crate::cli::{Command, JobsAction};
 use crate::config::{DatabaseSource, Settings};
 use crate::crypto::Keyring;
@@ -144,32 +145,35 @@ async fn migrate_when_reachable(
     pool: &PgPool,
     shutdown: &CancellationToken,
 ) -> Result<bool, AppError> {
-    let mut delay = Duration::from_millis(500);
+    let mut retries =
+        Backoff::doubling(Duration::from_millis(500), Duration::from_secs(10)).retries();
     loop {
         // Waiting for a connection can take the pool's whole acquire timeout; shutdown must not wait for it.
         let attempt = tokio::select! {
             () = shutdown.cancelled() => return Ok(false),
             attempt = store::migrate(pool) => attempt,
         };
-        match attempt {
+        let wait = match attempt {
             Ok(()) => return Ok(true),
             Err(sqlx::migrate::MigrateError::Execute(sqlx::Error::Io(err))) => {
-                tracing::warn!(%err, retry_in = ?delay, "database unreachable; will apply migrations when it answers");
+                let wait = retries.failed();
+                tracing::warn!(%err, retry_in = ?wait, "database unreachable; will apply migrations when it answers");
+                wait
             }
             Err(sqlx::migrate::MigrateError::Execute(sqlx::Error::PoolTimedOut)) => {
-                tracing::warn!(retry_in = ?delay, "database unreachable (timed out); will apply migrations when it answers");
+                let wait = retries.failed();
+                tracing::warn!(retry_in = ?wait, "database unreachable (timed out); will apply migrations when it answers");
+                wait
             }
             Err(err) => {
                 return Err(AppError::Other(anyhow::anyhow!(
                     "applying migrations failed: {err}"
                 )));
             }
+        };
+        if Retries::sleep(wait, shutdown).await {
+            return Ok(false);
         }
-        tokio::select! {
-            () = shutdown.cancelled() => return Ok(false),
-            () = tokio::time::sleep(delay) => {}
-        }
-        delay = (delay * 2).min(Duration::from_secs(10));
     }
 }
 

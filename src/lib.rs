@@ -18,12 +18,14 @@
 //! - [`webhooks`]: SNS and Pub/Sub push parsing and verification (signatures, tokens, OIDC).
 //! - [`crypto`]: the versioned Fernet keyring, sealed fields, rotation as a pure function.
 //! - [`domain`]: pure types: ids, providers, states.
-//! - [`config`], [`error`], [`metrics`]: settings from the environment, the error taxonomy, every metric.
+//! - [`config`], [`error`], [`metrics`], [`backoff`]: settings from the environment, the error taxonomy, every
+//!   metric, the one shape of waiting between tries.
 
 #![warn(missing_docs)]
 
 pub mod api;
 pub mod app;
+pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod connectors;

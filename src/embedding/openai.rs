@@ -12,6 +12,7 @@ use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
 
 use super::{BuildError, EmbedError, Embedder};
+use crate::backoff::Backoff;
 use crate::config::Secret;
 
 /// Attempts within one call before the error goes back to the job engine.
@@ -71,9 +72,8 @@ impl OpenAiEmbedder {
     }
 
     async fn call(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
-        let mut attempt = 0;
+        let mut retries = Backoff::doubling(Duration::from_millis(500), MAX_INLINE_WAIT).retries();
         loop {
-            attempt += 1;
             let mut request = self.client.post(&self.url).json(&Request {
                 model: &self.model,
                 input: texts,
@@ -90,12 +90,13 @@ impl OpenAiEmbedder {
                     Err(e) => e,
                 },
             };
+            let backoff = retries.failed();
             let wait = match &error {
                 EmbedError::RateLimited { after, .. } => *after,
-                EmbedError::Unavailable(_) => Duration::from_millis(500 * u64::from(attempt)),
+                EmbedError::Unavailable(_) => backoff,
                 EmbedError::Rejected(_) | EmbedError::Featureless => return Err(error),
             };
-            if attempt >= ATTEMPTS || wait > MAX_INLINE_WAIT {
+            if retries.failures() >= ATTEMPTS || wait > MAX_INLINE_WAIT {
                 return Err(error);
             }
             tokio::time::sleep(wait).await;

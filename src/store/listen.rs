@@ -14,6 +14,8 @@ use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::{Backoff, Retries};
+
 /// What a subscriber hears.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Heard {
@@ -74,7 +76,10 @@ async fn run(
     channels: Vec<&'static str>,
     stop: CancellationToken,
 ) {
-    let mut backoff = Duration::from_millis(250);
+    // Wake-ups missed while disconnected are covered by polling, but a database back from an outage should be
+    // heard from again within seconds: hence the short cap.
+    let mut retries =
+        Backoff::doubling(Duration::from_millis(250), Duration::from_secs(5)).retries();
     loop {
         let connect = async {
             let mut listener = PgListener::connect_with(&dedicated).await?;
@@ -88,15 +93,16 @@ async fn run(
             result = connect => match result {
                 Ok(listener) => listener,
                 Err(err) => {
-                    tracing::warn!(%err, retry_in = ?backoff, "cannot LISTEN for notifications; polling meanwhile");
-                    if wait(&stop, &mut backoff).await { break; }
+                    let wait = retries.failed();
+                    tracing::warn!(%err, retry_in = ?wait, "cannot LISTEN for notifications; polling meanwhile");
+                    if Retries::sleep(wait, &stop).await { break; }
                     continue;
                 }
             },
         };
         hub.connected.store(true, Ordering::SeqCst);
         let _ = hub.tx.send(Heard::Connected);
-        backoff = Duration::from_millis(250);
+        retries.succeeded();
         loop {
             let received = tokio::select! {
                 () = stop.cancelled() => {
@@ -117,21 +123,11 @@ async fn run(
         }
         hub.connected.store(false, Ordering::SeqCst);
         let _ = hub.tx.send(Heard::Lost);
-        tracing::warn!(retry_in = ?backoff, "the LISTEN connection dropped; reconnecting");
-        if wait(&stop, &mut backoff).await {
+        let wait = retries.failed();
+        tracing::warn!(retry_in = ?wait, "the LISTEN connection dropped; reconnecting");
+        if Retries::sleep(wait, &stop).await {
             break;
         }
     }
     hub.connected.store(false, Ordering::SeqCst);
-}
-
-/// Sleeps the backoff (doubling it, up to 5 s: wake-ups missed meanwhile are covered by polling, but a
-/// database back from an outage should be heard from again within seconds); true when stopped meanwhile.
-async fn wait(stop: &CancellationToken, backoff: &mut Duration) -> bool {
-    let stopped = tokio::select! {
-        () = stop.cancelled() => true,
-        () = tokio::time::sleep(*backoff) => false,
-    };
-    *backoff = (*backoff * 2).min(Duration::from_secs(5));
-    stopped
 }

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::intake::{self, Intake};
 use super::pubsub_topics::credentials;
+use crate::backoff::{Backoff, Retries};
 use crate::connectors::ConnectorConfig;
 use crate::domain::Provider;
 use crate::metrics::metrics;
@@ -30,7 +31,7 @@ use crate::webhooks::pubsub;
 
 /// How often the set of subscriptions is compared with the connector configurations.
 const REFRESH: Duration = Duration::from_secs(5);
-/// The first reconnect waits this long; each failed one doubles it, up to the configured cap.
+/// The first reconnect waits about this long; each failed one doubles it, up to the configured cap.
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 /// How long a message whose jobs did not commit is held before it is handed back.
 const NACK_PAUSE: Duration = Duration::from_secs(1);
@@ -238,7 +239,7 @@ struct Session {
 /// Runs sessions one after another until `stop`.
 async fn subscribe(session: Session, stop: CancellationToken) {
     let subscription = session.key.subscription.clone();
-    let mut backoff = FIRST_BACKOFF;
+    let mut retries = Backoff::doubling(FIRST_BACKOFF, session.settings.max_backoff).retries();
     let mut first = true;
     loop {
         if !first {
@@ -251,27 +252,27 @@ async fn subscribe(session: Session, stop: CancellationToken) {
                 .update(&session.key, |s| s.reconnects += 1);
         }
         first = false;
-        match session.run(&stop, &mut backoff).await {
+        let wait = match session.run(&stop, &mut retries).await {
             Ok(()) => return,
             Err(reason) => {
                 session.subscriptions.update(&session.key, |s| {
                     s.connected = false;
                     s.last_error = Some(reason.clone());
                 });
-                tracing::warn!(%subscription, %reason, retry_in = ?backoff, "subscriber disconnected; reconnecting");
+                let wait = retries.failed();
+                tracing::warn!(%subscription, %reason, retry_in = ?wait, "subscriber disconnected; reconnecting");
+                wait
             }
+        };
+        if Retries::sleep(wait, &stop).await {
+            return;
         }
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(session.settings.max_backoff);
     }
 }
 
 impl Session {
     /// One connection: Ok when stopped, Err (why) when it broke.
-    async fn run(&self, stop: &CancellationToken, backoff: &mut Duration) -> Result<(), String> {
+    async fn run(&self, stop: &CancellationToken, retries: &mut Retries) -> Result<(), String> {
         let gcs = match self.config.as_ref() {
             ConnectorConfig::Gcs(gcs) => gcs,
             _ => return Err("not a GCS connector".to_owned()),
@@ -296,7 +297,7 @@ impl Session {
             .subscribe(self.key.subscription.clone())
             .set_max_outstanding_messages(100)
             .build();
-        *backoff = FIRST_BACKOFF;
+        retries.succeeded();
         self.subscriptions.update(&self.key, |s| s.connected = true);
         tracing::info!(subscription = self.key.subscription, "subscriber connected");
         let mut checks = tokio::time::interval(self.settings.check_every);

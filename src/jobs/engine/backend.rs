@@ -26,6 +26,7 @@ use tokio::time::Sleep;
 use super::Job;
 use super::outcome::{Claim, OutcomeLayer, Reporter};
 use super::pace::{ClaimSize, Pace};
+use crate::backoff::{Backoff, Retries};
 use crate::domain::{AttemptError, JobId};
 use crate::store::jobs::{self as store, Claimed, Completion, Finish};
 
@@ -88,7 +89,8 @@ pub struct PgQueue<J> {
     bound_by_size: bool,
     /// Where the next fair claim starts its walk over tenants (shared with the fetch future).
     fair_cursor: Arc<std::sync::Mutex<String>>,
-    fetch_failures: u32,
+    /// Failed fetches in a row: after one, only the timer (then the backoff) may start the next.
+    fetch_retries: Retries,
     _job: PhantomData<fn() -> J>,
 }
 
@@ -127,7 +129,8 @@ impl<J: Job> PgQueue<J> {
             bound_by_size: false,
             fetch_started: std::time::Instant::now(),
             fair_cursor: Arc::default(),
-            fetch_failures: 0,
+            fetch_retries: Backoff::doubling(Duration::from_millis(500), Duration::from_secs(8))
+                .retries(),
             _job: PhantomData,
         }
     }
@@ -185,7 +188,7 @@ impl<J: Job> PgQueue<J> {
                     "claimed jobs"
                 );
                 self.fetching = None;
-                self.fetch_failures = 0;
+                self.fetch_retries.succeeded();
                 self.more = rows.len() >= self.last_limit;
                 self.claim_size.claimed(self.bound_by_size, self.more);
                 let received = std::time::Instant::now();
@@ -194,10 +197,10 @@ impl<J: Job> PgQueue<J> {
             }
             Poll::Ready(Err(err)) => {
                 self.fetching = None;
-                self.fetch_failures += 1;
-                let wait = Duration::from_millis(250 * 2u64.pow(self.fetch_failures.min(5)));
-                if self.fetch_failures == 1 || self.fetch_failures.is_multiple_of(20) {
-                    tracing::warn!(kind = J::KIND, %err, failures = self.fetch_failures, retry_in = ?wait,
+                let wait = self.fetch_retries.failed();
+                let failures = self.fetch_retries.failures();
+                if failures == 1 || failures.is_multiple_of(20) {
+                    tracing::warn!(kind = J::KIND, %err, failures, retry_in = ?wait,
                         "could not fetch jobs; will retry");
                 }
                 self.timer
@@ -212,7 +215,7 @@ impl<J: Job> PgQueue<J> {
     fn prefetch(&mut self) {
         if self.fetching.is_none()
             && self.more
-            && self.fetch_failures == 0
+            && self.fetch_retries.failures() == 0
             && self.buffer.len() <= self.last_limit / 2
             && !self.reporter.lease.is_fenced()
         {
@@ -313,8 +316,8 @@ impl<J: Job> Backend for PgQueue<J> {
                 return Poll::Pending;
             }
             // After a failed fetch only the timer (now the error backoff) may trigger the next one.
-            let due =
-                timer_fired || (self.fetch_failures == 0 && (self.more || self.signal.take()));
+            let due = timer_fired
+                || (self.fetch_retries.failures() == 0 && (self.more || self.signal.take()));
             if due && self.start_fetch() {
                 continue;
             }

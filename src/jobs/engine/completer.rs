@@ -12,6 +12,7 @@ use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
 
+use crate::backoff::{Backoff, Retries};
 use crate::store::jobs::{self as store, Completion};
 
 /// Most results written by one statement.
@@ -151,11 +152,20 @@ fn park_refused(written: Result<Refused, tokio::task::JoinError>, parked: &mut P
 
 /// Results the database refused one by one (a trigger raising, a value it cannot store): set aside and
 /// retried on their own, so that one bad result never holds back everyone else's.
-#[derive(Default)]
 struct Parked {
     completions: Vec<Completion>,
-    delay: Duration,
+    retries: Retries,
     next: Option<tokio::time::Instant>,
+}
+
+impl Default for Parked {
+    fn default() -> Self {
+        Self {
+            completions: Vec::new(),
+            retries: Backoff::doubling(Duration::from_secs(1), Duration::from_secs(60)).retries(),
+            next: None,
+        }
+    }
 }
 
 impl Parked {
@@ -174,8 +184,8 @@ impl Parked {
         }
         self.completions.push(completion);
         if self.next.is_none() {
-            self.delay = Duration::from_secs(1);
-            self.next = Some(tokio::time::Instant::now() + self.delay);
+            self.retries.succeeded();
+            self.next = Some(tokio::time::Instant::now() + self.retries.failed());
         }
     }
 
@@ -188,19 +198,19 @@ impl Parked {
 
     async fn retry(&mut self, pool: &PgPool, worker: &str) {
         let mut still = Vec::new();
+        let wait = self.retries.failed();
         for completion in std::mem::take(&mut self.completions) {
             if let Err(err) = store::finish(pool, worker, std::slice::from_ref(&completion)).await {
-                tracing::warn!(job = %completion.id, %err, retry_in = ?self.delay, "job result still refused");
+                tracing::warn!(job = %completion.id, %err, retry_in = ?wait, "job result still refused");
                 still.push(completion);
             }
         }
         self.completions = still;
-        if self.completions.is_empty() {
-            self.next = None;
+        self.next = if self.completions.is_empty() {
+            None
         } else {
-            self.delay = (self.delay * 2).min(Duration::from_secs(60));
-            self.next = Some(tokio::time::Instant::now() + self.delay);
-        }
+            Some(tokio::time::Instant::now() + wait)
+        };
     }
 }
 
@@ -209,7 +219,8 @@ impl Parked {
 /// returned to be parked.
 async fn write(pool: PgPool, worker: Arc<str>, batch: Vec<Completion>) -> Refused {
     let started = std::time::Instant::now();
-    let mut delay = Duration::from_millis(100);
+    let mut retries =
+        Backoff::doubling(Duration::from_millis(100), Duration::from_secs(5)).retries();
     loop {
         let written = store::finish(&pool, &worker, &batch).await;
         tracing::trace!(results = batch.len(), took = ?started.elapsed(), "recorded job results");
@@ -225,9 +236,9 @@ async fn write(pool: PgPool, worker: Arc<str>, batch: Vec<Completion>) -> Refuse
                 return Vec::new();
             }
             Err(crate::error::Error::Unavailable(err)) => {
-                tracing::warn!(%err, pending = batch.len(), retry_in = ?delay, "could not record job results; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
+                let wait = retries.failed();
+                tracing::warn!(%err, pending = batch.len(), retry_in = ?wait, "could not record job results; retrying");
+                tokio::time::sleep(wait).await;
             }
             Err(err) => return split(&pool, &worker, batch, err).await,
         }

@@ -26,6 +26,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sqlx::PgConnection;
 
+pub use crate::backoff::Backoff;
 use crate::domain::JobId;
 use crate::error::Result;
 use crate::metrics::metrics;
@@ -114,41 +115,6 @@ impl Policy {
             fair: false,
             max_snoozes: 100,
         }
-    }
-}
-
-/// Exponential backoff with jitter and a cap: attempt `n` waits `base * factor^(n-1)`, capped, then spread by
-/// up to `jitter` either way so that a burst of failures does not retry in lockstep.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Backoff {
-    /// Delay after the first failure.
-    pub base: Duration,
-    /// Growth per attempt.
-    pub factor: f64,
-    /// Longest delay.
-    pub cap: Duration,
-    /// Fraction of the delay added or removed at random (0.0-1.0).
-    pub jitter: f64,
-}
-
-impl Backoff {
-    /// Exponential backoff with 20 % jitter.
-    pub fn exponential(base: Duration, factor: f64, cap: Duration) -> Self {
-        Self {
-            base,
-            factor,
-            cap,
-            jitter: 0.2,
-        }
-    }
-
-    /// The delay before the attempt after failed attempt `attempt` (1-based), for a random draw `unit` in [0, 1).
-    pub fn delay(&self, attempt: u32, unit: f64) -> Duration {
-        let exponent = attempt.saturating_sub(1).min(64) as i32;
-        let raw = self.base.as_secs_f64() * self.factor.powi(exponent);
-        let capped = raw.min(self.cap.as_secs_f64());
-        let spread = capped * self.jitter * (2.0 * unit - 1.0);
-        Duration::from_secs_f64((capped + spread).clamp(0.0, self.cap.as_secs_f64()))
     }
 }
 
@@ -396,34 +362,4 @@ pub async fn enqueue_many<J: Job>(conn: &mut PgConnection, jobs: &[J]) -> Result
     let results = store::insert(conn, &rows).await?;
     count(J::KIND, &results);
     Ok(results)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_by_the_factor_and_stops_at_the_cap() {
-        let backoff = Backoff {
-            jitter: 0.0,
-            ..Backoff::exponential(Duration::from_secs(10), 2.0, Duration::from_secs(300))
-        };
-        let delays: Vec<u64> = (1..=7).map(|n| backoff.delay(n, 0.5).as_secs()).collect();
-        assert_eq!(delays, [10, 20, 40, 80, 160, 300, 300]);
-    }
-
-    #[test]
-    fn backoff_jitter_stays_within_its_fraction_and_under_the_cap() {
-        let backoff = Backoff::exponential(Duration::from_secs(10), 2.0, Duration::from_secs(300));
-        assert_eq!(backoff.delay(1, 0.0), Duration::from_secs(8));
-        assert_eq!(backoff.delay(1, 1.0), Duration::from_secs(12));
-        assert!(backoff.delay(30, 1.0) <= Duration::from_secs(300));
-        assert!(backoff.delay(30, 0.0) >= Duration::from_secs(240));
-    }
-
-    #[test]
-    fn huge_attempt_numbers_do_not_overflow() {
-        let backoff = Backoff::exponential(Duration::from_secs(1), 10.0, Duration::from_secs(60));
-        assert!(backoff.delay(u32::MAX, 0.5) <= Duration::from_secs(60));
-    }
 }

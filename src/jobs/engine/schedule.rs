@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 pub use crate::domain::CronExpr;
 
 use super::{Job, new_job};
+use crate::backoff::{Backoff, Retries};
 use crate::error::{Error, Result};
 use crate::metrics::metrics;
 use crate::store::jobs as store;
@@ -136,7 +137,8 @@ impl Scheduler {
 /// ever fails.
 async fn keep_time(pool: PgPool, entry: Entry, stop: CancellationToken) {
     // A new schedule starts at its latest past tick, so deploying it does not fire immediately.
-    let mut delay = Duration::from_millis(250);
+    let mut retries =
+        Backoff::doubling(Duration::from_millis(250), Duration::from_secs(10)).retries();
     loop {
         let now = Utc::now();
         let initial = entry.cron.latest_tick(now).unwrap_or(now);
@@ -145,12 +147,11 @@ async fn keep_time(pool: PgPool, entry: Entry, stop: CancellationToken) {
         {
             Ok(_) => break,
             Err(err) => {
-                tracing::warn!(schedule = %entry.name, %err, retry_in = ?delay, "could not record the schedule; retrying");
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    () = tokio::time::sleep(delay) => {}
+                let wait = retries.failed();
+                tracing::warn!(schedule = %entry.name, %err, retry_in = ?wait, "could not record the schedule; retrying");
+                if Retries::sleep(wait, &stop).await {
+                    return;
                 }
-                delay = (delay * 2).min(Duration::from_secs(10));
             }
         }
     }
@@ -169,14 +170,16 @@ async fn keep_time(pool: PgPool, entry: Entry, stop: CancellationToken) {
                         .timestamp_opt(tick.get_timestamp() as i64, 0)
                         .single()
                         .unwrap_or_else(Utc::now);
-                    for attempt in 1..=3 {
-                        match fire(&pool, &entry, at.max(Utc::now())).await {
-                            Ok(_) => break,
-                            Err(err) => {
-                                tracing::warn!(schedule = %entry.name, attempt, %err, "could not fire a tick");
-                                tokio::time::sleep(Duration::from_secs(1)).await;
-                            }
+                    let mut retries =
+                        Backoff::doubling(Duration::from_secs(1), Duration::from_secs(4)).retries();
+                    while let Err(err) = fire(&pool, &entry, at.max(Utc::now())).await {
+                        let wait = retries.failed();
+                        let attempt = retries.failures();
+                        tracing::warn!(schedule = %entry.name, attempt, %err, "could not fire a tick");
+                        if attempt >= 3 {
+                            break;
                         }
+                        tokio::time::sleep(wait).await;
                     }
                     Ok(())
                 }
