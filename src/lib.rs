@@ -3,8 +3,10 @@
 //!
 //! The map, top to bottom (dependencies point down only):
 //!
-//! - [`app`]: composition root: database, migrations, and the roles (API, workers, scheduler) of a process.
-//! - [`cli`]: the command line (`serve`, `api`, `worker`, `scheduler`, `migrate`, `openapi`, admin verbs).
+//! - [`cli`]: the command line (`serve`, `api`, `worker`, `scheduler`, `migrate`, `openapi`, admin verbs) and
+//!   the verbs' bodies.
+//! - [`app`]: composition root: migrations, and the roles (API, workers, scheduler) of a process; what the
+//!   zero-configuration default fills in (database, development secrets, model-free embedder).
 //! - [`api`]: HTTP resources, OpenAPI and Swagger UI, auth, the one JSON error shape.
 //! - [`workflows`]: flows across rooms: verified storage events (pushed, or pulled from Pub/Sub) to committed
 //!   ingest jobs; nodes under the embedding caps; embedding status, requeue and search.

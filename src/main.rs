@@ -1,9 +1,8 @@
-//! The `activekg` binary: parse the command line, load the configuration, hand over to `app`.
+//! The `activekg` binary: parse the command line, load the configuration, hand over to `cli`.
 
 use std::process::ExitCode;
 
-use activekg::app;
-use activekg::cli::{Cli, Command};
+use activekg::cli::{self, Cli, Command};
 use activekg::config::Settings;
 use clap::Parser;
 
@@ -39,7 +38,7 @@ fn main() -> ExitCode {
             return ExitCode::from(70);
         }
     };
-    match runtime.block_on(app::execute(command, settings)) {
+    match runtime.block_on(cli::execute(command, settings)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!("{err}");

@@ -3,6 +3,10 @@
 
 use clap::{Parser, Subcommand};
 
+mod verbs;
+
+pub use verbs::execute;
+
 /// activekg keeps a knowledge graph in sync with documents in cloud storage.
 ///
 /// Configuration comes from environment variables (see the README). With no ACTIVEKG_DSN, `serve` uses a
