@@ -460,3 +460,39 @@ async fn json_numbers_mean_what_json_schema_says_and_every_stored_one_reads_back
     assert!(message.contains("tenant_id"), "{message}");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_process_listens_on_one_connection_for_every_room_that_waits_for_notifications() {
+    let app = TestApp::spawn().await;
+    let listening = || async {
+        sqlx::query_scalar::<_, String>(
+            "select query from pg_stat_activity where datname = $1 and query ilike 'listen %'",
+        )
+        .bind(&app.db.name)
+        .fetch_all(&app.db.pool)
+        .await
+        .unwrap()
+    };
+    // Listeners connect in the background once the roles start; give every one the time to.
+    for _ in 0..50 {
+        if !listening().await.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let listening = listening().await;
+    assert_eq!(
+        listening.len(),
+        1,
+        "the API, the workers and the config cache share one LISTEN connection: {listening:?}"
+    );
+    for channel in [
+        activekg::store::jobs::NOTIFY_CHANNEL,
+        activekg::store::jobs::CANCEL_CHANNEL,
+        activekg::store::connectors::NOTIFY_CHANNEL,
+    ] {
+        assert!(listening[0].contains(channel), "{channel}: {listening:?}");
+    }
+    app.stop().await;
+}
