@@ -708,7 +708,7 @@ async fn main() {
     // The pool a deployment would have (ACTIVEKG_POOL_SIZE's default), plus the bench's own monitor queries.
     let defaults = Settings::from_vars(Vec::<(String, String)>::new()).unwrap();
     let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(defaults.pool_size + 2)
+        .max_connections(defaults.database.pool_size + 2)
         .connect(&url)
         .await
         .unwrap();

@@ -20,6 +20,11 @@ fn main() -> ExitCode {
     single_threaded_model_calls();
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Serve);
+    if let Command::Env = command {
+        // Listing the variables must work when some of them are wrong: that is when one looks them up.
+        println!("{}", activekg::config::vars::markdown());
+        return ExitCode::SUCCESS;
+    }
     let settings = match Settings::from_env() {
         Ok(settings) => settings,
         Err(err) => {

@@ -23,10 +23,10 @@ impl FromRequestParts<ApiState> for Admin {
         parts: &mut Parts,
         state: &ApiState,
     ) -> Result<Self, Self::Rejection> {
-        if state.settings.admin_auth_disabled {
+        if state.settings.api.admin_auth_disabled {
             return Ok(Admin);
         }
-        let Some(expected) = &state.settings.admin_token else {
+        let Some(expected) = &state.settings.api.admin_token else {
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,
                 "admin_disabled",

@@ -562,12 +562,12 @@ async fn purge_deleted(
     State(state): State<ApiState>,
     Json(body): Json<PurgeRequest>,
 ) -> Result<(StatusCode, Json<PurgeResponse>), ApiError> {
-    let batch_size = body.batch_size.unwrap_or(state.settings.purger_batch_size);
+    let batch_size = body.batch_size.unwrap_or(state.settings.purger.batch_size);
     if !(1..=100_000).contains(&batch_size) {
         return Err(ApiError::invalid("batch_size must be from 1 to 100000"));
     }
     let tenant_id = optional_tenant(body.tenant_id.as_deref())?.map(|t| t.to_string());
-    let retention_days = state.settings.purger_retention_days;
+    let retention_days = state.settings.purger.retention_days;
     let mut response = PurgeResponse {
         dry_run: body.dry_run,
         tenant_id: tenant_id.clone(),

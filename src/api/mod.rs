@@ -158,7 +158,7 @@ fn finished(mut spec: utoipa::openapi::OpenApi) -> serde_json::Value {
 
 /// The whole HTTP application.
 pub fn router(state: ApiState) -> Router {
-    let max_body = state.settings.max_body_bytes;
+    let max_body = state.settings.api.max_body_bytes;
     let (routes, spec) = resources().split_for_parts();
     let spec = finished(spec);
     routes

@@ -47,20 +47,28 @@ impl Verifiers {
     pub fn new(settings: &Settings) -> Self {
         Self {
             sns: SnsVerifier {
-                certs: CertFetcher::new(settings.sns_cert_base_url.clone()),
-                check_signatures: settings.sns_verify,
-                max_age: settings.sns_max_age,
+                certs: CertFetcher::new(settings.webhooks.sns_cert_base_url.clone()),
+                check_signatures: settings.webhooks.sns_verify,
+                max_age: settings.webhooks.sns_max_age,
             },
             push: PushVerifier {
-                oidc: settings.pubsub_verify_oidc.then(|| {
+                oidc: settings.webhooks.pubsub_verify_oidc.then(|| {
                     OidcVerifier::new(
-                        settings.pubsub_oidc_jwks_url.clone(),
-                        settings.pubsub_oidc_audience.clone().unwrap_or_default(),
-                        settings.pubsub_oidc_email.clone().unwrap_or_default(),
+                        settings.webhooks.pubsub_oidc_jwks_url.clone(),
+                        settings
+                            .webhooks
+                            .pubsub_oidc_audience
+                            .clone()
+                            .unwrap_or_default(),
+                        settings
+                            .webhooks
+                            .pubsub_oidc_email
+                            .clone()
+                            .unwrap_or_default(),
                     )
                 }),
-                secret: settings.pubsub_verify_secret.clone(),
-                allow_unauthenticated: settings.pubsub_allow_unauthenticated,
+                secret: settings.webhooks.pubsub_verify_secret.clone(),
+                allow_unauthenticated: settings.webhooks.pubsub_allow_unauthenticated,
             },
             topics: TopicResolver::default(),
         }
@@ -340,6 +348,7 @@ async fn s3_webhook(
             let topic = message.topic_arn.as_str();
             let allowed = state
                 .settings
+                .webhooks
                 .sns_topic_allowlist
                 .iter()
                 .any(|t| t == topic)

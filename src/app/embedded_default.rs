@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::AppError;
-use crate::config::{DatabaseSource, Settings};
+use crate::config::{DatabaseSource, Settings, vars};
 use crate::store::embedded;
 
 /// A database to use, and the private cluster to stop afterwards if we started one.
@@ -31,7 +31,7 @@ impl Database {
 
 /// Resolves the database: the configured DSN, or the embedded default (logged either way).
 pub async fn open_database(settings: &Settings) -> Result<Database, AppError> {
-    match &settings.database {
+    match &settings.database.source {
         DatabaseSource::Dsn(dsn) => {
             tracing::info!(database = %redact_url(dsn.expose()), "using the database from ACTIVEKG_DSN");
             Ok(Database {
@@ -75,10 +75,10 @@ fn redact_url(url: &str) -> String {
 /// Without any key-encryption key (only the embedded default allows that), uses a development key kept
 /// in the data directory, so the zero-configuration quickstart can store connector secrets.
 pub(super) fn with_development_key(settings: Arc<Settings>) -> Result<Arc<Settings>, AppError> {
-    let DatabaseSource::Embedded { data_dir, .. } = &settings.database else {
+    let DatabaseSource::Embedded { data_dir, .. } = &settings.database.source else {
         return Ok(settings);
     };
-    if settings.kek.is_some() {
+    if settings.connectors.kek.is_some() {
         return Ok(settings);
     }
     let path = data_dir.join("dev-kek");
@@ -86,10 +86,14 @@ pub(super) fn with_development_key(settings: Arc<Settings>) -> Result<Arc<Settin
     tracing::warn!(file = %path.display(),
         "no CONNECTOR_KEK_V1: encrypting connector secrets with a development key from this file; set CONNECTOR_KEK_V1 in production");
     let mut settings = (*settings).clone();
-    settings.kek = Some(crate::config::KeyEncryptionKeys {
+    settings.connectors.kek = Some(crate::config::KeyEncryptionKeys {
         keys: [(1, crate::config::Secret::new(key))].into_iter().collect(),
         active_version: 1,
     });
+    settings.show(
+        &vars::KEK,
+        format!("V1 (development key in {})", path.display()),
+    );
     Ok(Arc::new(settings))
 }
 
@@ -121,10 +125,10 @@ fn development_secret(
 /// directory, so a newcomer can open the dashboard at once; the log gives a link that signs in and a curl
 /// line. With a DSN the admin API stays closed until ADMIN_TOKEN is set.
 pub(super) fn with_development_token(settings: Arc<Settings>) -> Result<Arc<Settings>, AppError> {
-    let DatabaseSource::Embedded { data_dir, .. } = &settings.database else {
+    let DatabaseSource::Embedded { data_dir, .. } = &settings.database.source else {
         return Ok(settings);
     };
-    if settings.admin_token.is_some() || settings.admin_auth_disabled {
+    if settings.api.admin_token.is_some() || settings.api.admin_auth_disabled {
         return Ok(settings);
     }
     let path = data_dir.join("dev-admin-token");
@@ -134,17 +138,21 @@ pub(super) fn with_development_token(settings: Arc<Settings>) -> Result<Arc<Sett
             .map(|b| format!("{b:02x}"))
             .collect()
     })?;
-    let host = match settings.listen.ip() {
+    let host = match settings.api.listen.ip() {
         ip if ip.is_unspecified() => "127.0.0.1".to_owned(),
         ip => ip.to_string(),
     };
-    let base = format!("http://{host}:{}", settings.listen.port());
+    let base = format!("http://{host}:{}", settings.api.listen.port());
     tracing::warn!(file = %path.display(),
         "no ADMIN_TOKEN: the admin API takes a development token from this file; set ADMIN_TOKEN in production");
     tracing::info!("dashboard (signs you in): {base}/dashboard#/?token={token}");
     tracing::info!("admin API: curl -H 'Authorization: Bearer {token}' {base}/_admin/queues");
     let mut settings = (*settings).clone();
-    settings.admin_token = Some(crate::config::Secret::new(token));
+    settings.api.admin_token = Some(crate::config::Secret::new(token));
+    settings.show(
+        &vars::ADMIN_TOKEN,
+        format!("<set: development token in {}>", path.display()),
+    );
     Ok(Arc::new(settings))
 }
 
@@ -165,6 +173,8 @@ pub(super) fn with_embedding_fallback(settings: Arc<Settings>) -> Result<Arc<Set
         let mut settings = (*settings).clone();
         settings.embedding.backend = crate::config::EmbeddingBackend::Hash;
         settings.embedding.model = "hash-v1".to_owned();
+        settings.show(&vars::EMBEDDING_BACKEND, "hash (no local model on disk)");
+        settings.show(&vars::EMBEDDING_MODEL, "hash-v1");
         return Ok(Arc::new(settings));
     }
     Err(AppError::Config(format!(

@@ -151,7 +151,7 @@ impl Background {
         }
         // Every role fires schedules when RUN_SCHEDULER=true (each tick fires once across replicas), as
         // the guide's API deployment does for the purger.
-        let fires_schedules = settings.run_scheduler;
+        let fires_schedules = settings.jobs.run_scheduler;
         let mut names = Vec::new();
         if roles.api {
             names.push("api");
@@ -198,8 +198,8 @@ impl Background {
     /// expects), unless `PUBSUB_SUBSCRIBER_ENABLED=false`.
     fn start_subscribers(&mut self, deps: &jobs::Deps, settings: &Settings, state: &ApiState) {
         let settings = crate::workflows::subscriber::SubscriberSettings {
-            check_every: settings.pubsub_tcp_keepalive,
-            max_backoff: settings.pubsub_reconnect_max,
+            check_every: settings.webhooks.pubsub_tcp_keepalive,
+            max_backoff: settings.webhooks.pubsub_reconnect_max,
         };
         self.subscribers = Some(crate::workflows::subscriber::spawn(
             deps.pool.clone(),
@@ -235,7 +235,7 @@ pub async fn run(
     listener: Option<TcpListener>,
     shutdown: CancellationToken,
 ) -> Result<(), AppError> {
-    let kek = settings.kek.as_ref().ok_or_else(|| {
+    let kek = settings.connectors.kek.as_ref().ok_or_else(|| {
         AppError::Config(
             "CONNECTOR_KEK_V1 is missing: connector secrets cannot be encrypted".to_owned(),
         )
@@ -245,9 +245,9 @@ pub async fn run(
         pool.clone(),
         Arc::new(keyring),
         crate::connectors::config::Confinement {
-            local_roots: settings.local_roots.clone(),
-            endpoints: settings.connector_endpoints.clone(),
-            production: settings.production,
+            local_roots: settings.connectors.local_roots.clone(),
+            endpoints: settings.connectors.endpoints.clone(),
+            production: settings.database.production,
         },
     ));
     // One LISTEN connection for the process, outside the pool: job wake-ups, cancels, config changes.
@@ -261,10 +261,10 @@ pub async fn run(
         settings: settings.jobs.clone(),
         registry: registry.clone(),
         sources: Arc::default(),
-        max_file_bytes: settings.max_file_size_bytes,
+        max_file_bytes: settings.connectors.max_file_size_bytes,
         extractor: Arc::new(extractor(&settings)?),
         sns: Arc::new(crate::webhooks::sns::CertFetcher::new(
-            settings.sns_cert_base_url.clone(),
+            settings.webhooks.sns_cert_base_url.clone(),
         )),
         embeddings: Arc::new(crate::embedding::Service::new(settings.embedding.clone())),
         embedding_caps: jobs::embed_node::Caps {
@@ -282,7 +282,7 @@ pub async fn run(
         (true, Some(listener)) => {
             let addr: Option<SocketAddr> = listener.local_addr().ok();
             tracing::info!(?addr, "API listening; docs at /docs");
-            if settings.admin_token.is_none() && !settings.admin_auth_disabled {
+            if settings.api.admin_token.is_none() && !settings.api.admin_auth_disabled {
                 tracing::warn!(
                     "the admin API (/_admin/*) is disabled: set ADMIN_TOKEN (e.g. `export ADMIN_TOKEN=$(openssl rand -hex 32)`) \
                      or, for local development only, ACTIVEKG_ADMIN_AUTH_DISABLED=true"
@@ -330,7 +330,7 @@ pub async fn run(
             preset_metrics(&deps.registry).await;
             state.migrated.store(true, Ordering::SeqCst);
             tracing::info!("database schema is up to date");
-            if roles.api && settings.pubsub_subscriber {
+            if roles.api && settings.webhooks.pubsub_subscriber {
                 background.start_subscribers(&deps, &settings, &state);
             }
             background.start(&deps, &settings, &roles, &hub).await
@@ -368,9 +368,9 @@ pub async fn run_process(
     // Without the API, a process still answers /metrics, /health and /readyz, so its counters (ingest,
     // embedding, purger) can be scraped and its liveness probed.
     let (address, variable) = if roles.api {
-        (settings.listen, "ACTIVEKG_LISTEN")
+        (settings.api.listen, "ACTIVEKG_LISTEN")
     } else {
-        (settings.metrics_listen, "ACTIVEKG_METRICS_LISTEN")
+        (settings.api.metrics_listen, "ACTIVEKG_METRICS_LISTEN")
     };
     let listener = Some(TcpListener::bind(address).await.map_err(|e| {
         AppError::Unavailable(format!("cannot listen on {address} ({variable}): {e}"))
@@ -383,7 +383,7 @@ pub async fn run_process(
         settings
     };
     let settings = with_embedding_fallback(settings)?;
-    if settings.redis_url.is_some() {
+    if settings.jobs.redis_url.is_some() {
         tracing::warn!(
             "REDIS_URL is set but has no effect: every queue is in PostgreSQL (unset it to silence this)"
         );
@@ -394,7 +394,7 @@ pub async fn run_process(
         e.backend.as_str(),
         e.model
     );
-    let pool = store::pool(&database.url, settings.pool_size).map_err(|e| {
+    let pool = store::pool(&database.url, settings.database.pool_size).map_err(|e| {
         AppError::Config(format!("ACTIVEKG_DSN is not a usable PostgreSQL URL: {e}"))
     })?;
     let result = run(settings, pool.clone(), roles, listener, shutdown).await;
@@ -436,16 +436,16 @@ async fn preset_metrics(registry: &Registry) {
 
 fn server_limits(settings: &Settings) -> api::ServerLimits {
     api::ServerLimits {
-        max_connections: settings.http_max_connections as usize,
-        header_timeout: settings.http_header_timeout,
-        body_timeout: settings.http_body_timeout,
-        request_timeout: settings.http_request_timeout,
+        max_connections: settings.api.http_max_connections as usize,
+        header_timeout: settings.api.http_header_timeout,
+        body_timeout: settings.api.http_body_timeout,
+        request_timeout: settings.api.http_request_timeout,
     }
 }
 
 /// Extraction runs in child processes of this very binary (or of `ACTIVEKG_EXTRACTOR`).
 fn extractor(settings: &Settings) -> Result<crate::extract::sandbox::Sandbox, AppError> {
-    let program = match &settings.extract.program {
+    let program = match &settings.connectors.extract.program {
         Some(program) => program.clone(),
         None => std::env::current_exe().map_err(|e| {
             AppError::Unavailable(format!(
@@ -456,9 +456,9 @@ fn extractor(settings: &Settings) -> Result<crate::extract::sandbox::Sandbox, Ap
     Ok(crate::extract::sandbox::Sandbox::new(
         program,
         crate::extract::sandbox::Limits {
-            memory_mb: u64::from(settings.extract.memory_mb),
-            cpu_seconds: u64::from(settings.extract.cpu_seconds),
-            wall: settings.extract.timeout,
+            memory_mb: u64::from(settings.connectors.extract.memory_mb),
+            cpu_seconds: u64::from(settings.connectors.extract.cpu_seconds),
+            wall: settings.connectors.extract.timeout,
         },
     ))
 }

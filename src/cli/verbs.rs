@@ -55,6 +55,10 @@ pub async fn execute(command: Command, settings: Settings) -> Result<(), AppErro
             );
             return Ok(());
         }
+        Command::Env => {
+            println!("{}", crate::config::vars::markdown());
+            return Ok(());
+        }
         Command::GenKey => {
             println!("{}", crate::config::generate_fernet_key());
             return Ok(());

@@ -162,10 +162,10 @@ pub fn schedule(scheduler: &mut Scheduler, settings: &crate::config::Settings) {
             .expect("a fixed, valid cron expression"),
         |tick| poll_connectors::PollConnectors { tick },
     );
-    let (batch_size, retention_days) = (settings.purger_batch_size, settings.purger_retention_days);
+    let (batch_size, retention_days) = (settings.purger.batch_size, settings.purger.retention_days);
     scheduler.add(
         SCHEDULES[1],
-        settings.purger_schedule.clone(),
+        settings.purger.schedule.clone(),
         move |tick| purge_deleted::PurgeDeleted {
             tenant_id: None,
             batch_size,

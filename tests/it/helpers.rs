@@ -256,6 +256,8 @@ pub fn fast_job_settings() -> JobSettings {
         shutdown_grace: Duration::from_secs(5),
         keep_completed: Duration::from_secs(24 * 3600),
         keep_dead: Duration::from_secs(30 * 86_400),
+        run_scheduler: true,
+        redis_url: None,
     }
 }
 
@@ -316,11 +318,11 @@ impl TestApp {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let pool = store::pool(
-            match &settings.database {
+            match &settings.database.source {
                 activekg::config::DatabaseSource::Dsn(dsn) => dsn.expose(),
                 _ => unreachable!("test apps always get a DSN"),
             },
-            settings.pool_size,
+            settings.database.pool_size,
         )
         .unwrap();
         let shutdown = CancellationToken::new();

@@ -29,7 +29,7 @@ async fn readyz_answers_503_while_the_database_is_unreachable() {
         &db,
         &[("ACTIVEKG_DSN", "postgres://postgres@127.0.0.1:9/nowhere")],
     );
-    unreachable.pool_size = 2;
+    unreachable.database.pool_size = 2;
     let app = TestApp::start(db, unreachable, Roles::all()).await;
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let message = assert_error(app.get("/readyz").await, 503, "not_ready").await;
