@@ -91,6 +91,20 @@ fn openapi_prints_the_committed_document() {
 }
 
 #[test]
+fn env_lists_every_variable_by_section_even_when_one_is_wrong() {
+    let output = run(&["env"], &[("ACTIVEKG_POOL_SIZE", "ten")]);
+    assert_eq!(output.status.code(), Some(0));
+    let listed = String::from_utf8(output.stdout).unwrap();
+    assert_eq!(listed.trim_end(), activekg::config::vars::markdown());
+    for line in [
+        "**Database**",
+        "| `ACTIVEKG_POOL_SIZE` | connections per process | `10` |",
+    ] {
+        assert!(listed.contains(line), "{line} missing from:\n{listed}");
+    }
+}
+
+#[test]
 fn gen_key_prints_a_key_the_configuration_accepts() {
     let out = run(&["gen-key"], &[]);
     let key = String::from_utf8(out.stdout).unwrap().trim().to_owned();
