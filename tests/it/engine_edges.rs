@@ -1,6 +1,7 @@
 //! The job engine at its edges, against the real PostgreSQL: keys given back by dead and cancelled jobs,
 //! cancelling a running attempt, capped snoozes and hand-backs, a refused result that must not hold back
-//! the others, fair claims that do not scan backoff rows, and claims that never wait on graph rows.
+//! the others, fair claims that do not scan backoff rows, claims that never wait on graph rows, and claims
+//! that find their rows by key however large the table.
 
 use std::time::Duration;
 
@@ -509,4 +510,52 @@ async fn a_fair_claim_takes_turns_between_a_tenants_providers_too() {
     );
     conn.close().await.unwrap();
     db.drop_db().await;
+}
+
+#[tokio::test]
+async fn a_claim_finds_its_rows_by_key_however_many_finished_rows_the_table_holds() {
+    let db = TestDb::new().await;
+    // A day of finished work and a backlog of due jobs, with statistics, as a busy table looks.
+    for sql in [
+        "INSERT INTO jobs (kind, queue, args, max_attempts, state, finished_at)
+         SELECT 'noop', 'bench', '{}', 5, 'completed', now() FROM generate_series(1, 50000)",
+        "INSERT INTO jobs (kind, queue, args, max_attempts, priority, tenant_id)
+         SELECT 'noop', 'bench', '{}', 5, (i % 3)::int2, 't' || (i % 7) FROM generate_series(1, 3000) i",
+        "ANALYZE jobs",
+    ] {
+        sqlx::query(sql).execute(&db.pool).await.unwrap();
+    }
+    let mut conn = db.pool.acquire().await.unwrap();
+    let mut tx = conn.begin().await.unwrap();
+    let claimed = activekg::store::jobs::claim(&mut *tx, "noop", "w1", 1000)
+        .await
+        .unwrap();
+    let (fair, _) = activekg::store::jobs::claim_fair(&mut *tx, "noop", "w1", 1000, "")
+        .await
+        .unwrap();
+    let (seq_scans,): (i64,) =
+        sqlx::query_as("SELECT seq_scan FROM pg_stat_xact_user_tables WHERE relname = 'jobs'")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+    assert_eq!((claimed.len(), fair.len()), (1000, 1000));
+    assert_eq!(
+        seq_scans, 0,
+        "a claim read the whole jobs table to find the rows it had picked"
+    );
+    // Still most urgent first: the claim returns its rows in the order it picked them.
+    let priorities: Vec<i16> = {
+        let ids: Vec<i64> = claimed.iter().map(|c| c.id).collect();
+        sqlx::query_scalar(
+            "SELECT j.priority FROM unnest($1::int8[]) WITH ORDINALITY AS c(id, pos) JOIN jobs j USING (id) ORDER BY c.pos",
+        )
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await
+        .unwrap()
+    };
+    assert!(
+        priorities.windows(2).all(|w| w[0] >= w[1]),
+        "{priorities:?}"
+    );
 }

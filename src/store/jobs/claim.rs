@@ -31,16 +31,31 @@ pub struct Claimed {
 
 /// What claiming the jobs in `next` does, shared by both fetch paths: the attempt counts from here, the worker
 /// holds the row, and kinds unique only while pending give their key back.
+///
+/// The rows are found again by primary key from an array (`picked`, `next` in order), not by joining `next`:
+/// the planner costs a join with a CTE of a thousand rows as a hash join over a sequential scan of `jobs`,
+/// which finished rows make larger all day (EXPLAIN: 20 of a claim's 30 ms at 50,000 rows; 6 ms in all this
+/// way). `in_order!` then returns them in `next`'s order, which is the order they should start in.
 macro_rules! claim_next {
     () => {
         r#"
         UPDATE jobs j
         SET state = 'running', attempt = j.attempt + 1, attempted_at = now(), locked_by = $2,
             unique_key = CASE WHEN j.unique_while_pending THEN NULL ELSE j.unique_key END
-        FROM next
-        WHERE j.id = next.id
+        WHERE j.id = ANY((SELECT ids FROM picked)::int8[])
         RETURNING j.id, j.args, j.attempt, j.max_attempts, j.enqueued_at, j.run_at, j.attempted_at, j.progress,
                   j.handbacks
+        "#
+    };
+}
+
+/// The claimed rows in the order `next` picked them.
+macro_rules! in_order {
+    () => {
+        r#"
+        SELECT claimed.* FROM claimed
+        JOIN unnest((SELECT ids FROM picked)) WITH ORDINALITY AS picked_at(id, pos) ON picked_at.id = claimed.id
+        ORDER BY picked_at.pos
         "#
     };
 }
@@ -61,9 +76,12 @@ pub async fn claim<'e>(
             ORDER BY priority DESC, run_at, id
             LIMIT $3
             FOR UPDATE SKIP LOCKED
-        )
-        "#,
-        claim_next!()
+        ),
+        picked AS (SELECT ARRAY(SELECT id FROM next) AS ids),
+        claimed AS ("#,
+        claim_next!(),
+        ")",
+        in_order!()
     ))
     .bind(kind)
     .bind(worker)
@@ -124,10 +142,13 @@ pub async fn claim_fair<'e>(
             ) picked
             LIMIT $3
         ),
+        picked AS (SELECT ARRAY(SELECT id FROM next) AS ids),
         claimed AS ("#,
         claim_next!(),
+        "), ordered AS (",
+        in_order!(),
         r#")
-        SELECT claimed.*, (SELECT resume FROM share) AS resume FROM claimed
+        SELECT ordered.*, (SELECT resume FROM share) AS resume FROM ordered
         UNION ALL
         SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, (SELECT resume FROM share)
         WHERE NOT EXISTS (SELECT 1 FROM claimed)
