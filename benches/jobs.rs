@@ -6,7 +6,9 @@
 //!   handler call to the first moment the database shows no job unfinished;
 //! - latency: the workers start first, then a separate producer process (this binary again) sends single-job
 //!   transactions open-loop at a fixed rate; each job carries its send time and the handler records how late
-//!   it started (so the figure includes the INSERT and its commit, the wake-up and the claim).
+//!   it started (so the figure includes the INSERT and its commit, the wake-up and the claim). The producer
+//!   also times each INSERT to its commit: no engine can start a job before that, so its p99 is the floor of
+//!   the latency p99 on the machine at that moment.
 //!
 //! Per configuration it reports the drain rate, latency percentiles, WAL bytes per job (drain and latency
 //! phases), and CPU time per job during the drain: this process's, and the whole machine's (PostgreSQL
@@ -196,6 +198,8 @@ impl Cpu {
 struct Sample {
     drain_per_s: f64,
     latency_ms: [f64; 3],
+    /// Of the latency, the producer's INSERT and its commit alone: p50, p99 (no engine starts a job sooner).
+    commit_ms: [f64; 2],
     wal_drain: f64,
     wal_latency: f64,
     cpu_process_us: f64,
@@ -247,8 +251,8 @@ impl Bench {
             .unwrap()
     }
 
-    /// Runs the producer process against `target` and returns how many jobs it sent.
-    async fn produce(&self, target: &str) -> usize {
+    /// Runs the producer process against `target`: how many jobs it sent, and its commits' p50 and p99 (ms).
+    async fn produce(&self, target: &str) -> (usize, [f64; 2]) {
         let plan = ProducerPlan {
             url: self.url.clone(),
             target: target.to_owned(),
@@ -268,7 +272,12 @@ impl Bench {
             "producer failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+        let said: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let ms = |k: &str| said[k].as_f64().unwrap_or(f64::NAN);
+        (
+            said["sent"].as_u64().unwrap() as usize,
+            [ms("commit_p50_ms"), ms("commit_p99_ms")],
+        )
     }
 
     /// Drain, then latency, around a running consumer; `start` starts it, `stop` stops it.
@@ -297,7 +306,7 @@ impl Bench {
         recorder.done.store(0, Ordering::SeqCst);
         recorder.latencies_us.lock().unwrap().clear();
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let sent = self.produce(target).await;
+        let (sent, commit_ms) = self.produce(target).await;
         recorder.wait_done(sent, &self.pool, unfinished).await;
         let wal2 = self.wal().await;
         stop().await;
@@ -305,6 +314,7 @@ impl Bench {
         Sample {
             drain_per_s,
             latency_ms,
+            commit_ms,
             wal_drain: (wal1 - wal0) / self.jobs as f64,
             wal_latency: (wal2 - wal1) / sent as f64,
             cpu_process_us,
@@ -476,12 +486,27 @@ async fn producer(plan: ProducerPlan) {
     for i in 0..total {
         tokio::time::sleep_until((start + Duration::from_secs(1) * i as u32 / plan.rate).into())
             .await;
-        sends.push(tokio::spawn(send(pool.clone(), now_us())));
+        let send = send(pool.clone(), now_us());
+        sends.push(tokio::spawn(async move {
+            let began = Instant::now();
+            send.await;
+            began.elapsed()
+        }));
     }
+    let mut commits = Vec::with_capacity(total);
     for s in sends {
-        s.await.unwrap();
+        commits.push(s.await.unwrap());
     }
-    println!("{}", total + 20);
+    commits.sort();
+    let at = |q: f64| commits[((commits.len() as f64 * q) as usize).min(commits.len() - 1)];
+    println!(
+        "{}",
+        serde_json::json!({
+            "sent": total + 20,
+            "commit_p50_ms": at(0.50).as_secs_f64() * 1e3,
+            "commit_p99_ms": at(0.99).as_secs_f64() * 1e3,
+        })
+    );
 }
 
 async fn enqueue_one<const C: usize>(pool: &PgPool, sent_us: u64) {
@@ -531,6 +556,7 @@ fn peers(dir: &Path, admin: &str, bench: &Bench, pass: usize) -> Vec<(String, St
                 Some("drain") => Sample {
                     drain_per_s: f("drain_jobs_per_s"),
                     latency_ms: [f64::NAN; 3],
+                    commit_ms: [f64::NAN; 2],
                     wal_drain: f("wal_bytes_per_job_drain"),
                     wal_latency: f64::NAN,
                     cpu_process_us: f64::NAN,
@@ -539,6 +565,7 @@ fn peers(dir: &Path, admin: &str, bench: &Bench, pass: usize) -> Vec<(String, St
                 Some("latency") => Sample {
                     drain_per_s: f64::NAN,
                     latency_ms: [f("p50_ms"), f("p95_ms"), f("p99_ms")],
+                    commit_ms: [f64::NAN; 2],
                     wal_drain: f64::NAN,
                     wal_latency: f("wal_bytes_per_job"),
                     cpu_process_us: f64::NAN,
@@ -622,19 +649,21 @@ fn spread(values: impl Iterator<Item = f64>, digits: usize) -> String {
 
 fn report(rows: &[Row]) {
     println!(
-        "\n| engine | configuration | drain jobs/s | p50 ms | p95 ms | p99 ms | WAL B/job drain / latency | CPU us/job process / machine |"
+        "\n| engine | configuration | drain jobs/s | p50 ms | p95 ms | p99 ms | of which the enqueue's commit p50 / p99 ms | WAL B/job drain / latency | CPU us/job process / machine |"
     );
-    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for row in rows {
         let s = &row.samples;
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} / {} | {} / {} |",
+            "| {} | {} | {} | {} | {} | {} | {} / {} | {} / {} | {} / {} |",
             row.engine,
             row.config,
             spread(s.iter().map(|x| x.drain_per_s), 0),
             spread(s.iter().map(|x| x.latency_ms[0]), 2),
             spread(s.iter().map(|x| x.latency_ms[1]), 2),
             spread(s.iter().map(|x| x.latency_ms[2]), 2),
+            spread(s.iter().map(|x| x.commit_ms[0]), 2),
+            spread(s.iter().map(|x| x.commit_ms[1]), 2),
             spread(s.iter().map(|x| x.wal_drain), 0),
             spread(s.iter().map(|x| x.wal_latency), 0),
             spread(s.iter().map(|x| x.cpu_process_us), 1),
