@@ -91,17 +91,8 @@ impl Env {
         let Kind::Number { min, max } = var.kind else {
             unreachable!("{} is not declared as a number", var.name)
         };
-        let mut value = self.parsed::<u32>(var);
-        if !(min..=max).contains(&value) {
-            self.problem(format!(
-                "{}={value} is out of range: expected {}",
-                var.name,
-                var.kind.expected()
-            ));
-            value = var.default.and_then(|d| d.parse().ok()).unwrap_or(min);
-        }
-        self.record(var, Some(value.to_string()));
-        value
+        let value = self.parsed::<u32>(var);
+        self.within(var, value, (min..=max).contains(&value), min)
     }
 
     /// Seconds within the variable's bounds.
@@ -109,17 +100,33 @@ impl Env {
         let Kind::Seconds { min, max } = var.kind else {
             unreachable!("{} is not declared as seconds", var.name)
         };
-        let mut value = self.parsed::<f64>(var);
-        if !value.is_finite() || !(min..=max).contains(&value) {
+        let value = self.parsed::<f64>(var);
+        let value = self.within(
+            var,
+            value,
+            value.is_finite() && (min..=max).contains(&value),
+            min,
+        );
+        Duration::from_secs_f64(value)
+    }
+
+    /// `value` when `fits`; otherwise a problem naming the bounds, and the default (else `min`).
+    fn within<T>(&mut self, var: &Var, value: T, fits: bool, min: T) -> T
+    where
+        T: std::str::FromStr + std::fmt::Display,
+    {
+        let value = if fits {
+            value
+        } else {
             self.problem(format!(
                 "{}={value} is out of range: expected {}",
                 var.name,
                 var.kind.expected()
             ));
-            value = var.default.and_then(|d| d.parse().ok()).unwrap_or(min);
-        }
+            var.default.and_then(|d| d.parse().ok()).unwrap_or(min)
+        };
         self.record(var, Some(value.to_string()));
-        Duration::from_secs_f64(value)
+        value
     }
 
     /// A flag.

@@ -607,7 +607,7 @@ fn read_keys(env: &mut Env) -> Option<KeyEncryptionKeys> {
 }
 
 /// The configured key versions, as `/_admin/config` shows them (`V1,V2`).
-pub fn key_versions(kek: Option<&KeyEncryptionKeys>) -> String {
+fn key_versions(kek: Option<&KeyEncryptionKeys>) -> String {
     kek.map_or_else(
         || "<none>".to_owned(),
         |k| {
