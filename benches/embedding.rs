@@ -254,10 +254,8 @@ async fn pipeline(
 /// caller sets RAYON_NUM_THREADS.
 #[allow(unsafe_code)]
 fn main() {
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        // SAFETY: before the runtime or any other thread exists.
-        unsafe { std::env::set_var("RAYON_NUM_THREADS", "1") };
-    }
+    // SAFETY: before the runtime or any other thread exists.
+    unsafe { activekg::embedding::local::single_threaded_model_calls() };
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

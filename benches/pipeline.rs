@@ -266,48 +266,12 @@ impl Service {
     }
 }
 
-/// moto's SNS query API: creates a topic and subscribes the webhook; returns the topic's ARN.
-async fn sns_topic(moto: &str, webhook: &str) -> String {
-    let call = |form: Vec<(&'static str, String)>| async move {
-        let response = reqwest::Client::new()
-            .post(moto)
-            .header(
-                "Authorization",
-                "AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/sns/aws4_request",
-            )
-            .form(&form)
-            .send()
-            .await
-            .unwrap();
-        assert!(response.status().is_success(), "moto SNS answered {form:?}");
-        response.text().await.unwrap()
-    };
-    let name = format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    let created = call(vec![("Action", "CreateTopic".into()), ("Name", name)]).await;
-    let topic = created
-        .split("<TopicArn>")
-        .nth(1)
-        .and_then(|s| s.split("</TopicArn>").next())
-        .expect("CreateTopic returns an ARN")
-        .to_owned();
-    call(vec![
-        ("Action", "Subscribe".into()),
-        ("TopicArn", topic.clone()),
-        ("Protocol", "http".into()),
-        ("Endpoint", webhook.to_owned()),
-    ])
-    .await;
-    topic
-}
-
 /// The model ceiling runs in this process: like the service (see main.rs), one single-threaded model call
 /// per inference thread, unless the caller sets RAYON_NUM_THREADS.
 #[allow(unsafe_code)]
 fn main() {
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        // SAFETY: before the runtime or any other thread exists.
-        unsafe { std::env::set_var("RAYON_NUM_THREADS", "1") };
-    }
+    // SAFETY: before the runtime or any other thread exists.
+    unsafe { activekg::embedding::local::single_threaded_model_calls() };
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -365,23 +329,13 @@ async fn run() {
             serde_json::json!({"tenant_id": TENANT, "config": emulators::s3_config(&bucket)}),
         )
         .await;
-    let topic = sns_topic(&moto, &format!("{}/_webhooks/s3", service.base)).await;
-    s3.put_bucket_notification_configuration()
-        .bucket(&bucket)
-        .notification_configuration(
-            aws_sdk_s3::types::NotificationConfiguration::builder()
-                .topic_configurations(
-                    aws_sdk_s3::types::TopicConfiguration::builder()
-                        .topic_arn(&topic)
-                        .events(aws_sdk_s3::types::Event::from("s3:ObjectCreated:*"))
-                        .build()
-                        .unwrap(),
-                )
-                .build(),
-        )
-        .send()
-        .await
-        .unwrap();
+    emulators::s3_events_to_webhook(
+        &s3,
+        &bucket,
+        &["s3:ObjectCreated:*"],
+        &format!("{}/_webhooks/s3", service.base),
+    )
+    .await;
 
     let objects: Vec<_> = (0..documents).map(document).collect();
     let bytes: usize = objects.iter().map(|(_, b, _)| b.len()).sum();

@@ -9,6 +9,7 @@ use clap::Parser;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+#[allow(unsafe_code)]
 fn main() -> ExitCode {
     // A sandboxed extraction (see `extract::sandbox`): no configuration, no runtime, no logging.
     if std::env::args_os()
@@ -17,7 +18,8 @@ fn main() -> ExitCode {
     {
         return activekg::extract::sandbox::child_main();
     }
-    single_threaded_model_calls();
+    // SAFETY: first thing in main, before the runtime or any other thread exists.
+    unsafe { activekg::embedding::local::single_threaded_model_calls() };
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Serve);
     if let Command::Env = command {
@@ -50,18 +52,6 @@ fn main() -> ExitCode {
             eprintln!("activekg: {err}");
             ExitCode::from(err.exit_code())
         }
-    }
-}
-
-/// The local embedding model runs one single-threaded call per inference thread (see `embedding::local`);
-/// candle takes its thread count from RAYON_NUM_THREADS, read once when first used. An operator's own value
-/// wins.
-#[allow(unsafe_code)]
-fn single_threaded_model_calls() {
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        // SAFETY: called first thing in main, before the runtime or any other thread exists, so nothing can
-        // read or write the environment concurrently.
-        unsafe { std::env::set_var("RAYON_NUM_THREADS", "1") };
     }
 }
 

@@ -4,8 +4,8 @@
 //!
 //! Inference runs on dedicated OS threads, never on the async runtime. The weights are loaded once and
 //! shared read-only by every inference thread; each thread runs one single-threaded model call at a time
-//! (`RAYON_NUM_THREADS=1`, set by `main`), which on a few cores beats one call spread over all of them:
-//! about 19 against 11 chunks/s of 256 tokens on two cores, because small per-layer operations do not pay
+//! (`RAYON_NUM_THREADS=1`, see [`single_threaded_model_calls`]), which on a few cores beats one call spread
+//! over all of them: about 19 against 11 chunks/s of 256 tokens on two cores, because small per-layer operations do not pay
 //! for cross-thread synchronisation.
 
 use std::path::Path;
@@ -196,5 +196,18 @@ impl Embedder for LocalEmbedder {
             })?
         }
         .boxed()
+    }
+}
+
+/// Makes each model call single-threaded, as the inference threads above expect: candle takes its thread
+/// count from `RAYON_NUM_THREADS`, read once when first used. An operator's own value wins.
+///
+/// # Safety
+/// It writes the process environment: call it first thing in `main`, before any other thread exists.
+#[allow(unsafe_code)]
+pub unsafe fn single_threaded_model_calls() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        // SAFETY: the caller guarantees no other thread exists to read or write the environment.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", "1") };
     }
 }

@@ -49,6 +49,64 @@ pub fn moto_url() -> String {
     format!("http://127.0.0.1:{}", moto_port())
 }
 
+/// Sends `bucket`'s `events` (e.g. `s3:ObjectCreated:*`) to `webhook` as AWS does: through a new moto SNS
+/// topic with an HTTP subscription, which moto confirms and signs. Returns the topic's ARN.
+pub async fn s3_events_to_webhook(
+    client: &aws_sdk_s3::Client,
+    bucket: &str,
+    events: &[&str],
+    webhook: &str,
+) -> String {
+    let sns = |form: Vec<(&'static str, String)>| async move {
+        let response = reqwest::Client::new()
+            .post(moto_url())
+            .header(
+                "Authorization",
+                "AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/sns/aws4_request",
+            )
+            .form(&form)
+            .send()
+            .await
+            .unwrap();
+        assert!(response.status().is_success(), "moto SNS answered {form:?}");
+        response.text().await.unwrap()
+    };
+    let created = sns(vec![
+        ("Action", "CreateTopic".into()),
+        ("Name", format!("t-{bucket}")),
+    ])
+    .await;
+    let topic = created
+        .split("<TopicArn>")
+        .nth(1)
+        .and_then(|s| s.split("</TopicArn>").next())
+        .expect("CreateTopic returns an ARN")
+        .to_owned();
+    sns(vec![
+        ("Action", "Subscribe".into()),
+        ("TopicArn", topic.clone()),
+        ("Protocol", "http".into()),
+        ("Endpoint", webhook.to_owned()),
+    ])
+    .await;
+    let mut notify = aws_sdk_s3::types::TopicConfiguration::builder().topic_arn(&topic);
+    for event in events {
+        notify = notify.events(aws_sdk_s3::types::Event::from(*event));
+    }
+    client
+        .put_bucket_notification_configuration()
+        .bucket(bucket)
+        .notification_configuration(
+            aws_sdk_s3::types::NotificationConfiguration::builder()
+                .topic_configurations(notify.build().unwrap())
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    topic
+}
+
 /// fake-gcs-server's endpoint.
 pub fn gcs_url() -> String {
     ensure_started();

@@ -500,22 +500,6 @@ async fn malformed_and_oversized_deliveries_get_a_reason_not_a_crash() {
     app.stop().await;
 }
 
-/// moto's SNS query API, enough to create a topic and subscribe an HTTP endpoint.
-async fn moto_sns(action: &[(&str, &str)]) -> String {
-    let response = reqwest::Client::new()
-        .post(emulators::moto_url())
-        .header(
-            "Authorization",
-            "AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/sns/aws4_request",
-        )
-        .form(action)
-        .send()
-        .await
-        .unwrap();
-    assert!(response.status().is_success());
-    response.text().await.unwrap()
-}
-
 #[tokio::test]
 async fn s3_events_from_moto_arrive_signed_over_sns_and_are_ingested() {
     let app = TestApp::spawn_with(
@@ -527,41 +511,13 @@ async fn s3_events_from_moto_arrive_signed_over_sns_and_are_ingested() {
     let bucket = emulators::unique_bucket("sns");
     emulators::s3_bucket(&client, &bucket).await;
     register(&app, "s3", "acme", emulators::s3_config(&bucket)).await;
-    let topic_name = format!("t-{bucket}");
-    let created = moto_sns(&[("Action", "CreateTopic"), ("Name", &topic_name)]).await;
-    let topic = created
-        .split("<TopicArn>")
-        .nth(1)
-        .unwrap()
-        .split("</TopicArn>")
-        .next()
-        .unwrap()
-        .to_owned();
-    moto_sns(&[
-        ("Action", "Subscribe"),
-        ("TopicArn", &topic),
-        ("Protocol", "http"),
-        ("Endpoint", &app.url("/_webhooks/s3")),
-    ])
+    emulators::s3_events_to_webhook(
+        &client,
+        &bucket,
+        &["s3:ObjectCreated:*", "s3:ObjectRemoved:*"],
+        &app.url("/_webhooks/s3"),
+    )
     .await;
-    client
-        .put_bucket_notification_configuration()
-        .bucket(&bucket)
-        .notification_configuration(
-            aws_sdk_s3::types::NotificationConfiguration::builder()
-                .topic_configurations(
-                    aws_sdk_s3::types::TopicConfiguration::builder()
-                        .topic_arn(&topic)
-                        .events(aws_sdk_s3::types::Event::from("s3:ObjectCreated:*"))
-                        .events(aws_sdk_s3::types::Event::from("s3:ObjectRemoved:*"))
-                        .build()
-                        .unwrap(),
-                )
-                .build(),
-        )
-        .send()
-        .await
-        .unwrap();
 
     let ok_before = verify_count("s3", "signature_ok");
     emulators::s3_put(
