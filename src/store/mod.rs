@@ -12,6 +12,7 @@ pub mod listen;
 pub mod nodes;
 pub mod polls;
 pub mod probe;
+pub mod redis_jobs;
 pub mod webhooks;
 
 use std::str::FromStr;

@@ -26,6 +26,7 @@ mod hostile;
 mod http_shell;
 mod ingestion;
 mod jobs_admin_api;
+mod jobs_backends;
 mod jobs_crash;
 mod jobs_engine;
 mod jobs_schedule;

@@ -5,12 +5,14 @@
 //! numbers (attempt budget, backoff result) they computed.
 //!
 //! One file per concern: [`enqueue`], [`claim`], [`finish`] (results, checkpoints, hand-backs), [`workers`]
-//! (registration, heartbeats), [`upkeep`] (orphan rescue, pruning), [`schedules`] and the operators' [`admin`] queries.
+//! (registration, heartbeats), [`upkeep`] (orphan rescue, pruning), [`schedules`], the operators' [`admin`]
+//! queries, and the [`outbox`] of jobs bound for the Redis backend.
 
 mod admin;
 mod claim;
 mod enqueue;
 mod finish;
+mod outbox;
 mod schedules;
 mod upkeep;
 mod workers;
@@ -19,6 +21,7 @@ pub use admin::*;
 pub use claim::*;
 pub use enqueue::*;
 pub use finish::*;
+pub use outbox::*;
 pub use schedules::*;
 pub use upkeep::*;
 pub use workers::*;

@@ -19,6 +19,45 @@ pub struct Rescued {
     pub dead: bool,
 }
 
+/// The rescue's witness rule as a CTE (`witness`: one row when it holds), for `rescuer` in `$3` and the
+/// silence window in seconds in `$1`.
+macro_rules! witness {
+    () => {
+        r#"
+        WITH witness AS (
+            SELECT 1 FROM job_workers
+            WHERE id = $3
+              AND alive_since <= now() - make_interval(secs => $1)
+              AND last_seen >= now() - make_interval(secs => $1 / 2)
+        )"#
+    };
+}
+
+/// Which of `holders` (workers holding jobs in the Redis backend) have been silent for `silent_for`, by the
+/// same rule as [`rescue_orphans`]: none unless `rescuer` itself kept in touch for the whole window. A holder
+/// the registry does not know (forgotten after a day) counts as silent.
+pub async fn silent_workers<'e>(
+    db: impl PgExecutor<'e>,
+    rescuer: &str,
+    silent_for: std::time::Duration,
+    holders: &[String],
+) -> Result<Vec<String>> {
+    Ok(sqlx::query_scalar(concat!(
+        witness!(),
+        r#"
+        SELECT h.id FROM unnest($2::text[]) AS h(id)
+        LEFT JOIN job_workers w ON w.id = h.id
+        WHERE EXISTS (SELECT 1 FROM witness)
+          AND (w.id IS NULL OR w.last_seen < now() - make_interval(secs => $1))
+        "#
+    ))
+    .bind(silent_for.as_secs_f64())
+    .bind(holders)
+    .bind(rescuer)
+    .fetch_all(db)
+    .await?)
+}
+
 /// Takes back up to `limit` running jobs whose worker has not heartbeated for `silent_for`, counting the lost
 /// attempt: requeued to run now, or dead-lettered when that was the last attempt.
 ///
@@ -36,14 +75,9 @@ pub async fn rescue_orphans(
     limit: i64,
 ) -> Result<Vec<Rescued>> {
     let silent_for = silent_for.as_secs_f64();
-    let rows: Vec<(i64, String, String)> = sqlx::query_as(
-        r#"
-        WITH witness AS (
-            SELECT 1 FROM job_workers
-            WHERE id = $3
-              AND alive_since <= now() - make_interval(secs => $1)
-              AND last_seen >= now() - make_interval(secs => $1 / 2)
-        ),
+    let rows: Vec<(i64, String, String)> = sqlx::query_as(concat!(
+        witness!(),
+        r#",
         orphans AS (
             SELECT j.id
             FROM jobs j
@@ -69,8 +103,8 @@ pub async fn rescue_orphans(
         FROM orphans
         WHERE j.id = orphans.id
         RETURNING j.id, j.kind, j.state
-        "#,
-    )
+        "#
+    ))
     .bind(silent_for)
     .bind(limit)
     .bind(rescuer)

@@ -1,0 +1,424 @@
+//! The job tables' counterpart in Redis: the same operations as [`super::jobs`] (claim, claim fairly, finish,
+//! hand back, rescue, checkpoint, prune), each one Lua script so that it is as atomic as the SQL statement it
+//! stands for, and fenced the same way: only the worker holding an attempt may end it.
+//!
+//! Ids come from PostgreSQL (jobs reach Redis through the outbox, see [`super::jobs::relay`]), so a job has
+//! one id whichever backend runs it, and sending a job twice adds it once. Times are Redis's clock (`TIME`),
+//! as the SQL uses the database's `now()`. The key layout is described in `prelude.lua`; every key carries the
+//! prefix's hash tag, so the scripts stay atomic on Redis Cluster (where all of one prefix lives in one slot).
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use redis::aio::ConnectionManager;
+use redis::{Script, Value as Reply};
+use serde_json::{Value, json};
+
+use crate::domain::{AttemptError, JobId, JobState};
+use crate::error::{Error, Result};
+use crate::store::jobs::{Claimed, Completion, Finish, JobRecord, Outgoing, Rescued};
+
+/// The scripts, each with the shared prelude in front.
+struct Scripts {
+    enqueue: Script,
+    claim: Script,
+    finish: Script,
+    release: Script,
+    rescue: Script,
+    hold: Script,
+    prune: Script,
+}
+
+static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| {
+    let with_prelude =
+        |body: &str| Script::new(&format!("{}\n{body}", include_str!("prelude.lua")));
+    Scripts {
+        enqueue: with_prelude(include_str!("enqueue.lua")),
+        claim: with_prelude(include_str!("claim.lua")),
+        finish: with_prelude(include_str!("finish.lua")),
+        release: with_prelude(include_str!("release.lua")),
+        rescue: with_prelude(include_str!("rescue.lua")),
+        hold: with_prelude(include_str!("hold.lua")),
+        prune: with_prelude(include_str!("prune.lua")),
+    }
+});
+
+/// What sending one job to Redis did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    /// It was added.
+    New,
+    /// It was there already (sent before): nothing changed.
+    Exists,
+    /// Its idempotency key is held by this other job: it was not added.
+    Duplicate(JobId),
+}
+
+/// Jobs in Redis under one key prefix. Cheap to clone (one multiplexed connection, reconnecting by itself).
+#[derive(Clone)]
+pub struct RedisJobs {
+    conn: ConnectionManager,
+    prefix: String,
+}
+
+impl std::fmt::Debug for RedisJobs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisJobs")
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+impl From<redis::RedisError> for Error {
+    fn from(err: redis::RedisError) -> Self {
+        if err.is_io_error()
+            || err.is_connection_dropped()
+            || err.is_connection_refusal()
+            || err.is_timeout()
+            || err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading)
+        {
+            Error::Unavailable(format!("Redis is unavailable: {err}"))
+        } else {
+            Error::Internal(anyhow::anyhow!("Redis: {err}"))
+        }
+    }
+}
+
+fn millis(at: DateTime<Utc>) -> i64 {
+    at.timestamp_millis()
+}
+
+fn from_millis(ms: i64) -> DateTime<Utc> {
+    Utc.timestamp_millis_opt(ms).single().unwrap_or_default()
+}
+
+fn bad_reply(what: &str) -> Error {
+    Error::Internal(anyhow::anyhow!(
+        "Redis answered {what} in a shape the job scripts never send"
+    ))
+}
+
+impl RedisJobs {
+    /// Connects to `url` (`redis://host:port/db`) and keeps jobs under `prefix` (a hash tag such as
+    /// `{activekg}`; braces are added when missing). Fails when Redis does not answer.
+    pub async fn connect(url: &str, prefix: &str) -> Result<Self> {
+        let client = redis::Client::open(url)
+            .map_err(|e| Error::Invalid(format!("REDIS_URL is not a Redis URL: {e}")))?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(Some(Duration::from_secs(30)))
+            .set_max_delay(Duration::from_secs(2));
+        let conn = client.get_connection_manager_with_config(config).await?;
+        let prefix = if prefix.starts_with('{') && prefix.ends_with('}') {
+            prefix.to_owned()
+        } else {
+            format!("{{{prefix}}}")
+        };
+        Ok(Self { conn, prefix })
+    }
+
+    /// The key prefix (with its braces).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The channel the scripts publish a kind's name on when it has new due work.
+    pub fn wake_channel(&self) -> String {
+        format!("{}:wake", self.prefix)
+    }
+
+    async fn run(&self, script: &Script, args: &[&dyn ToString]) -> Result<Reply> {
+        let mut invocation = script.key(format!("{}:jobs", self.prefix));
+        invocation.arg(&self.prefix);
+        for arg in args {
+            invocation.arg(arg.to_string());
+        }
+        let mut conn = self.conn.clone();
+        Ok(invocation.invoke_async(&mut conn).await?)
+    }
+
+    /// Adds jobs under their outbox ids. Idempotent by id; duplicates by idempotency key are not added.
+    pub async fn enqueue(&self, jobs: &[Outgoing]) -> Result<Vec<Pushed>> {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let payload: Vec<Value> = jobs
+            .iter()
+            .map(|j| {
+                json!({
+                    "id": j.id,
+                    "kind": j.kind,
+                    "queue": j.queue,
+                    "args": j.args.to_string(),
+                    "priority": j.priority,
+                    "max_attempts": j.max_attempts,
+                    "run_at": j.run_at.map(millis),
+                    "enqueued_at": millis(j.enqueued_at),
+                    "unique_key": j.unique_key,
+                    "unique_while_active": j.unique_while_active,
+                    "unique_while_pending": j.unique_while_pending,
+                    "tenant_id": j.tenant_id,
+                    "provider": j.provider,
+                    "fair": j.fair,
+                })
+            })
+            .collect();
+        let payload = Value::Array(payload).to_string();
+        let answers: Vec<String> = parse(self.run(&SCRIPTS.enqueue, &[&payload]).await?)?;
+        answers
+            .into_iter()
+            .map(|a| match a.as_str() {
+                "new" => Ok(Pushed::New),
+                "exists" => Ok(Pushed::Exists),
+                other => other
+                    .strip_prefix("dup:")
+                    .and_then(|id| id.parse().ok())
+                    .map(|id| Pushed::Duplicate(JobId(id)))
+                    .ok_or_else(|| bad_reply("an enqueue")),
+            })
+            .collect()
+    }
+
+    /// Claims up to `limit` due jobs of `kind` for `worker`, most urgent first (see [`super::jobs::claim`]).
+    pub async fn claim(&self, kind: &str, worker: &str, limit: i64) -> Result<Vec<Claimed>> {
+        let reply = self
+            .run(&SCRIPTS.claim, &[&kind, &worker, &limit, &"plain"])
+            .await?;
+        claimed_from(reply)
+    }
+
+    /// Claims fairly between (tenant, provider) groups, starting after `after` (see
+    /// [`super::jobs::claim_fair`]). Returns the jobs and where the next claim should start.
+    pub async fn claim_fair(
+        &self,
+        kind: &str,
+        worker: &str,
+        limit: i64,
+        after: &str,
+    ) -> Result<(Vec<Claimed>, String)> {
+        let reply = self
+            .run(&SCRIPTS.claim, &[&kind, &worker, &limit, &"fair", &after])
+            .await?;
+        let Reply::Array(mut parts) = reply else {
+            return Err(bad_reply("a fair claim"));
+        };
+        if parts.len() != 2 {
+            return Err(bad_reply("a fair claim"));
+        }
+        let resume: String = parse(parts.pop().unwrap_or(Reply::Nil))?;
+        let jobs = claimed_from(parts.pop().unwrap_or(Reply::Nil))?;
+        Ok((jobs, resume))
+    }
+
+    /// Applies attempt results of `worker`; returns the ids applied (see [`super::jobs::finish`]).
+    pub async fn finish(&self, worker: &str, completions: &[Completion]) -> Result<Vec<JobId>> {
+        if completions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let payload: Vec<Value> = completions
+            .iter()
+            .map(|c| {
+                let (state, delay, error, give_back) = match &c.finish {
+                    Finish::Completed => ("completed", None, None, 0),
+                    Finish::Retry { delay, error } => ("available", Some(*delay), Some(error), 0),
+                    Finish::Dead { error } => ("dead", None, Some(error), 0),
+                    Finish::Snooze { delay } => ("available", Some(*delay), None, 1),
+                    Finish::Release => ("available", Some(Duration::ZERO), None, 2),
+                };
+                json!({
+                    "id": c.id.0,
+                    "attempt": c.attempt,
+                    "state": state,
+                    "delay_ms": delay.map(|d| d.as_millis() as f64),
+                    "error": error.map(|e| serde_json::to_string(e).unwrap_or_default()),
+                    "give_back": give_back,
+                })
+            })
+            .collect();
+        let payload = Value::Array(payload).to_string();
+        let ids: Vec<i64> = parse(self.run(&SCRIPTS.finish, &[&worker, &payload]).await?)?;
+        Ok(ids.into_iter().map(JobId).collect())
+    }
+
+    /// Hands jobs of `worker` back (all it holds when `ids` is `None`); see [`super::jobs::release`].
+    pub async fn release(
+        &self,
+        worker: &str,
+        ids: Option<&[i64]>,
+        note: Option<&AttemptError>,
+    ) -> Result<Vec<(JobId, String)>> {
+        let ids = ids.map_or(String::new(), |ids| json!(ids).to_string());
+        let note = note.map_or(String::new(), |n| {
+            serde_json::to_string(n).unwrap_or_default()
+        });
+        let rows: Vec<(i64, String)> =
+            parse(self.run(&SCRIPTS.release, &[&worker, &ids, &note]).await?)?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, kind)| (JobId(id), kind))
+            .collect())
+    }
+
+    /// The workers that hold jobs, for rescue to check against the worker registry.
+    pub async fn holders(&self) -> Result<Vec<String>> {
+        let mut conn = self.conn.clone();
+        Ok(redis::cmd("SMEMBERS")
+            .arg(format!("{}:holders", self.prefix))
+            .query_async(&mut conn)
+            .await?)
+    }
+
+    /// Takes back up to `limit` jobs of `worker`, found silent by `rescuer`, whose attempt started more than
+    /// `silent_for` ago (see [`super::jobs::rescue_orphans`]; the caller applies the witness rule).
+    pub async fn rescue(
+        &self,
+        worker: &str,
+        silent_for: Duration,
+        rescuer: &str,
+        limit: i64,
+    ) -> Result<Vec<Rescued>> {
+        let silent_ms = silent_for.as_millis() as i64;
+        let rows: Vec<(i64, String, i64)> = parse(
+            self.run(&SCRIPTS.rescue, &[&worker, &silent_ms, &rescuer, &limit])
+                .await?,
+        )?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, kind, dead)| Rescued {
+                id: JobId(id),
+                kind,
+                dead: dead == 1,
+            })
+            .collect())
+    }
+
+    /// Whether `worker` still holds attempt `attempt` of job `id`; with `progress`, also saves it.
+    pub async fn hold(
+        &self,
+        id: JobId,
+        attempt: i32,
+        worker: &str,
+        progress: Option<&Value>,
+    ) -> Result<bool> {
+        let progress = progress.map_or(String::new(), Value::to_string);
+        let held: i64 = parse(
+            self.run(&SCRIPTS.hold, &[&id.0, &attempt, &worker, &progress])
+                .await?,
+        )?;
+        Ok(held == 1)
+    }
+
+    /// Deletes up to `limit` finished jobs past retention; callers loop until it returns less than `limit`.
+    pub async fn prune(
+        &self,
+        keep_completed: Duration,
+        keep_dead: Duration,
+        limit: i64,
+    ) -> Result<u64> {
+        let completed = keep_completed.as_millis() as i64;
+        let dead = keep_dead.as_millis() as i64;
+        let gone: u64 = parse(
+            self.run(&SCRIPTS.prune, &[&completed, &dead, &limit])
+                .await?,
+        )?;
+        Ok(gone)
+    }
+
+    /// Everything stored about a job, as [`super::jobs::get`] shows a row.
+    pub async fn get(&self, id: JobId) -> Result<Option<JobRecord>> {
+        let mut conn = self.conn.clone();
+        let (fields, now): (std::collections::HashMap<String, String>, (i64, i64)) = redis::pipe()
+            .cmd("HGETALL")
+            .arg(format!("{}:job:{}", self.prefix, id.0))
+            .cmd("TIME")
+            .query_async(&mut conn)
+            .await?;
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        let now_ms = now.0 * 1000 + now.1 / 1000;
+        record_from(id, &fields, now_ms).map(Some)
+    }
+}
+
+fn parse<T: redis::FromRedisValue>(reply: Reply) -> Result<T> {
+    redis::from_redis_value(reply)
+        .map_err(|e| Error::Internal(anyhow::anyhow!("a job script's answer did not parse: {e}")))
+}
+
+fn claimed_from(reply: Reply) -> Result<Vec<Claimed>> {
+    type Row = (i64, String, i32, i32, i64, i64, i64, Option<String>, i32);
+    let rows: Vec<Row> = parse(reply)?;
+    rows.into_iter()
+        .map(
+            |(
+                id,
+                args,
+                attempt,
+                max_attempts,
+                enqueued,
+                run_at,
+                attempted,
+                progress,
+                handbacks,
+            )| {
+                Ok(Claimed {
+                    id,
+                    args: serde_json::from_str(&args).map_err(|_| bad_reply("job arguments"))?,
+                    attempt,
+                    max_attempts,
+                    enqueued_at: from_millis(enqueued),
+                    run_at: from_millis(run_at),
+                    attempted_at: from_millis(attempted),
+                    progress: progress.and_then(|p| serde_json::from_str(&p).ok()),
+                    handbacks,
+                })
+            },
+        )
+        .collect()
+}
+
+fn record_from(
+    id: JobId,
+    fields: &std::collections::HashMap<String, String>,
+    now_ms: i64,
+) -> Result<JobRecord> {
+    let text = |name: &str| fields.get(name).cloned();
+    let number = |name: &str| fields.get(name).and_then(|v| v.parse::<i64>().ok());
+    let time = |name: &str| number(name).map(from_millis);
+    let run_at = number("run_at").unwrap_or(now_ms);
+    let state = match fields.get("state").map(String::as_str) {
+        Some("available") if run_at > now_ms => JobState::Scheduled,
+        Some("available") => JobState::Pending,
+        Some("running") => JobState::Running,
+        Some("completed") => JobState::Completed,
+        Some("dead") => JobState::Dead,
+        Some("cancelled") => JobState::Cancelled,
+        _ => return Err(bad_reply("a job's state")),
+    };
+    Ok(JobRecord {
+        id,
+        kind: text("kind").unwrap_or_default(),
+        queue: text("queue").unwrap_or_default(),
+        state,
+        args: text("args")
+            .and_then(|a| serde_json::from_str(&a).ok())
+            .unwrap_or(Value::Null),
+        priority: number("priority").unwrap_or(0) as i16,
+        attempt: number("attempt").unwrap_or(0) as i32,
+        max_attempts: number("max_attempts").unwrap_or(1) as i32,
+        errors: text("errors")
+            .and_then(|e| serde_json::from_str(&e).ok())
+            .unwrap_or_default(),
+        enqueued_at: time("enqueued_at").unwrap_or_default(),
+        run_at: from_millis(run_at),
+        attempted_at: time("attempted_at"),
+        finished_at: time("finished_at"),
+        locked_by: text("locked_by"),
+        unique_key: text("unique_key"),
+        tenant_id: text("tenant_id"),
+        provider: text("provider"),
+        progress: text("progress").and_then(|p| serde_json::from_str(&p).ok()),
+    })
+}
