@@ -18,10 +18,12 @@ use crate::backoff::{Backoff, Retries};
 use crate::config::Settings;
 use crate::crypto::Keyring;
 use crate::domain::Provider;
+use crate::jobs::engine::job_store::route_to_redis;
 use crate::jobs::{self, engine::Runtime, engine::RuntimeHandle, engine::Scheduler};
 use crate::registry::Registry;
 use crate::store;
 use crate::store::listen::Hub;
+use crate::store::redis_jobs::RedisJobs;
 
 mod embedded_default;
 
@@ -166,6 +168,12 @@ impl Background {
         // of roles or queues can leave it undone.
         let mut runtime = Runtime::new(pool.clone(), settings.jobs.clone());
         runtime.hub(hub.clone()).roles(&names);
+        if let Some(redis) = &settings.jobs.redis {
+            let jobs = RedisJobs::connect(redis.url.expose(), &redis.prefix)
+                .await
+                .map_err(|e| AppError::Unavailable(format!("ACTIVEKG_JOBS_BACKEND=redis: {e}")))?;
+            runtime.redis(jobs);
+        }
         jobs::chores(&mut runtime);
         if roles.worker {
             jobs::register(&mut runtime, deps, roles.queues.as_deref());
@@ -383,11 +391,17 @@ pub async fn run_process(
         settings
     };
     let settings = with_embedding_fallback(settings)?;
-    if settings.jobs.redis_url.is_some() {
+    if settings.jobs.redis_url_unused {
         tracing::warn!(
-            "REDIS_URL is set but has no effect: every queue is in PostgreSQL (unset it to silence this)"
+            "REDIS_URL is set but has no effect: ACTIVEKG_JOBS_BACKEND=postgres keeps every queue in PostgreSQL (set ACTIVEKG_JOBS_BACKEND=redis to use it, or unset it)"
         );
     }
+    // Before anything can enqueue: every enqueue in this process reads the routing.
+    route_to_redis(if settings.jobs.redis.is_some() {
+        jobs::REDIS_QUEUES
+    } else {
+        &[]
+    });
     let e = &settings.embedding;
     tracing::info!(
         "embedder: {} ({}); switch with EMBEDDING_BACKEND=local|openai|hash (local needs `activekg fetch-model`)",

@@ -94,9 +94,20 @@ pub struct JobSettings {
     pub keep_dead: Duration,
     /// `RUN_SCHEDULER`: whether this process fires cron schedules.
     pub run_scheduler: bool,
-    /// `REDIS_URL`, when given. Nothing uses it yet (every queue is in PostgreSQL); a given one is still
-    /// checked, and `serve` warns that it has no effect.
-    pub redis_url: Option<Secret>,
+    /// `ACTIVEKG_JOBS_BACKEND=redis`: the connector and embedding queues live in Redis, at `REDIS_URL`
+    /// under `ACTIVEKG_REDIS_PREFIX`.
+    pub redis: Option<RedisQueues>,
+    /// `REDIS_URL` is set while the queues stay in PostgreSQL: worth a warning, as someone meant something.
+    pub redis_url_unused: bool,
+}
+
+/// Where the queues moved to Redis live.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RedisQueues {
+    /// `REDIS_URL`.
+    pub url: Secret,
+    /// `ACTIVEKG_REDIS_PREFIX`.
+    pub prefix: String,
 }
 
 /// The limits of the extraction child processes.
@@ -685,9 +696,30 @@ impl JobSettings {
                 "REDIS_URL is not a Redis URL: expected redis://host:6379/0 or rediss://...",
             );
         }
-        // Validated for the guide's deployments, but every queue lives in PostgreSQL: say so rather than
-        // suggest Redis is in use.
-        env.show(&vars::REDIS_URL, "<not used: every queue is in PostgreSQL>");
+        let prefix = env.text_or_default(&vars::REDIS_PREFIX);
+        if prefix.is_empty() || prefix.contains(['{', '}', ':', ' ']) {
+            env.problem(format!(
+                "ACTIVEKG_REDIS_PREFIX={prefix:?} cannot be a key prefix: use letters, digits, '-' or '_'"
+            ));
+        }
+        let backend = env.choice(&vars::JOBS_BACKEND);
+        let redis_url_unused = redis_url.is_some() && backend != "redis";
+        let redis = match (backend, redis_url) {
+            ("redis", Some(url)) => Some(RedisQueues { url, prefix }),
+            ("redis", None) => {
+                env.problem("ACTIVEKG_JOBS_BACKEND=redis needs REDIS_URL (redis://host:6379/0)");
+                None
+            }
+            (_, url) => {
+                if url.is_some() {
+                    env.show(
+                        &vars::REDIS_URL,
+                        "<set, but not used: ACTIVEKG_JOBS_BACKEND=postgres>",
+                    );
+                }
+                None
+            }
+        };
         Self {
             batch_size: env.number(&vars::WORKER_BATCH_SIZE),
             poll_interval: env.seconds(&vars::WORKER_POLL_INTERVAL),
@@ -700,7 +732,8 @@ impl JobSettings {
                 u64::from(env.number(&vars::JOBS_KEEP_DEAD_DAYS)) * 86_400,
             ),
             run_scheduler: env.flag(&vars::RUN_SCHEDULER),
-            redis_url,
+            redis_url_unused,
+            redis,
         }
     }
 }
@@ -768,8 +801,8 @@ mod tests {
         assert!(s.is_embedded());
         assert_eq!(s.database.pool_size, 10);
         assert!(
-            s.jobs.redis_url.is_none(),
-            "nothing uses Redis, so nothing defaults it"
+            s.jobs.redis.is_none(),
+            "every queue is in PostgreSQL unless ACTIVEKG_JOBS_BACKEND=redis"
         );
         assert!(s.jobs.run_scheduler);
         assert_eq!(s.jobs.batch_size, 10);
@@ -900,6 +933,41 @@ mod tests {
         ] {
             assert!(text.contains(name), "{name} missing from: {text}");
         }
+    }
+
+    #[test]
+    fn the_redis_job_store_needs_a_redis_url_and_a_plain_prefix() {
+        let err = Settings::from_vars(production(&[
+            ("ACTIVEKG_JOBS_BACKEND", "redis"),
+            ("ACTIVEKG_REDIS_PREFIX", "a{b}"),
+        ]))
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("ACTIVEKG_JOBS_BACKEND=redis needs REDIS_URL"),
+            "{text}"
+        );
+        assert!(text.contains("ACTIVEKG_REDIS_PREFIX"), "{text}");
+        let err = Settings::from_vars(production(&[
+            ("ACTIVEKG_JOBS_BACKEND", "redis"),
+            ("REDIS_URL", "http://cache:6379"),
+        ]))
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("REDIS_URL is not a Redis URL"),
+            "{err}"
+        );
+        let s = Settings::from_vars(production(&[
+            ("ACTIVEKG_JOBS_BACKEND", "redis"),
+            ("REDIS_URL", "redis://cache:6379/2"),
+        ]))
+        .unwrap();
+        let redis = s.jobs.redis.expect("the queues move to Redis");
+        assert_eq!(redis.url.expose(), "redis://cache:6379/2");
+        assert_eq!(redis.prefix, "activekg");
+        assert!(!s.jobs.redis_url_unused);
+        let s = Settings::from_vars(production(&[("REDIS_URL", "redis://cache:6379/2")])).unwrap();
+        assert!(s.jobs.redis.is_none() && s.jobs.redis_url_unused);
     }
 
     #[test]

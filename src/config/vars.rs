@@ -674,13 +674,29 @@ pub const RUN_SCHEDULER: Var = var(
     "true",
     "whether this process (any role) fires the cron schedules",
 );
-/// Redis, for the guide's deployments.
+/// Redis, for the queues moved there.
 pub const REDIS_URL: Var = optional(
     "REDIS_URL",
     Jobs,
     Kind::Secret,
     "",
-    "Redis URL; checked when given, but nothing uses it yet (every queue is in PostgreSQL), so `serve` warns that it has no effect",
+    "Redis URL (`redis://host:6379/0`), needed by `ACTIVEKG_JOBS_BACKEND=redis`; it must persist every write (`appendonly yes`, `appendfsync always`)",
+);
+/// Where the connector and embedding queues live.
+pub const JOBS_BACKEND: Var = var(
+    "ACTIVEKG_JOBS_BACKEND",
+    Jobs,
+    Kind::Choice(&["postgres", "redis"]),
+    "postgres",
+    "`postgres` (every job in the `jobs` table) or `redis` (connector and embedding jobs in Redis, by way of an outbox; maintenance and rotation stay in PostgreSQL)",
+);
+/// Key prefix in Redis.
+pub const REDIS_PREFIX: Var = var(
+    "ACTIVEKG_REDIS_PREFIX",
+    Jobs,
+    Kind::Text,
+    "activekg",
+    "prefix (a Redis Cluster hash tag) of every job key in Redis; deployments sharing one Redis need their own",
 );
 
 // Process
@@ -754,7 +770,9 @@ pub const ALL: &[&Var] = &[
     &JOBS_KEEP_COMPLETED_HOURS,
     &JOBS_KEEP_DEAD_DAYS,
     &RUN_SCHEDULER,
+    &JOBS_BACKEND,
     &REDIS_URL,
+    &REDIS_PREFIX,
     &LOG_FORMAT,
 ];
 

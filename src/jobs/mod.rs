@@ -28,6 +28,10 @@ pub const MAINTENANCE: &str = "maintenance";
 /// The queues this build knows, for `activekg worker --queues`.
 pub const QUEUES: &[&str] = &[ingest_object::QUEUE, embed_node::QUEUE, MAINTENANCE];
 
+/// The queues `ACTIVEKG_JOBS_BACKEND=redis` moves to Redis: the per-object churn. Maintenance stays in
+/// PostgreSQL, where purge and rotation checkpoints commit with their work.
+pub const REDIS_QUEUES: &[&str] = &[ingest_object::QUEUE, embed_node::QUEUE];
+
 /// What job handlers are built from.
 #[derive(Debug, Clone)]
 pub struct Deps {

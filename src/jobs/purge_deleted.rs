@@ -38,6 +38,7 @@ impl Job for PurgeDeleted {
             timeout: Duration::from_secs(3600),
             concurrency: 1,
             uniqueness: Uniqueness::WhileActive,
+            resumes: true,
             ..Policy::new(super::MAINTENANCE)
         }
     }

@@ -39,6 +39,7 @@ impl Job for RotateKeys {
             timeout: Duration::from_secs(3600),
             concurrency: 1,
             uniqueness: Uniqueness::WhileActive,
+            resumes: true,
             ..Policy::new(super::MAINTENANCE)
         }
     }

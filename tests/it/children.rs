@@ -29,6 +29,16 @@ async fn child_process_entry() {
                 settings.orphan_timeout = Duration::from_millis(ms.parse().unwrap());
             }
             let mut runtime = Runtime::new(pool.clone(), settings);
+            // "<url> <prefix>": the test queue lives in that Redis.
+            if let Ok(redis) = std::env::var("ACTIVEKG_CHILD_REDIS") {
+                let (url, prefix) = redis.split_once(' ').unwrap();
+                activekg::jobs::engine::job_store::route_to_redis(&["test"]);
+                runtime.redis(
+                    activekg::store::redis_jobs::RedisJobs::connect(url, prefix)
+                        .await
+                        .unwrap(),
+                );
+            }
             runtime.register(pool.clone(), run_probe);
             runtime.register(pool.clone(), run_tally);
             let handle = runtime.start().await.unwrap();

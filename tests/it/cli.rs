@@ -226,7 +226,10 @@ async fn serve_stops_cleanly_on_sigterm() {
         .unwrap();
     assert_eq!(workers, 0, "the worker row was removed on the way out");
     let log = String::from_utf8_lossy(&output.stderr);
-    assert!(log.contains("REDIS_URL is set but has no effect"), "{log}");
+    assert!(
+        log.contains("REDIS_URL is set but has no effect: ACTIVEKG_JOBS_BACKEND=postgres"),
+        "{log}"
+    );
     assert!(
         log.contains("embedder: local"),
         "serve says which embedder: {log}"

@@ -257,7 +257,8 @@ pub fn fast_job_settings() -> JobSettings {
         keep_completed: Duration::from_secs(24 * 3600),
         keep_dead: Duration::from_secs(30 * 86_400),
         run_scheduler: true,
-        redis_url: None,
+        redis: None,
+        redis_url_unused: false,
     }
 }
 

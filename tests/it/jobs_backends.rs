@@ -14,7 +14,7 @@ use serde_json::json;
 
 use crate::helpers::{TestDb, free_port};
 
-fn redis_url() -> String {
+pub fn redis_url() -> String {
     std::env::var("ACTIVEKG_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
@@ -74,7 +74,7 @@ impl Side {
     async fn claim(&self, kind: &str, worker: &str, limit: i64) -> Vec<Claimed> {
         match &self.redis {
             None => store::claim(&self.db.pool, kind, worker, limit).await,
-            Some(r) => r.claim(kind, worker, limit).await,
+            Some(r) => r.claim(kind, worker, limit, &token()).await,
         }
         .unwrap()
     }
@@ -88,7 +88,7 @@ impl Side {
     ) -> (Vec<Claimed>, String) {
         match &self.redis {
             None => store::claim_fair(&self.db.pool, kind, worker, limit, after).await,
-            Some(r) => r.claim_fair(kind, worker, limit, after).await,
+            Some(r) => r.claim_fair(kind, worker, limit, after, &token()).await,
         }
         .unwrap()
     }
@@ -228,6 +228,11 @@ where
         let side = Side::new(redis).await;
         scenario(side).await.done().await;
     }
+}
+
+/// A fresh claim name.
+fn token() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
 }
 
 fn job(kind: &'static str, n: i64) -> NewJob {
@@ -721,7 +726,7 @@ async fn redis_claims_from_a_backlog_far_beyond_luas_unpack_limit_with_any_attem
         side.enqueue(chunk).await;
     }
     let redis = side.redis.as_ref().unwrap();
-    let claimed = redis.claim("plain", "w1", 10_000).await.unwrap();
+    let claimed = redis.claim("plain", "w1", 10_000, &token()).await.unwrap();
     assert_eq!(claimed.len(), 10_000);
     assert_eq!(ns(&claimed)[..3], [0, 1, 2]);
     let applied = redis
@@ -738,7 +743,7 @@ async fn redis_claims_from_a_backlog_far_beyond_luas_unpack_limit_with_any_attem
     let mut last = None;
     for attempt in 1..=40 {
         let c = loop {
-            let c = redis.claim("budget", "w1", 1).await.unwrap();
+            let c = redis.claim("budget", "w1", 1, &token()).await.unwrap();
             if !c.is_empty() {
                 break c;
             }
@@ -774,7 +779,11 @@ async fn redis_claims_from_a_backlog_far_beyond_luas_unpack_limit_with_any_attem
         (JobState::Dead, 40, 40)
     );
     let delay = Duration::from_secs(90);
-    let c = redis.claim("plain", "w1", 1).await.unwrap().remove(0);
+    let c = redis
+        .claim("plain", "w1", 1, &token())
+        .await
+        .unwrap()
+        .remove(0);
     redis
         .finish(
             "w1",
@@ -793,6 +802,32 @@ async fn redis_claims_from_a_backlog_far_beyond_luas_unpack_limit_with_any_attem
     assert!(
         (85..=90).contains(&due.num_seconds()),
         "retried {due} from now, not after the 90 s asked"
+    );
+    side.done().await;
+}
+
+#[tokio::test]
+async fn a_redis_claim_asked_again_under_its_name_answers_what_it_took_and_takes_nothing_more() {
+    let side = Side::new(true).await;
+    let redis = side.redis.clone().unwrap();
+    side.enqueue(&(0..5).map(|n| job("plain", n)).collect::<Vec<_>>())
+        .await;
+    let name = token();
+    let first = redis.claim("plain", "w1", 2, &name).await.unwrap();
+    assert_eq!(ns(&first), [0, 1]);
+    // Its answer was lost; the worker asks again under the same name (with another limit, even).
+    let again = redis.claim("plain", "w1", 3, &name).await.unwrap();
+    assert_eq!(ns(&again), [0, 1], "the same jobs, the same attempt");
+    assert_eq!(again[0].attempt, 1);
+    redis.finish("w1", &[done(&again[0])]).await.unwrap();
+    assert_eq!(
+        ns(&redis.claim("plain", "w1", 3, &name).await.unwrap()),
+        [1],
+        "only what it still holds"
+    );
+    assert_eq!(
+        ns(&redis.claim("plain", "w1", 10, &token()).await.unwrap()),
+        [2, 3, 4]
     );
     side.done().await;
 }
@@ -826,13 +861,20 @@ async fn a_relay_that_dies_between_sending_and_deleting_sends_again_without_doub
         .await
         .unwrap();
     assert_eq!(outbox, 0);
-    assert_eq!(redis.claim("plain", "w1", 10).await.unwrap().len(), 2);
+    assert_eq!(
+        redis
+            .claim("plain", "w1", 10, &token())
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
     side.done().await;
 }
 
 /// A Redis of the test's own, persisting every write (`appendfsync always`), as the README asks of production.
 /// Killed with -9 when dropped.
-struct OwnRedis {
+pub struct OwnRedis {
     dir: tempfile::TempDir,
     port: u16,
     child: std::process::Child,
@@ -856,7 +898,7 @@ impl OwnRedis {
             .expect("redis-server is on the machine")
     }
 
-    async fn start() -> Self {
+    pub async fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let child = Self::spawn(dir.path(), port);
@@ -865,7 +907,7 @@ impl OwnRedis {
         server
     }
 
-    fn url(&self) -> String {
+    pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
@@ -881,12 +923,12 @@ impl OwnRedis {
         .await;
     }
 
-    fn kill(&mut self) {
+    pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 
-    async fn restart(&mut self) {
+    pub async fn restart(&mut self) {
         self.child = Self::spawn(self.dir.path(), self.port);
         self.ready().await;
     }
@@ -908,15 +950,15 @@ async fn jobs_in_redis_survive_a_kill_9_and_restart_of_redis_and_only_their_hold
     store::stage(&mut tx, &staged).await.unwrap();
     tx.commit().await.unwrap();
     assert_eq!(store::relay(&db.pool, &redis, 100).await.unwrap().sent, 50);
-    let held = redis.claim("plain", "w1", 10).await.unwrap();
-    let finished = redis.claim("plain", "w1", 5).await.unwrap();
+    let held = redis.claim("plain", "w1", 10, &token()).await.unwrap();
+    let finished = redis.claim("plain", "w1", 5, &token()).await.unwrap();
     redis
         .finish("w1", &finished.iter().map(done).collect::<Vec<_>>())
         .await
         .unwrap();
 
     server.kill();
-    let during = redis.claim("plain", "w1", 1).await;
+    let during = redis.claim("plain", "w1", 1, &token()).await;
     assert!(
         matches!(during, Err(activekg::error::Error::Unavailable(_))),
         "a Redis that is down reads as unavailable: {during:?}"
@@ -958,7 +1000,7 @@ async fn jobs_in_redis_survive_a_kill_9_and_restart_of_redis_and_only_their_hold
             .len(),
         10
     );
-    let rest = redis.claim("plain", "w2", 100).await.unwrap();
+    let rest = redis.claim("plain", "w2", 100, &token()).await.unwrap();
     assert_eq!(rest.len(), 35, "nothing lost, nothing handed out twice");
     drop(server);
     db.drop_db().await;

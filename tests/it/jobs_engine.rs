@@ -596,7 +596,7 @@ async fn pruning_removes_only_finished_jobs_past_their_retention() {
     .await
     .unwrap();
 
-    let pruned = upkeep::prune_jobs(&db.pool, &fast_job_settings())
+    let pruned = upkeep::prune_jobs(&db.pool, None, &fast_job_settings())
         .await
         .unwrap();
     assert_eq!(pruned, 2500 + 3);

@@ -29,6 +29,7 @@ mod jobs_admin_api;
 mod jobs_backends;
 mod jobs_crash;
 mod jobs_engine;
+mod jobs_redis;
 mod jobs_schedule;
 mod migrations;
 mod netsplit;

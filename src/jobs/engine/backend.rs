@@ -1,4 +1,4 @@
-//! An apalis [`Backend`] over our `jobs` table: one per (process, kind).
+//! An apalis [`Backend`] over a kind's [`JobStore`] (the `jobs` table, or Redis): one per (process, kind).
 //!
 //! It claims as many due rows as it can start soon (see [`Pace`]), fetches when woken by NOTIFY, on the poll
 //! interval, or (while a backlog lasts) once half of the last claim is started, and never dies on a database
@@ -19,16 +19,16 @@ use apalis_core::backend::finalize::Ephemeral;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use futures::task::AtomicWaker;
-use sqlx::PgPool;
 use tokio::sync::Semaphore;
 use tokio::time::Sleep;
 
 use super::Job;
+use super::job_store::JobStore;
 use super::outcome::{Claim, OutcomeLayer, Reporter};
 use super::pace::{ClaimSize, Pace};
 use crate::backoff::{Backoff, Retries};
 use crate::domain::{AttemptError, JobId};
-use crate::store::jobs::{self as store, Claimed, Completion, Finish};
+use crate::store::jobs::{Claimed, Completion, Finish};
 
 /// Wakes a kind's worker when NOTIFY says it has due work.
 #[derive(Debug, Default)]
@@ -67,8 +67,8 @@ pub struct BackendSettings {
 }
 
 /// See the module docs.
-pub struct PgQueue<J> {
-    pool: PgPool,
+pub struct JobQueue<J> {
+    store: JobStore,
     reporter: Reporter,
     signal: Arc<KindSignal>,
     slots: Arc<Semaphore>,
@@ -91,28 +91,30 @@ pub struct PgQueue<J> {
     fair_cursor: Arc<std::sync::Mutex<String>>,
     /// Failed fetches in a row: after one, only the timer (then the backoff) may start the next.
     fetch_retries: Retries,
+    /// Names the next claim; kept after a failed one, so asking again cannot take jobs twice over.
+    claim_token: String,
     _job: PhantomData<fn() -> J>,
 }
 
-impl<J> std::fmt::Debug for PgQueue<J> {
+impl<J> std::fmt::Debug for JobQueue<J> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PgQueue")
+        f.debug_struct("JobQueue")
             .field("kind", &std::any::type_name::<J>())
             .field("buffered", &self.buffer.len())
             .finish()
     }
 }
 
-impl<J: Job> PgQueue<J> {
+impl<J: Job> JobQueue<J> {
     /// A backend for kind `J` reporting to `reporter`.
     pub fn new(
-        pool: PgPool,
+        store: JobStore,
         reporter: Reporter,
         signal: Arc<KindSignal>,
         settings: BackendSettings,
     ) -> Self {
         Self {
-            pool,
+            store,
             reporter,
             signal,
             slots: Arc::new(Semaphore::new(settings.concurrency.max(1))),
@@ -131,6 +133,7 @@ impl<J: Job> PgQueue<J> {
             fair_cursor: Arc::default(),
             fetch_retries: Backoff::doubling(Duration::from_millis(500), Duration::from_secs(8))
                 .retries(),
+            claim_token: uuid::Uuid::new_v4().simple().to_string(),
             _job: PhantomData,
         }
     }
@@ -147,20 +150,22 @@ impl<J: Job> PgQueue<J> {
             return false;
         }
         self.bound_by_size = target >= size;
-        let pool = self.pool.clone();
+        let store = self.store.clone();
         let worker = self.reporter.worker_id.clone();
+        let token = self.claim_token.clone();
         self.fetching = Some(if self.settings.fair {
             let cursor = self.fair_cursor.clone();
             async move {
                 let after = cursor.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                let (rows, resume) =
-                    store::claim_fair(&pool, J::KIND, &worker, limit as i64, &after).await?;
+                let (rows, resume) = store
+                    .claim_fair(J::KIND, &worker, limit as i64, &after, &token)
+                    .await?;
                 *cursor.lock().unwrap_or_else(|e| e.into_inner()) = resume;
                 Ok(rows)
             }
             .boxed()
         } else {
-            async move { store::claim(&pool, J::KIND, &worker, limit as i64).await }.boxed()
+            async move { store.claim(J::KIND, &worker, limit as i64, &token).await }.boxed()
         });
         self.more = false;
         self.last_limit = limit;
@@ -189,6 +194,7 @@ impl<J: Job> PgQueue<J> {
                 );
                 self.fetching = None;
                 self.fetch_retries.succeeded();
+                self.claim_token = uuid::Uuid::new_v4().simple().to_string();
                 self.more = rows.len() >= self.last_limit;
                 self.claim_size.claimed(self.bound_by_size, self.more);
                 let received = std::time::Instant::now();
@@ -273,7 +279,7 @@ impl<J: Job> PgQueue<J> {
     }
 }
 
-impl<J: Job> Backend for PgQueue<J> {
+impl<J: Job> Backend for JobQueue<J> {
     type Task = Task<J>;
     type Error = std::convert::Infallible;
 
@@ -349,11 +355,11 @@ impl<J: Job> Backend for PgQueue<J> {
         }
         if self.releasing.is_none() && !self.buffer.is_empty() {
             let ids: Vec<i64> = self.buffer.drain(..).map(|(row, _)| row.id).collect();
-            let pool = self.pool.clone();
+            let store = self.store.clone();
             let worker = self.reporter.worker_id.clone();
             self.releasing = Some(
                 async move {
-                    if let Err(err) = store::release(&pool, &worker, Some(&ids), None).await {
+                    if let Err(err) = store.release(&worker, Some(&ids), None).await {
                         tracing::warn!(kind = J::KIND, %err, count = ids.len(),
                             "could not hand back claimed jobs at shutdown; they will be rescued as orphans");
                     }
@@ -371,7 +377,7 @@ impl<J: Job> Backend for PgQueue<J> {
     }
 }
 
-impl<J: Job> BackendConfig for PgQueue<J> {
+impl<J: Job> BackendConfig for JobQueue<J> {
     type Args = J;
     type Id = i64;
     type Kind = Ephemeral;

@@ -8,12 +8,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
 
+use super::job_store::JobStore;
 use crate::backoff::{Backoff, Retries};
-use crate::store::jobs::{self as store, Completion};
+use crate::store::jobs::Completion;
 
 /// Most results written by one statement.
 const MAX_BATCH: usize = 1000;
@@ -41,9 +41,9 @@ impl std::fmt::Debug for Message {
 impl Completer {
     /// Starts the completer of worker process `worker`; it ends when every `Completer` clone is dropped and
     /// its queue is written.
-    pub fn spawn(pool: PgPool, worker: Arc<str>) -> (Self, JoinHandle<()>) {
+    pub fn spawn(store: JobStore, worker: Arc<str>) -> (Self, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
-        (Self { tx }, tokio::spawn(run(pool, worker, rx)))
+        (Self { tx }, tokio::spawn(run(store, worker, rx)))
     }
 
     /// Queues one result; waits when the completer is behind.
@@ -76,14 +76,14 @@ impl Completer {
 /// on its own result rows; a backlog drained by a worker produces results faster than that.
 const WRITERS: usize = 3;
 
-async fn run(pool: PgPool, worker: Arc<str>, mut rx: mpsc::Receiver<Message>) {
+async fn run(store: JobStore, worker: Arc<str>, mut rx: mpsc::Receiver<Message>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut flushes = Vec::new();
     let mut parked = Parked::default();
     let mut writes = JoinSet::new();
     let spawn = |writes: &mut JoinSet<Refused>, batch: &mut Vec<Completion>| {
         let batch = std::mem::replace(batch, Vec::with_capacity(MAX_BATCH));
-        writes.spawn(write(pool.clone(), worker.clone(), batch));
+        writes.spawn(write(store.clone(), worker.clone(), batch));
     };
     loop {
         // With nothing in flight a result is written at once. Under load a new write waits for a quarter of
@@ -122,7 +122,7 @@ async fn run(pool: PgPool, worker: Arc<str>, mut rx: mpsc::Receiver<Message>) {
                 }
             }
             Some(written) = writes.join_next(), if !writes.is_empty() => park_refused(written, &mut parked),
-            () = parked.due(), if !parked.is_empty() => parked.retry(&pool, &worker).await,
+            () = parked.due(), if !parked.is_empty() => parked.retry(&store, &worker).await,
         }
     }
     if !batch.is_empty() {
@@ -132,7 +132,7 @@ async fn run(pool: PgPool, worker: Arc<str>, mut rx: mpsc::Receiver<Message>) {
         park_refused(written, &mut parked);
     }
     // Last chance for parked results before the process exits; their jobs are rescued otherwise.
-    parked.retry(&pool, &worker).await;
+    parked.retry(&store, &worker).await;
 }
 
 type Refused = Vec<(Completion, crate::error::Error)>;
@@ -196,11 +196,14 @@ impl Parked {
         }
     }
 
-    async fn retry(&mut self, pool: &PgPool, worker: &str) {
+    async fn retry(&mut self, store: &JobStore, worker: &str) {
         let mut still = Vec::new();
         let wait = self.retries.failed();
         for completion in std::mem::take(&mut self.completions) {
-            if let Err(err) = store::finish(pool, worker, std::slice::from_ref(&completion)).await {
+            if let Err(err) = store
+                .finish(worker, std::slice::from_ref(&completion))
+                .await
+            {
                 tracing::warn!(job = %completion.id, %err, retry_in = ?wait, "job result still refused");
                 still.push(completion);
             }
@@ -217,12 +220,12 @@ impl Parked {
 /// Writes the batch. While the database is unreachable the whole batch waits and is retried; when the
 /// database refuses the statement, the batch is split until the refused results are found, which are
 /// returned to be parked.
-async fn write(pool: PgPool, worker: Arc<str>, batch: Vec<Completion>) -> Refused {
+async fn write(store: JobStore, worker: Arc<str>, batch: Vec<Completion>) -> Refused {
     let started = std::time::Instant::now();
     let mut retries =
         Backoff::doubling(Duration::from_millis(100), Duration::from_secs(5)).retries();
     loop {
-        let written = store::finish(&pool, &worker, &batch).await;
+        let written = store.finish(&worker, &batch).await;
         tracing::trace!(results = batch.len(), took = ?started.elapsed(), "recorded job results");
         match written {
             Ok(applied) => {
@@ -240,14 +243,14 @@ async fn write(pool: PgPool, worker: Arc<str>, batch: Vec<Completion>) -> Refuse
                 tracing::warn!(%err, pending = batch.len(), retry_in = ?wait, "could not record job results; retrying");
                 tokio::time::sleep(wait).await;
             }
-            Err(err) => return split(&pool, &worker, batch, err).await,
+            Err(err) => return split(&store, &worker, batch, err).await,
         }
     }
 }
 
 /// Bisects a refused batch: halves that the database takes are written, single refused results returned.
 async fn split(
-    pool: &PgPool,
+    store: &JobStore,
     worker: &str,
     batch: Vec<Completion>,
     err: crate::error::Error,
@@ -261,7 +264,7 @@ async fn split(
         }
         let second = batch.split_off(batch.len() / 2);
         for half in [batch, second] {
-            if let Err(err) = store::finish(pool, worker, &half).await {
+            if let Err(err) = store.finish(worker, &half).await {
                 pending.push((half, err));
             }
         }

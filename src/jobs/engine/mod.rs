@@ -1,8 +1,9 @@
 //! The durable job engine: how a job kind is declared, enqueued, run by apalis workers, retried and
 //! dead-lettered. Every job kind in `jobs/` is built on this; nothing else queues work.
 //!
-//! Rows live in our own `jobs` table (see the README for why not apalis-postgres's). Workers are apalis
-//! workers over [`backend::PgQueue`]; the [`outcome`] layer turns each attempt's result into the row's next
+//! Rows live in our own `jobs` table (see the README for why not apalis-postgres's), or, for the queues a
+//! deployment routes there, in Redis by way of an outbox ([`job_store`]). Workers are apalis workers over
+//! [`backend::JobQueue`]; the [`outcome`] layer turns each attempt's result into the row's next
 //! state, which the [`completer`] writes in batches. Retries move `run_at`, so no worker slot waits out a backoff.
 //! Every process holds a [`lease::Lease`] (its heartbeat) and runs the [`upkeep`] (orphan rescue, pruning);
 //! a handler's effects commit only in [`JobContext::begin`]'s transaction, which proves the claim still holds.
@@ -10,9 +11,11 @@
 pub mod admin;
 pub mod backend;
 pub mod completer;
+pub mod job_store;
 pub mod lease;
 pub mod outcome;
 pub mod pace;
+mod redis_side;
 pub mod runtime;
 pub mod schedule;
 pub mod stats;
@@ -98,6 +101,16 @@ pub struct Policy {
     /// Snoozes (waits that give the attempt back) allowed before the job is dead-lettered as waiting too
     /// long: without a cap a job could wait forever without using up its attempts.
     pub max_snoozes: u32,
+    /// The kind resumes from its checkpoints ([`JobContext::resume`]), so they must commit with its work: it
+    /// always runs from PostgreSQL, whatever queue backend the deployment chose.
+    pub resumes: bool,
+}
+
+impl Policy {
+    /// Whether this process keeps the kind's jobs in Redis.
+    pub fn on_redis(&self) -> bool {
+        !self.resumes && job_store::on_redis(self.queue)
+    }
 }
 
 impl Policy {
@@ -114,6 +127,7 @@ impl Policy {
             uniqueness: Uniqueness::Retained,
             fair: false,
             max_snoozes: 100,
+            resumes: false,
         }
     }
 }
@@ -252,6 +266,8 @@ pub struct JobContext<S> {
     pub worker: std::sync::Arc<str>,
     /// The engine's pool, for [`JobContext::begin`].
     pub pool: sqlx::PgPool,
+    /// Where the job lives, when that is Redis (the claim is proven there, not in `pool`).
+    pub redis: Option<crate::store::redis_jobs::RedisJobs>,
     /// Cancelled when this attempt must stop: the process fenced itself, or an operator cancelled the job.
     /// The engine drops the attempt at its next await either way; long loops may check it themselves.
     pub cancel: tokio_util::sync::CancellationToken,
@@ -261,9 +277,20 @@ impl<S> JobContext<S> {
     /// Begins the transaction an attempt's effects must commit in. It first proves, and holds until commit,
     /// that this attempt still owns the job (same attempt, same worker, still running), so an attempt whose
     /// job was taken back as an orphan, or cancelled, can never commit effects over the newer attempt's.
+    ///
+    /// For a job in Redis the proof is made first, in Redis, and not held: the window until the commit is
+    /// covered by the lease, which cancels this attempt (rolling the transaction back) well before anyone
+    /// may take the job back.
     pub async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, JobError> {
-        let mut tx = self.pool.begin().await?;
         let attempt = i32::try_from(self.attempt).unwrap_or(i32::MAX);
+        if let Some(redis) = &self.redis {
+            return if redis.hold(self.id, attempt, &self.worker, None).await? {
+                Ok(self.pool.begin().await?)
+            } else {
+                Err(lost_claim())
+            };
+        }
+        let mut tx = self.pool.begin().await?;
         if store::hold_claim(&mut tx, self.id, attempt, &self.worker).await? {
             Ok(tx)
         } else {
@@ -292,11 +319,17 @@ impl<S> JobContext<S> {
         let value =
             serde_json::to_value(progress).map_err(|e| JobError::permanent("internal", e))?;
         let attempt = i32::try_from(self.attempt).unwrap_or(i32::MAX);
-        if store::save_progress(conn, self.id, attempt, &self.worker, &value).await? {
-            Ok(())
-        } else {
-            Err(lost_claim())
-        }
+        let saved = match &self.redis {
+            // Not in the caller's transaction: kinds that resume from their checkpoints stay in PostgreSQL
+            // (see `Policy::resumes`); for the others it is the result shown to operators.
+            Some(redis) => {
+                redis
+                    .hold(self.id, attempt, &self.worker, Some(&value))
+                    .await?
+            }
+            None => store::save_progress(conn, self.id, attempt, &self.worker, &value).await?,
+        };
+        if saved { Ok(()) } else { Err(lost_claim()) }
     }
 }
 
@@ -348,7 +381,7 @@ pub async fn enqueue_at<J: Job>(
     job: &J,
     run_at: Option<DateTime<Utc>>,
 ) -> Result<Enqueued> {
-    let results = store::insert(conn, &[new_job(job, run_at)?]).await?;
+    let results = insert::<J>(conn, vec![new_job(job, run_at)?]).await?;
     count(J::KIND, &results);
     Ok(results[0])
 }
@@ -359,7 +392,18 @@ pub async fn enqueue_many<J: Job>(conn: &mut PgConnection, jobs: &[J]) -> Result
         .iter()
         .map(|job| new_job(job, None))
         .collect::<Result<Vec<_>>>()?;
-    let results = store::insert(conn, &rows).await?;
+    let results = insert::<J>(conn, rows).await?;
     count(J::KIND, &results);
     Ok(results)
+}
+
+/// Inserts jobs of kind `J` where its queue lives: the `jobs` table, or the outbox bound for Redis.
+async fn insert<J: Job>(conn: &mut PgConnection, rows: Vec<NewJob>) -> Result<Vec<Enqueued>> {
+    let policy = J::policy();
+    if policy.on_redis() {
+        let rows: Vec<(NewJob, bool)> = rows.into_iter().map(|row| (row, policy.fair)).collect();
+        store::stage(conn, &rows).await
+    } else {
+        store::insert(conn, &rows).await
+    }
 }

@@ -23,8 +23,9 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::backend::{BackendSettings, KindSignal, PgQueue};
+use super::backend::{BackendSettings, JobQueue, KindSignal};
 use super::completer::Completer;
+use super::job_store::JobStore;
 use super::lease::{Identity, Lease, Presence};
 use super::outcome::{Claim, Reporter};
 use super::upkeep::{self, Chore};
@@ -33,18 +34,33 @@ use crate::config::JobSettings;
 use crate::domain::{AttemptError, JobId};
 use crate::store::jobs as store;
 use crate::store::listen::{self, Heard, Hub};
+use crate::store::redis_jobs::RedisJobs;
 
-type Starter =
-    Box<dyn FnOnce(Reporter, Arc<KindSignal>) -> (WorkerContext, BoxFuture<'static, ()>) + Send>;
+type Starter = Box<
+    dyn FnOnce(Reporter, Arc<KindSignal>, JobStore) -> (WorkerContext, BoxFuture<'static, ()>)
+        + Send,
+>;
 
 /// The channels the engine listens on.
-pub const CHANNELS: &[&str] = &[store::NOTIFY_CHANNEL, store::CANCEL_CHANNEL];
+pub const CHANNELS: &[&str] = &[
+    store::NOTIFY_CHANNEL,
+    store::CANCEL_CHANNEL,
+    store::OUTBOX_CHANNEL,
+];
+
+/// A registered kind: its name, whether its jobs live in Redis, and how to start its worker.
+struct Registered {
+    kind: &'static str,
+    on_redis: bool,
+    start: Starter,
+}
 
 /// Collects job kinds and their handlers, then starts them.
 pub struct Runtime {
     pool: PgPool,
     settings: JobSettings,
-    starters: Vec<(&'static str, Starter)>,
+    starters: Vec<Registered>,
+    redis: Option<RedisJobs>,
     roles: Vec<String>,
     hub: Option<Arc<Hub>>,
     chores: Vec<Chore>,
@@ -106,6 +122,7 @@ impl Runtime {
             pool,
             settings,
             starters: Vec::new(),
+            redis: None,
             roles: Vec::new(),
             hub: None,
             chores: Vec::new(),
@@ -128,16 +145,20 @@ impl Runtime {
             concurrency: policy.concurrency,
             fair: policy.fair,
         };
-        let starter: Starter = Box::new(move |reporter, signal| {
+        let start: Starter = Box::new(move |reporter, signal, store| {
             let context = WorkerContext::new(&format!("{}/{}", reporter.worker_id, J::KIND));
             let service = HandlerService {
                 handler,
                 state,
-                pool: pool.clone(),
+                pool,
+                redis: match &store {
+                    JobStore::Redis(redis) => Some(redis.clone()),
+                    JobStore::Postgres(_) => None,
+                },
                 worker: reporter.worker_id.clone(),
                 _job: PhantomData,
             };
-            let backend = PgQueue::<J>::new(pool, reporter, signal, settings);
+            let backend = JobQueue::<J>::new(store, reporter, signal, settings);
             let worker = WorkerBuilder::new(&context).backend(backend).build(service);
             let run = async move {
                 if let Err(err) = worker.run().await {
@@ -146,7 +167,18 @@ impl Runtime {
             };
             (context, run.boxed())
         });
-        self.starters.push((J::KIND, starter));
+        self.starters.push(Registered {
+            kind: J::KIND,
+            on_redis: policy.on_redis(),
+            start,
+        });
+        self
+    }
+
+    /// Keeps the jobs of the queues routed to Redis (see [`super::job_store::route_to_redis`]) in `redis`,
+    /// and relays staged jobs there.
+    pub fn redis(&mut self, redis: RedisJobs) -> &mut Self {
+        self.redis = Some(redis);
         self
     }
 
@@ -170,11 +202,19 @@ impl Runtime {
 
     /// Kinds registered so far.
     pub fn kinds(&self) -> Vec<&'static str> {
-        self.starters.iter().map(|(kind, _)| *kind).collect()
+        self.starters.iter().map(|r| r.kind).collect()
     }
 
     /// Registers this process, starts its heartbeat, its upkeep and every kind's worker.
     pub async fn start(self) -> crate::error::Result<RuntimeHandle> {
+        if self.redis.is_none()
+            && let Some(kind) = self.starters.iter().find(|r| r.on_redis)
+        {
+            return Err(crate::error::Error::Invalid(format!(
+                "job kind {} is routed to Redis, but this process has no Redis connection (set REDIS_URL)",
+                kind.kind
+            )));
+        }
         let stop = CancellationToken::new();
         let (hub, own_hub) = match self.hub {
             Some(hub) => (hub, None),
@@ -188,25 +228,36 @@ impl Runtime {
             roles.push("worker".to_owned());
         }
         let identity = Identity {
-            kinds: self.starters.iter().map(|(k, _)| (*k).to_owned()).collect(),
+            kinds: self.starters.iter().map(|r| r.kind.to_owned()).collect(),
             roles,
         };
         let presence = Presence::start(&self.pool, identity, self.settings.orphan_timeout);
         let lease = presence.lease().clone();
         let worker_id = lease.id().clone();
 
-        let (completer, completer_task) = Completer::spawn(self.pool.clone(), worker_id.clone());
+        let postgres = JobStore::Postgres(self.pool.clone());
+        let mut completers = vec![Completer::spawn(postgres.clone(), worker_id.clone())];
         let attempts = Arc::new(Attempts::default());
         let reporter = Reporter {
-            completer: completer.clone(),
+            completer: completers[0].0.clone(),
             worker_id: worker_id.clone(),
             lease: lease.clone(),
             attempts: attempts.clone(),
         };
+        // Results of Redis-backed kinds go to Redis through a completer of their own.
+        let redis_side = self.redis.clone().map(|redis| {
+            let store = JobStore::Redis(redis);
+            completers.push(Completer::spawn(store.clone(), worker_id.clone()));
+            let reporter = Reporter {
+                completer: completers[1].0.clone(),
+                ..reporter.clone()
+            };
+            (store, reporter)
+        });
         let signals: HashMap<&'static str, Arc<KindSignal>> = self
             .starters
             .iter()
-            .map(|(kind, _)| (*kind, Arc::new(KindSignal::default())))
+            .map(|r| (r.kind, Arc::new(KindSignal::default())))
             .collect();
         for signal in signals.values() {
             lease.wake_on_restore(signal.clone());
@@ -217,30 +268,56 @@ impl Runtime {
             attempts,
             stop.clone(),
         ));
+        let mut background = vec![dispatch];
+        if let Some(redis) = &self.redis {
+            background.push(tokio::spawn(super::redis_side::relay(
+                self.pool.clone(),
+                redis.clone(),
+                hub.subscribe(),
+                stop.clone(),
+            )));
+            let on_redis: HashMap<&'static str, Arc<KindSignal>> = self
+                .starters
+                .iter()
+                .filter(|r| r.on_redis)
+                .map(|r| (r.kind, signals[r.kind].clone()))
+                .collect();
+            background.push(tokio::spawn(super::redis_side::wakes(
+                redis.clone(),
+                on_redis,
+                stop.clone(),
+            )));
+        }
         let upkeep = tokio::spawn(upkeep::run(
             self.pool.clone(),
+            self.redis.clone(),
             lease.clone(),
             self.settings.clone(),
             self.chores,
             stop.clone(),
         ));
+        background.push(upkeep);
+        background.extend(own_hub);
         let mut workers = Vec::new();
-        for (kind, start) in self.starters {
-            let (context, run) = start(reporter.clone(), signals[kind].clone());
-            workers.push((kind, context, tokio::spawn(run)));
+        for registered in self.starters {
+            let (store, reporter) = match (&redis_side, registered.on_redis) {
+                (Some((store, reporter)), true) => (store.clone(), reporter.clone()),
+                _ => (postgres.clone(), reporter.clone()),
+            };
+            let (context, run) =
+                (registered.start)(reporter, signals[registered.kind].clone(), store);
+            workers.push((registered.kind, context, tokio::spawn(run)));
         }
         tracing::info!(process = %worker_id, kinds = ?signals.keys().collect::<Vec<_>>(), "job engine started");
         Ok(RuntimeHandle {
-            pool: self.pool,
+            stores: std::iter::once(postgres)
+                .chain(redis_side.map(|(store, _)| store))
+                .collect(),
             lease,
             presence,
             grace: self.settings.shutdown_grace,
-            completer,
-            completer_task,
-            background: [Some(dispatch), Some(upkeep), own_hub]
-                .into_iter()
-                .flatten()
-                .collect(),
+            completers,
+            background,
             workers,
             stop,
         })
@@ -250,12 +327,12 @@ impl Runtime {
 /// The running engine of this process.
 #[derive(Debug)]
 pub struct RuntimeHandle {
-    pool: PgPool,
+    /// PostgreSQL's, then Redis's when some queues live there.
+    stores: Vec<JobStore>,
     lease: Lease,
     presence: Presence,
     grace: Duration,
-    completer: Completer,
-    completer_task: JoinHandle<()>,
+    completers: Vec<(Completer, JoinHandle<()>)>,
     background: Vec<JoinHandle<()>>,
     workers: Vec<(&'static str, WorkerContext, JoinHandle<()>)>,
     stop: CancellationToken,
@@ -288,7 +365,8 @@ impl RuntimeHandle {
             }
         }
         // Results of finished attempts must land before we hand back what is still marked running.
-        if tokio::time::timeout(Duration::from_secs(10), self.completer.flush())
+        let flushed = futures::future::join_all(self.completers.iter().map(|(c, _)| c.flush()));
+        if tokio::time::timeout(Duration::from_secs(10), flushed)
             .await
             .is_err()
         {
@@ -305,13 +383,15 @@ impl RuntimeHandle {
                 .to_owned(),
             worker: Some(self.lease.id().to_string()),
         };
-        match store::release(&self.pool, self.lease.id(), None, Some(&note)).await {
-            Ok(released) if !released.is_empty() => {
-                tracing::info!(count = released.len(), "handed back interrupted jobs");
-            }
-            Ok(_) => {}
-            Err(err) => {
-                tracing::warn!(%err, "could not hand back interrupted jobs; they will be rescued as orphans")
+        for store in &self.stores {
+            match store.release(self.lease.id(), None, Some(&note)).await {
+                Ok(released) if !released.is_empty() => {
+                    tracing::info!(count = released.len(), "handed back interrupted jobs");
+                }
+                Ok(_) => {}
+                Err(err) => {
+                    tracing::warn!(%err, "could not hand back interrupted jobs; they will be rescued as orphans")
+                }
             }
         }
         self.stop.cancel();
@@ -319,8 +399,10 @@ impl RuntimeHandle {
             let _ = task.await;
         }
         self.presence.stop().await;
-        drop(self.completer);
-        let _ = self.completer_task.await;
+        for (completer, task) in self.completers {
+            drop(completer);
+            let _ = task.await;
+        }
         tracing::info!(process = %self.lease.id(), "job engine stopped");
     }
 }
@@ -365,6 +447,7 @@ struct HandlerService<J, S, H> {
     handler: H,
     state: S,
     pool: PgPool,
+    redis: Option<RedisJobs>,
     worker: Arc<str>,
     _job: PhantomData<fn() -> J>,
 }
@@ -400,6 +483,7 @@ where
             progress: claim.progress,
             worker: self.worker.clone(),
             pool: self.pool.clone(),
+            redis: self.redis.clone(),
             cancel: claim.cancel,
         };
         (self.handler)(task.args, context).boxed()

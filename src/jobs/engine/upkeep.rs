@@ -15,7 +15,8 @@ use tokio_util::sync::CancellationToken;
 use super::lease::Lease;
 use crate::config::JobSettings;
 use crate::metrics::metrics;
-use crate::store::jobs as store;
+use crate::store::jobs::{self as store, Rescued};
+use crate::store::redis_jobs::RedisJobs;
 
 const BATCH: i64 = 1000;
 
@@ -67,7 +68,47 @@ pub async fn rescue_orphans(
     loop {
         let mut conn = pool.acquire().await?;
         let rescued = store::rescue_orphans(&mut conn, rescuer, orphan_timeout, BATCH).await?;
-        for job in &rescued {
+        let (r, d) = count_rescued(&rescued);
+        (requeued, dead) = (requeued + r, dead + d);
+        if (rescued.len() as i64) < BATCH {
+            return Ok((requeued, dead));
+        }
+    }
+}
+
+/// Like [`rescue_orphans`] for the jobs in Redis: PostgreSQL's worker registry says which of the workers
+/// holding jobs there went silent (by the same witness rule), and Redis takes their jobs back.
+pub async fn rescue_redis_orphans(
+    pool: &PgPool,
+    redis: &RedisJobs,
+    rescuer: &str,
+    orphan_timeout: Duration,
+) -> crate::error::Result<(u64, u64)> {
+    let holders = redis.holders().await?;
+    if holders.is_empty() {
+        return Ok((0, 0));
+    }
+    let (mut requeued, mut dead) = (0, 0);
+    for worker in store::silent_workers(pool, rescuer, orphan_timeout, &holders).await? {
+        loop {
+            let rescued = redis
+                .rescue(&worker, orphan_timeout, rescuer, BATCH)
+                .await?;
+            let (r, d) = count_rescued(&rescued);
+            (requeued, dead) = (requeued + r, dead + d);
+            if (rescued.len() as i64) < BATCH {
+                break;
+            }
+        }
+    }
+    Ok((requeued, dead))
+}
+
+/// Counts and logs rescued jobs; returns (requeued, dead-lettered).
+fn count_rescued(rescued: &[Rescued]) -> (u64, u64) {
+    let (mut requeued, mut dead) = (0, 0);
+    {
+        for job in rescued {
             metrics().jobs_rescued.with_label_values(&[&job.kind]).inc();
             metrics()
                 .jobs_failed
@@ -82,23 +123,35 @@ pub async fn rescue_orphans(
                 tracing::warn!(kind = job.kind, id = %job.id, "job's worker died; requeued");
             }
         }
-        if (rescued.len() as i64) < BATCH {
-            return Ok((requeued, dead));
-        }
     }
+    (requeued, dead)
 }
 
 /// Deletes finished jobs past retention, a batch (and a short statement) at a time. Returns how many went.
-pub async fn prune_jobs(pool: &PgPool, settings: &JobSettings) -> crate::error::Result<u64> {
+pub async fn prune_jobs(
+    pool: &PgPool,
+    redis: Option<&RedisJobs>,
+    settings: &JobSettings,
+) -> crate::error::Result<u64> {
     let mut total = 0;
     loop {
         let deleted =
             store::prune(pool, settings.keep_completed, settings.keep_dead, BATCH).await?;
         total += deleted;
         if (deleted as i64) < BATCH {
-            return Ok(total);
+            break;
         }
     }
+    while let Some(redis) = redis {
+        let deleted = redis
+            .prune(settings.keep_completed, settings.keep_dead, BATCH)
+            .await?;
+        total += deleted;
+        if (deleted as i64) < BATCH {
+            break;
+        }
+    }
+    Ok(total)
 }
 
 /// How often this process looks for orphans: a third of the orphan timeout, so a dead worker's jobs run
@@ -110,6 +163,7 @@ pub fn rescue_every(settings: &JobSettings) -> Duration {
 /// Runs the upkeep until `stop`.
 pub(super) async fn run(
     pool: PgPool,
+    redis: Option<RedisJobs>,
     lease: Lease,
     settings: JobSettings,
     chores: Vec<Chore>,
@@ -117,9 +171,11 @@ pub(super) async fn run(
 ) {
     let mut tasks: Vec<(Chore, tokio::time::Interval)> = Vec::new();
     let prune_settings = settings.clone();
+    let prune_redis = redis.clone();
     let prune = Chore::new("prune_jobs", PRUNE_EVERY, move |pool| {
         let settings = prune_settings.clone();
-        async move { prune_jobs(&pool, &settings).await }
+        let redis = prune_redis.clone();
+        async move { prune_jobs(&pool, redis.as_ref(), &settings).await }
     });
     for chore in std::iter::once(prune).chain(chores) {
         // Replicas started together should not all prune in the same second.
@@ -152,6 +208,13 @@ pub(super) async fn run(
             None => {
                 if let Err(err) = rescue_orphans(&pool, lease.id(), settings.orphan_timeout).await {
                     tracing::warn!(%err, "could not look for orphaned jobs; will try again");
+                }
+                if let Some(redis) = &redis
+                    && let Err(err) =
+                        rescue_redis_orphans(&pool, redis, lease.id(), settings.orphan_timeout)
+                            .await
+                {
+                    tracing::warn!(%err, "could not look for orphaned jobs in Redis; will try again");
                 }
             }
             Some(i) => {

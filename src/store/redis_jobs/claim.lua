@@ -1,9 +1,37 @@
 -- Claims up to ARGV[4] due jobs of kind ARGV[2] for worker ARGV[3]: highest priority first, then by run_at
 -- and id. The attempt counts from here. Each claimed job comes back as
 -- {id, args, attempt, max_attempts, enqueued_at, run_at, attempted_at, progress, handbacks}.
-local kind, worker, limit = ARGV[2], ARGV[3], tonumber(ARGV[4])
+-- ARGV[7] names this claim: a claim whose answer was lost (Redis died after running it) is asked again under
+-- the same name and answers the jobs it took that are still the worker's, instead of taking more.
+local kind, worker, limit, token = ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[7]
 local now = now_ms()
 local claimed = {}
+local record = key('claim', worker, token)
+
+local function answer(resume)
+    if ARGV[5] == 'fair' then
+        return { claimed, resume }
+    end
+    return claimed
+end
+
+local function row(id, attempt)
+    local j = redis.call('HMGET', key('job', id), 'args', 'max_attempts', 'enqueued_at', 'run_at', 'attempted_at',
+        'progress', 'handbacks')
+    return { tonumber(id), j[1], attempt, tonumber(j[2]), tonumber(j[3]), tonumber(j[4]), tonumber(j[5]), j[6],
+        tonumber(j[7]) }
+end
+
+local earlier = redis.call('GET', record)
+if earlier then
+    for _, id in ipairs(cjson.decode(earlier)) do
+        local j = redis.call('HMGET', key('job', id), 'state', 'locked_by', 'attempt')
+        if j[1] == 'running' and j[2] == worker then
+            claimed[#claimed + 1] = row(id, tonumber(j[3]))
+        end
+    end
+    return answer('')
+end
 
 local function claim_one(id, from)
     redis.call('ZREM', from, member(id))
@@ -14,9 +42,19 @@ local function claim_one(id, from)
         release_key(id)
     end
     redis.call('SADD', key('running', worker), id)
-    local j = redis.call('HMGET', h, 'args', 'max_attempts', 'enqueued_at', 'run_at', 'progress', 'handbacks')
-    claimed[#claimed + 1] = { tonumber(id), j[1], attempt, tonumber(j[2]), tonumber(j[3]), tonumber(j[4]), now, j[5],
-        tonumber(j[6]) }
+    claimed[#claimed + 1] = row(id, attempt)
+end
+
+-- Remembers what this claim took, for a few minutes, in case its answer is lost.
+local function remember()
+    local ids = {}
+    for i, c in ipairs(claimed) do
+        ids[i] = tostring(c[1])
+    end
+    if #ids > 0 then
+        redis.call('SADD', key('holders'), worker)
+        redis.call('SET', record, cjson.encode(ids), 'EX', 300)
+    end
 end
 
 -- Takes up to `n` due members of one sorted set; returns whether the set is now empty.
@@ -55,10 +93,8 @@ if ARGV[5] == 'fair' then
     if #walked >= 4 * limit then
         resume = walked[#walked]
     end
-    if #claimed > 0 then
-        redis.call('SADD', key('holders'), worker)
-    end
-    return { claimed, resume }
+    remember()
+    return answer(resume)
 end
 
 local prios = redis.call('ZRANGE', key('prios', kind), 0, -1)
@@ -71,7 +107,5 @@ for _, prio in ipairs(prios) do
         redis.call('ZREM', key('prios', kind), prio)
     end
 end
-if #claimed > 0 then
-    redis.call('SADD', key('holders'), worker)
-end
-return claimed
+remember()
+return answer('')

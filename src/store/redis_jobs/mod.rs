@@ -58,6 +58,7 @@ pub enum Pushed {
 /// Jobs in Redis under one key prefix. Cheap to clone (one multiplexed connection, reconnecting by itself).
 #[derive(Clone)]
 pub struct RedisJobs {
+    client: redis::Client,
     conn: ConnectionManager,
     prefix: String,
 }
@@ -115,7 +116,11 @@ impl RedisJobs {
         } else {
             format!("{{{prefix}}}")
         };
-        Ok(Self { conn, prefix })
+        Ok(Self {
+            client,
+            conn,
+            prefix,
+        })
     }
 
     /// The key prefix (with its braces).
@@ -123,12 +128,19 @@ impl RedisJobs {
         &self.prefix
     }
 
-    /// The channel the scripts publish a kind's name on when it has new due work.
-    pub fn wake_channel(&self) -> String {
-        format!("{}:wake", self.prefix)
+    /// The kinds that got new due work, as the scripts publish them (on `<prefix>:wake`). The stream ends
+    /// when the connection drops; wake-ups sent meanwhile are lost, so a caller that subscribes again
+    /// should look for work once.
+    pub async fn wakes(&self) -> Result<impl futures::Stream<Item = String> + Send + use<>> {
+        use futures::StreamExt;
+        let mut pubsub = self.client.get_async_pubsub().await?;
+        pubsub.subscribe(format!("{}:wake", self.prefix)).await?;
+        Ok(pubsub
+            .into_on_message()
+            .filter_map(|msg| async move { msg.get_payload::<String>().ok() }))
     }
 
-    async fn run(&self, script: &Script, args: &[&dyn ToString]) -> Result<Reply> {
+    async fn run(&self, script: &Script, args: &[&(dyn ToString + Sync)]) -> Result<Reply> {
         let mut invocation = script.key(format!("{}:jobs", self.prefix));
         invocation.arg(&self.prefix);
         for arg in args {
@@ -181,24 +193,42 @@ impl RedisJobs {
     }
 
     /// Claims up to `limit` due jobs of `kind` for `worker`, most urgent first (see [`super::jobs::claim`]).
-    pub async fn claim(&self, kind: &str, worker: &str, limit: i64) -> Result<Vec<Claimed>> {
+    ///
+    /// `token` names the claim: asked again with the same token (after an error, when Redis may have run the
+    /// claim and lost only its answer), it answers what that claim took and still holds, and takes nothing
+    /// more. Use a new token for each new claim.
+    pub async fn claim(
+        &self,
+        kind: &str,
+        worker: &str,
+        limit: i64,
+        token: &str,
+    ) -> Result<Vec<Claimed>> {
         let reply = self
-            .run(&SCRIPTS.claim, &[&kind, &worker, &limit, &"plain"])
+            .run(
+                &SCRIPTS.claim,
+                &[&kind, &worker, &limit, &"plain", &"", &token],
+            )
             .await?;
         claimed_from(reply)
     }
 
     /// Claims fairly between (tenant, provider) groups, starting after `after` (see
-    /// [`super::jobs::claim_fair`]). Returns the jobs and where the next claim should start.
+    /// [`super::jobs::claim_fair`]). Returns the jobs and where the next claim should start. `token` as for
+    /// [`RedisJobs::claim`].
     pub async fn claim_fair(
         &self,
         kind: &str,
         worker: &str,
         limit: i64,
         after: &str,
+        token: &str,
     ) -> Result<(Vec<Claimed>, String)> {
         let reply = self
-            .run(&SCRIPTS.claim, &[&kind, &worker, &limit, &"fair", &after])
+            .run(
+                &SCRIPTS.claim,
+                &[&kind, &worker, &limit, &"fair", &after, &token],
+            )
             .await?;
         let Reply::Array(mut parts) = reply else {
             return Err(bad_reply("a fair claim"));

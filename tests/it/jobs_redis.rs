@@ -1,0 +1,230 @@
+//! The engine with its test queue in Redis, against real processes: workers in child processes, one killed
+//! with -9 mid-job, and a Redis killed with -9 and restarted under running workers.
+
+use std::time::{Duration, Instant};
+
+use activekg::domain::{JobId, JobState};
+use activekg::jobs::engine::{self, Runtime, job_store};
+use activekg::store::redis_jobs::RedisJobs;
+use sqlx::PgPool;
+
+use crate::helpers::{TestDb, child_ready, eventually, fast_job_settings, spawn_child};
+use crate::jobs_backends::{OwnRedis, redis_url};
+use crate::kinds::{Behavior, Probe, Tally, create_probe_tables, run_probe};
+
+/// A fresh key prefix on `url`, with the test queue routed there in this process (for its enqueues).
+async fn redis_at(url: &str) -> (RedisJobs, String) {
+    job_store::route_to_redis(&["test"]);
+    let prefix = format!("activekg_test_{}", uuid::Uuid::new_v4().simple());
+    let redis = RedisJobs::connect(url, &prefix).await.unwrap();
+    (redis, format!("{url} {prefix}"))
+}
+
+/// Effects recorded by tally jobs: (runs, distinct jobs).
+async fn effects(pool: &PgPool) -> (i64, i64) {
+    sqlx::query_as("SELECT count(*), count(DISTINCT job_id) FROM test_effects")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+async fn enqueue_tallies(pool: &PgPool, n: u32) -> Vec<JobId> {
+    let jobs: Vec<Tally> = (0..n).map(|n| Tally { n }).collect();
+    let mut conn = pool.acquire().await.unwrap();
+    engine::enqueue_many(&mut conn, &jobs)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id.unwrap())
+        .collect()
+}
+
+async fn assert_all_completed(redis: &RedisJobs, ids: &[JobId]) {
+    for id in ids {
+        // After a Redis restart the first request on the old connection fails; the client reconnects.
+        let record = eventually(Duration::from_secs(10), "Redis answers", || async {
+            redis.get(*id).await.ok().flatten()
+        })
+        .await;
+        assert_eq!(record.state, JobState::Completed, "job {id}: {record:?}");
+        // An attempt may fail while Redis is down (its claim cannot be proven); it is retried, and its
+        // effect still lands once (counted in `test_effects`).
+        assert!(
+            record
+                .errors
+                .iter()
+                .all(|e| e.error.contains("Redis is unavailable")),
+            "job {id}: {:?}",
+            record.errors
+        );
+    }
+}
+
+#[tokio::test]
+async fn on_redis_many_jobs_complete_exactly_once_across_two_worker_processes() {
+    let db = TestDb::new().await;
+    create_probe_tables(&db.pool).await;
+    let (redis, child_redis) = redis_at(&redis_url()).await;
+    let env = [("ACTIVEKG_CHILD_REDIS", child_redis.as_str())];
+    let mut first = spawn_child("worker", &db.url, &env);
+    let mut second = spawn_child("worker", &db.url, &env);
+    let (a, _a_lines) = child_ready(&mut first).await;
+    let (b, _b_lines) = child_ready(&mut second).await;
+    let ids = enqueue_tallies(&db.pool, 500).await;
+    eventually(Duration::from_secs(60), "500 jobs to run", || async {
+        (effects(&db.pool).await.0 >= 500).then_some(())
+    })
+    .await;
+    // Let the last results land.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        effects(&db.pool).await,
+        (500, 500),
+        "every job ran exactly once"
+    );
+    assert_all_completed(&redis, &ids).await;
+    let (by_a, by_b): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE worker = $1), count(*) FILTER (WHERE worker = $2) FROM test_effects",
+    )
+    .bind(&a)
+    .bind(&b)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(
+        by_a > 0 && by_b > 0,
+        "both processes took work: {by_a} + {by_b}"
+    );
+    let (in_jobs, in_outbox): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM jobs WHERE kind = 'test_tally'), (SELECT count(*) FROM job_outbox)",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (in_jobs, in_outbox),
+        (0, 0),
+        "the jobs went through the outbox to Redis"
+    );
+    first.start_kill().unwrap();
+    second.start_kill().unwrap();
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn on_redis_a_job_whose_worker_is_killed_is_picked_up_again_and_completes() {
+    let db = TestDb::new().await;
+    create_probe_tables(&db.pool).await;
+    let (redis, child_redis) = redis_at(&redis_url()).await;
+    let mut conn = db.pool.acquire().await.unwrap();
+    let id = engine::enqueue(&mut conn, &Probe::new("victim", Behavior::HangFirstAttempt))
+        .await
+        .unwrap()
+        .id
+        .unwrap();
+    drop(conn);
+    let mut child = spawn_child("worker", &db.url, &[("ACTIVEKG_CHILD_REDIS", &child_redis)]);
+    let (child_worker, _lines) = child_ready(&mut child).await;
+    eventually(
+        Duration::from_secs(10),
+        "the child to be running the job",
+        || async {
+            let record = redis.get(id).await.unwrap()?;
+            (record.state == JobState::Running
+                && record.locked_by.as_deref() == Some(child_worker.as_str()))
+            .then_some(())
+        },
+    )
+    .await;
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    let killed_at = Instant::now();
+
+    let mut runtime = Runtime::new(db.pool.clone(), fast_job_settings());
+    runtime
+        .redis(redis.clone())
+        .register(db.pool.clone(), run_probe);
+    let workers = runtime.start().await.unwrap();
+    let done = eventually(
+        Duration::from_secs(30),
+        "the job to complete after the rescue",
+        || async {
+            let record = redis.get(id).await.unwrap()?;
+            (record.state == JobState::Completed).then_some(record)
+        },
+    )
+    .await;
+    let recovered_in = killed_at.elapsed();
+    workers.shutdown().await;
+    assert_eq!(done.attempt, 2, "the killed attempt counted");
+    assert_eq!(done.errors.len(), 1);
+    assert_eq!(done.errors[0].class, "crash");
+    assert_eq!(
+        done.errors[0].worker.as_deref(),
+        Some(child_worker.as_str())
+    );
+    assert!(
+        recovered_in < Duration::from_secs(10),
+        "recovered after {recovered_in:?}"
+    );
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn on_redis_a_redis_killed_and_restarted_under_running_workers_loses_nothing_and_runs_nothing_twice()
+ {
+    let db = TestDb::new().await;
+    create_probe_tables(&db.pool).await;
+    let mut server = OwnRedis::start().await;
+    let (redis, child_redis) = redis_at(&server.url()).await;
+    let env = [("ACTIVEKG_CHILD_REDIS", child_redis.as_str())];
+    let mut first = spawn_child("worker", &db.url, &env);
+    let mut second = spawn_child("worker", &db.url, &env);
+    let (_, _first_lines) = child_ready(&mut first).await;
+    let (_, _second_lines) = child_ready(&mut second).await;
+    let mut ids = enqueue_tallies(&db.pool, 1000).await;
+    eventually(Duration::from_secs(30), "some jobs to run", || async {
+        (effects(&db.pool).await.0 >= 50).then_some(())
+    })
+    .await;
+    server.kill();
+    // Enqueues go on while Redis is down: they wait in PostgreSQL's outbox.
+    ids.extend(enqueue_tallies(&db.pool, 200).await);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    server.restart().await;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while effects(&db.pool).await.0 < 1200 {
+        if Instant::now() > deadline {
+            let mut stuck = std::collections::BTreeMap::<String, Vec<String>>::new();
+            for id in &ids {
+                if let Ok(Some(r)) = redis.get(*id).await
+                    && r.state != JobState::Completed
+                {
+                    stuck
+                        .entry(format!("{:?}", r.state))
+                        .or_default()
+                        .push(format!(
+                            "{id} attempt {} by {:?} at {:?} errors {:?}",
+                            r.attempt, r.locked_by, r.attempted_at, r.errors
+                        ));
+                }
+            }
+            let outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM job_outbox")
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+            panic!(
+                "not every job ran within 90 s: {:?} effects, {outbox} staged, unfinished: {stuck:#?}",
+                effects(&db.pool).await
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(effects(&db.pool).await, (1200, 1200), "each job ran once");
+    assert_all_completed(&redis, &ids).await;
+    first.start_kill().unwrap();
+    second.start_kill().unwrap();
+    drop(server);
+    db.drop_db().await;
+}
