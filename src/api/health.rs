@@ -114,9 +114,11 @@ async fn readyz(State(state): State<ApiState>) -> Result<Json<Ready>, ApiError> 
 ))]
 async fn prometheus_metrics(State(state): State<ApiState>) -> impl IntoResponse {
     // A scrape must not fail because the database is slow: stale gauges beat no metrics.
-    let sample = state
-        .gauges
-        .sample(&state.pool, state.settings.jobs.orphan_timeout);
+    let sample = state.gauges.sample(
+        &state.pool,
+        state.redis_jobs.get(),
+        state.settings.jobs.orphan_timeout,
+    );
     match tokio::time::timeout(Duration::from_secs(2), sample).await {
         Ok(Ok(())) => {}
         Ok(Err(err)) => tracing::debug!(%err, "could not sample queue gauges"),

@@ -635,7 +635,12 @@ pub struct Overview {
 #[utoipa::path(get, path = "/_admin/queues", tag = "jobs", security(("admin_token" = [])),
     responses((status = 200, body = Overview), (status = 401, body = ErrorBody)))]
 async fn queue_stats(_: Admin, State(state): State<ApiState>) -> Result<Json<Overview>, ApiError> {
-    let overview = stats::overview(&state.pool, state.settings.jobs.orphan_timeout).await?;
+    let overview = stats::overview(
+        &state.pool,
+        state.redis_jobs.get(),
+        state.settings.jobs.orphan_timeout,
+    )
+    .await?;
     Ok(Json(Overview {
         queues: overview
             .queues

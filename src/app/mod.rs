@@ -138,6 +138,7 @@ impl Background {
         settings: &Settings,
         roles: &Roles,
         hub: &Arc<Hub>,
+        redis: Option<RedisJobs>,
     ) -> Result<(), AppError> {
         let pool = &deps.pool;
         let embeds = roles
@@ -168,10 +169,7 @@ impl Background {
         // of roles or queues can leave it undone.
         let mut runtime = Runtime::new(pool.clone(), settings.jobs.clone());
         runtime.hub(hub.clone()).roles(&names);
-        if let Some(redis) = &settings.jobs.redis {
-            let jobs = RedisJobs::connect(redis.url.expose(), &redis.prefix)
-                .await
-                .map_err(|e| AppError::Unavailable(format!("ACTIVEKG_JOBS_BACKEND=redis: {e}")))?;
+        if let Some(jobs) = redis {
             runtime.redis(jobs);
         }
         jobs::chores(&mut runtime);
@@ -249,6 +247,12 @@ pub async fn run(
         )
     })?;
     let keyring = Keyring::new(kek).map_err(AppError::Config)?;
+    // Before anything can enqueue: every enqueue in this process reads the routing.
+    route_to_redis(if settings.jobs.redis.is_some() {
+        jobs::REDIS_QUEUES
+    } else {
+        &[]
+    });
     let registry = Arc::new(Registry::confined(
         pool.clone(),
         Arc::new(keyring),
@@ -334,14 +338,25 @@ pub async fn run(
                 }
             }
             let _ = state.vector_index.set(index);
-            // Before readiness, so the first scrape a load balancer lets through has every series.
-            preset_metrics(&deps.registry).await;
-            state.migrated.store(true, Ordering::SeqCst);
-            tracing::info!("database schema is up to date");
-            if roles.api && settings.webhooks.pubsub_subscriber {
-                background.start_subscribers(&deps, &settings, &state);
+            match connect_redis(&settings).await {
+                Ok(redis) => {
+                    if let Some(jobs) = &redis {
+                        // Before readiness: the queue counts must never leave out the jobs in Redis.
+                        let _ = state.redis_jobs.set(jobs.clone());
+                    }
+                    // Before readiness, so the first scrape a load balancer lets through has every series.
+                    preset_metrics(&deps.registry).await;
+                    state.migrated.store(true, Ordering::SeqCst);
+                    tracing::info!("database schema is up to date");
+                    if roles.api && settings.webhooks.pubsub_subscriber {
+                        background.start_subscribers(&deps, &settings, &state);
+                    }
+                    background
+                        .start(&deps, &settings, &roles, &hub, redis)
+                        .await
+                }
+                Err(err) => Err(err),
             }
-            background.start(&deps, &settings, &roles, &hub).await
         }
         Ok(false) => Ok(()),
         Err(err) => Err(err),
@@ -396,12 +411,6 @@ pub async fn run_process(
             "REDIS_URL is set but has no effect: ACTIVEKG_JOBS_BACKEND=postgres keeps every queue in PostgreSQL (set ACTIVEKG_JOBS_BACKEND=redis to use it, or unset it)"
         );
     }
-    // Before anything can enqueue: every enqueue in this process reads the routing.
-    route_to_redis(if settings.jobs.redis.is_some() {
-        jobs::REDIS_QUEUES
-    } else {
-        &[]
-    });
     let e = &settings.embedding;
     tracing::info!(
         "embedder: {} ({}); switch with EMBEDDING_BACKEND=local|openai|hash (local needs `activekg fetch-model`)",
@@ -510,4 +519,15 @@ async fn wait_for_signal() {
     {
         let _ = ctrl_c.await;
     }
+}
+
+/// The connector and embedding queues' store, when `ACTIVEKG_JOBS_BACKEND=redis` puts them in Redis.
+pub async fn connect_redis(settings: &Settings) -> Result<Option<RedisJobs>, AppError> {
+    let Some(redis) = &settings.jobs.redis else {
+        return Ok(None);
+    };
+    RedisJobs::connect(redis.url.expose(), &redis.prefix)
+        .await
+        .map(Some)
+        .map_err(|e| AppError::Unavailable(format!("ACTIVEKG_JOBS_BACKEND=redis: {e}")))
 }

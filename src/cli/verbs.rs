@@ -150,7 +150,8 @@ async fn jobs_verb(pool: PgPool, settings: Settings, action: JobsAction) -> Resu
     let fail = |e: crate::error::Error| AppError::Other(anyhow::anyhow!(e));
     match action {
         JobsAction::Queues => {
-            let overview = stats::overview(&pool, settings.jobs.orphan_timeout)
+            let redis = app::connect_redis(&settings).await?;
+            let overview = stats::overview(&pool, redis.as_ref(), settings.jobs.orphan_timeout)
                 .await
                 .map_err(fail)?;
             println!(

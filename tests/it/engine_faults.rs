@@ -244,7 +244,7 @@ async fn an_api_only_process_still_takes_back_the_jobs_of_dead_workers() {
 
 /// The environment of an `activekg` process on `dsn` with the test key and token, a 4 s orphan timeout,
 /// and a 10 s fallback poll (so only NOTIFY can wake a worker quickly).
-fn activekg_env(dsn: &str, extra: &[(&'static str, String)]) -> Vec<(&'static str, String)> {
+pub fn activekg_env(dsn: &str, extra: &[(&'static str, String)]) -> Vec<(&'static str, String)> {
     let mut env = vec![
         ("ACTIVEKG_DSN", dsn.to_owned()),
         ("CONNECTOR_KEK_V1", crate::helpers::KEK.to_owned()),
@@ -260,13 +260,13 @@ fn activekg_env(dsn: &str, extra: &[(&'static str, String)]) -> Vec<(&'static st
 }
 
 /// A client of an `activekg api` process.
-struct Api {
+pub struct Api {
     base: String,
     client: reqwest::Client,
 }
 
 impl Api {
-    async fn ready(port: u16) -> Self {
+    pub async fn ready(port: u16) -> Self {
         let api = Self {
             base: format!("http://127.0.0.1:{port}"),
             client: reqwest::Client::new(),
@@ -284,7 +284,7 @@ impl Api {
         api
     }
 
-    async fn post(&self, path: &str, body: serde_json::Value) -> serde_json::Value {
+    pub async fn post(&self, path: &str, body: serde_json::Value) -> serde_json::Value {
         let response = self
             .client
             .post(format!("{}{path}", self.base))
@@ -298,10 +298,25 @@ impl Api {
         assert!(status.is_success(), "POST {path}: {status} {body}");
         body
     }
+
+    /// The body of a successful admin GET, as text.
+    pub async fn get(&self, path: &str) -> String {
+        let response = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(crate::helpers::ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        let body = response.text().await.unwrap();
+        assert!(status.is_success(), "GET {path}: {status} {body}");
+        body
+    }
 }
 
 /// Live documents of `tenant`, by key.
-async fn documents(pool: &PgPool, tenant: &str) -> Vec<String> {
+pub async fn documents(pool: &PgPool, tenant: &str) -> Vec<String> {
     sqlx::query_scalar(
         "SELECT props->>'key' FROM nodes WHERE tenant_id = $1 AND entity_type = 'Document'
            AND deleted_at IS NULL ORDER BY 1",

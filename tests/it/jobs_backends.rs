@@ -5,7 +5,10 @@
 
 use std::time::Duration;
 
+use std::collections::BTreeMap;
+
 use activekg::domain::{AttemptError, JobId, JobState};
+use activekg::jobs::engine::stats;
 use activekg::store::jobs::{
     self as store, Claimed, Completion, Enqueued, Finish, NewJob, Rescued,
 };
@@ -708,6 +711,142 @@ async fn either_backend_rescues_a_silent_workers_jobs_only_when_the_rescuer_kept
             "{}: nothing twice",
             side.name()
         );
+        side
+    })
+    .await;
+}
+
+/// The overview's counts, keyed by (kind, tenant, provider): pending, scheduled, running, dead, completed and
+/// dead-lettered in the last five minutes.
+async fn counts(side: &Side) -> BTreeMap<(String, String, String), [i64; 6]> {
+    let overview = stats::overview(&side.db.pool, side.redis.as_ref(), Duration::from_secs(30))
+        .await
+        .unwrap();
+    let mut by = BTreeMap::new();
+    for queue in &overview.queues {
+        for (kind, c) in &queue.kinds {
+            by.insert(
+                (kind.clone(), "*".to_owned(), "*".to_owned()),
+                [
+                    c.pending,
+                    c.scheduled,
+                    c.running,
+                    c.dead,
+                    c.completed_last_5m,
+                    c.dead_last_5m,
+                ],
+            );
+        }
+    }
+    for t in &overview.tenants {
+        let c = &t.counts;
+        let key = (
+            "*".to_owned(),
+            t.tenant_id.clone(),
+            t.provider.clone().unwrap_or_default(),
+        );
+        let row = by.entry(key).or_insert([0; 6]);
+        for (total, n) in row.iter_mut().zip([
+            c.pending,
+            c.scheduled,
+            c.running,
+            c.dead,
+            c.completed_last_5m,
+            c.dead_last_5m,
+        ]) {
+            *total += n;
+        }
+    }
+    by
+}
+
+fn tenant_job(n: i64, tenant: &str, provider: &str) -> NewJob {
+    NewJob {
+        tenant_id: Some(tenant.into()),
+        provider: Some(provider.into()),
+        ..job("fair", n)
+    }
+}
+
+#[tokio::test]
+async fn either_backend_counts_waiting_running_dead_and_recent_jobs_per_kind_and_tenant() {
+    on_both(|side| async move {
+        let later = NewJob {
+            run_at: Some(chrono::Utc::now() + chrono::Duration::hours(1)),
+            ..tenant_job(4, "t1", "s3")
+        };
+        side.enqueue(&[
+            tenant_job(1, "t1", "s3"),
+            tenant_job(2, "t1", "s3"),
+            tenant_job(3, "t2", "gcs"),
+            later,
+            job("plain", 5),
+            job("plain", 6),
+        ])
+        .await;
+        // One plain job completes, one is running; one of t1's dies.
+        let plain = side.claim("plain", "w1", 2).await;
+        side.finish("w1", &[done(&plain[0])]).await;
+        let (fair, _) = side.claim_fair("fair", "w1", 1, "").await;
+        assert_eq!(ns(&fair), [1], "{}", side.name());
+        let dead = Completion {
+            id: JobId(fair[0].id),
+            attempt: 1,
+            finish: Finish::Dead {
+                error: error(1, "no"),
+            },
+        };
+        side.finish("w1", &[dead]).await;
+        let expected = |t1_pending: i64| {
+            BTreeMap::from([
+                (
+                    ("fair".into(), "*".into(), "*".into()),
+                    [t1_pending + 1, 1, 0, 1, 0, 1],
+                ),
+                (("plain".into(), "*".into(), "*".into()), [0, 0, 1, 0, 1, 0]),
+                (
+                    ("*".into(), "t1".into(), "s3".into()),
+                    [t1_pending, 1, 0, 1, 0, 1],
+                ),
+                (("*".into(), "t2".into(), "gcs".into()), [1, 0, 0, 0, 0, 0]),
+            ])
+        };
+        assert_eq!(counts(&side).await, expected(1), "{}", side.name());
+        let oldest = stats::overview(&side.db.pool, side.redis.as_ref(), Duration::from_secs(30))
+            .await
+            .unwrap()
+            .queues[0]
+            .kinds["fair"]
+            .oldest_pending_age_seconds;
+        assert!(
+            oldest.is_some_and(|age| (0.0..60.0).contains(&age)),
+            "{}: {oldest:?}",
+            side.name()
+        );
+        if let Some(redis) = &side.redis {
+            // A job staged for Redis and not handed over yet is waiting as well, and counts once after.
+            let mut tx = side.db.pool.begin().await.unwrap();
+            store::stage(&mut tx, &[(tenant_job(7, "t1", "s3"), true)])
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+            assert_eq!(counts(&side).await, expected(2), "staged");
+            store::relay(&side.db.pool, redis, 100).await.unwrap();
+            assert_eq!(counts(&side).await, expected(2), "relayed");
+            // Pruning the dead job takes it out of the dead count.
+            assert_eq!(
+                redis
+                    .prune(Duration::from_secs(3600), Duration::ZERO, 100)
+                    .await
+                    .unwrap(),
+                1
+            );
+            let after = counts(&side).await;
+            assert_eq!(
+                after[&("fair".into(), "*".into(), "*".into())],
+                [3, 1, 0, 0, 0, 1]
+            );
+        }
         side
     })
     .await;

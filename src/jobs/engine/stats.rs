@@ -12,6 +12,18 @@ use tokio::sync::Mutex;
 use crate::error::Result;
 use crate::metrics::metrics;
 use crate::store::jobs::{self as store, QueueCounts, WorkerRecord};
+use crate::store::redis_jobs::RedisJobs;
+
+/// The counts of every job wherever it waits: PostgreSQL's table and outbox, and Redis when the connector
+/// and embedding queues live there. Fails rather than leave out a backend, so nobody reads a half-count as
+/// an empty queue.
+async fn counts(pool: &PgPool, redis: Option<&RedisJobs>) -> Result<Vec<QueueCounts>> {
+    let mut rows = store::queue_counts(pool).await?;
+    if let Some(redis) = redis {
+        rows.extend(redis.queue_counts().await?);
+    }
+    Ok(rows)
+}
 
 /// Counts for a queue, a kind or a tenant.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -85,8 +97,12 @@ pub struct Overview {
 }
 
 /// Reads the statistics; a worker silent for longer than `orphan_timeout` is reported as not alive.
-pub async fn overview(pool: &PgPool, orphan_timeout: Duration) -> Result<Overview> {
-    let rows = store::queue_counts(pool).await?;
+pub async fn overview(
+    pool: &PgPool,
+    redis: Option<&RedisJobs>,
+    orphan_timeout: Duration,
+) -> Result<Overview> {
+    let rows = counts(pool, redis).await?;
     let mut queues: BTreeMap<String, QueueStat> = BTreeMap::new();
     let mut tenants: BTreeMap<(String, String, Option<String>), Counts> = BTreeMap::new();
     for row in &rows {
@@ -159,12 +175,17 @@ impl GaugeSampler {
     }
 
     /// Refreshes the gauges unless they are fresh enough.
-    pub async fn sample(&self, pool: &PgPool, orphan_timeout: Duration) -> Result<()> {
+    pub async fn sample(
+        &self,
+        pool: &PgPool,
+        redis: Option<&RedisJobs>,
+        orphan_timeout: Duration,
+    ) -> Result<()> {
         let mut last = self.last.lock().await;
         if last.is_some_and(|at| at.elapsed() < self.every) {
             return Ok(());
         }
-        let rows = store::queue_counts(pool).await?;
+        let rows = counts(pool, redis).await?;
         let workers = store::workers(pool).await?;
         let m = metrics();
         // Reset first so that label sets which emptied out report nothing rather than their last value.

@@ -460,7 +460,8 @@ pub struct QueueCounts {
     pub now: DateTime<Utc>,
 }
 
-/// Counts by queue, kind and tenant, in one pass over the active and recently finished rows.
+/// Counts by queue, kind and tenant, in one pass over the active and recently finished rows, and the
+/// outbox's jobs bound for Redis as waiting (the caller adds what Redis holds, see `RedisJobs::queue_counts`).
 pub async fn queue_counts<'e>(db: impl PgExecutor<'e>) -> Result<Vec<QueueCounts>> {
     Ok(sqlx::query_as::<_, QueueCounts>(
         r#"
@@ -476,6 +477,16 @@ pub async fn queue_counts<'e>(db: impl PgExecutor<'e>) -> Result<Vec<QueueCounts
         FROM jobs
         WHERE state IN ('available', 'running', 'dead')
            OR (state = 'completed' AND finished_at > now() - interval '5 minutes')
+        GROUP BY queue, kind, tenant_id, provider
+        UNION ALL
+        -- Jobs bound for Redis and not handed over yet (a backlog here while Redis is away) are waiting too.
+        SELECT queue, kind, tenant_id, provider,
+               count(*) FILTER (WHERE coalesce(run_at, enqueued_at) <= now()),
+               count(*) FILTER (WHERE run_at > now()),
+               0::bigint, 0::bigint,
+               min(coalesce(run_at, enqueued_at)) FILTER (WHERE coalesce(run_at, enqueued_at) <= now()),
+               0::bigint, 0::bigint, now()
+        FROM job_outbox
         GROUP BY queue, kind, tenant_id, provider
         ORDER BY queue, kind, tenant_id
         "#,

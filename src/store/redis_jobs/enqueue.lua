@@ -37,6 +37,7 @@ for i, j in ipairs(jobs) do
             redis.call('HSET', h, 'unique_key', unique_key, 'idempotency_key', unique_key)
             redis.call('HSET', key('unique', j.kind), unique_key, id)
         end
+        redis.call('HSET', key('kinds'), j.kind, j.queue)
         make_available(id, run_at)
         if run_at <= now then
             woken[j.kind] = true

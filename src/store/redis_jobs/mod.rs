@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 
 use crate::domain::{AttemptError, JobId, JobState};
 use crate::error::{Error, Result};
-use crate::store::jobs::{Claimed, Completion, Finish, JobRecord, Outgoing, Rescued};
+use crate::store::jobs::{Claimed, Completion, Finish, JobRecord, Outgoing, QueueCounts, Rescued};
 
 /// The scripts, each with the shared prelude in front.
 struct Scripts {
@@ -28,6 +28,7 @@ struct Scripts {
     rescue: Script,
     hold: Script,
     prune: Script,
+    counts: Script,
 }
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| {
@@ -41,6 +42,7 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| {
         rescue: with_prelude(include_str!("rescue.lua")),
         hold: with_prelude(include_str!("hold.lua")),
         prune: with_prelude(include_str!("prune.lua")),
+        counts: with_prelude(include_str!("counts.lua")),
     }
 });
 
@@ -353,6 +355,62 @@ impl RedisJobs {
                 .await?,
         )?;
         Ok(gone)
+    }
+
+    /// Counts by queue, kind, tenant and provider, as [`super::jobs::queue_counts`] gives them for the
+    /// jobs in PostgreSQL (plain kinds' waiting jobs count under no tenant).
+    pub async fn queue_counts(&self) -> Result<Vec<QueueCounts>> {
+        type Row = (
+            String,
+            String,
+            String,
+            String,
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+        );
+        let (now, rows): (i64, String) = parse(self.run(&SCRIPTS.counts, &[]).await?)?;
+        let rows: Vec<Row> =
+            serde_json::from_str(&rows).map_err(|_| bad_reply("the queue counts"))?;
+        let now = from_millis(now);
+        let given = |text: String| (!text.is_empty()).then_some(text);
+        Ok(rows
+            .into_iter()
+            .map(
+                |(
+                    queue,
+                    kind,
+                    tenant,
+                    provider,
+                    pending,
+                    scheduled,
+                    running,
+                    dead,
+                    oldest,
+                    completed_5m,
+                    dead_5m,
+                )| {
+                    QueueCounts {
+                        queue,
+                        kind,
+                        tenant_id: given(tenant),
+                        provider: given(provider),
+                        pending,
+                        scheduled,
+                        running,
+                        dead,
+                        oldest_pending: (oldest >= 0).then(|| from_millis(oldest)),
+                        completed_5m,
+                        dead_5m,
+                        now,
+                    }
+                },
+            )
+            .collect())
     }
 
     /// Everything stored about a job, as [`super::jobs::get`] shows a row.

@@ -12,6 +12,10 @@
 --   finished              ZSET   completed and cancelled jobs, by finished_at (pruning)
 --   dead                  ZSET   dead-lettered jobs, by finished_at
 --   unique:<kind>         HASH   idempotency key -> the job holding it
+--   kinds                 HASH   kind -> its queue, for every kind ever enqueued (the counts walk it)
+--   tally:dead            HASH   "queue\tkind\ttenant\tprovider" -> dead jobs kept (the counts read it)
+--   ended:<10 s slot>     HASH   "state\tqueue\tkind\ttenant\tprovider" -> jobs that ended in that slot,
+--                                kept 6 minutes (the counts' "last five minutes")
 -- Members of the sorted sets are ids padded to 19 digits, so equal scores order by id as PostgreSQL does.
 -- Nothing here unpacks a list into a call: a backlog of any size stays within Lua's stack.
 local P = ARGV[1]
@@ -103,8 +107,24 @@ local function release_key(id)
     end
 end
 
+-- The job's place in the counts: "queue\tkind\ttenant\tprovider".
+local function tally_field(id)
+    local j = redis.call('HMGET', key('job', id), 'queue', 'kind', 'tenant_id', 'provider')
+    return (j[1] or '') .. '\t' .. (j[2] or '') .. '\t' .. (j[3] or '') .. '\t' .. (j[4] or '')
+end
+
+-- The last five minutes' ends are counted in 10-second slots, so reading them never walks the jobs.
+local ENDED_SLOT_MS = 10000
+
 -- Ends a job for good: completed, cancelled or dead.
 local function finish_for_good(id, state, now)
+    local tally = tally_field(id)
+    local slot = key('ended', math.floor(now / ENDED_SLOT_MS))
+    redis.call('HINCRBY', slot, state .. '\t' .. tally, 1)
+    redis.call('EXPIRE', slot, 360)
+    if state == 'dead' then
+        redis.call('HINCRBY', key('tally', 'dead'), tally, 1)
+    end
     redis.call('HSET', key('job', id), 'state', state, 'finished_at', now)
     redis.call('HDEL', key('job', id), 'locked_by')
     if state == 'dead' then

@@ -8,6 +8,12 @@ local function sweep(set, keep_ms)
     for _, m in ipairs(ids) do
         local id = unpad(m)
         release_key(id)
+        if set == key('dead') then
+            local tally = tally_field(id)
+            if redis.call('HINCRBY', key('tally', 'dead'), tally, -1) <= 0 then
+                redis.call('HDEL', key('tally', 'dead'), tally)
+            end
+        end
         redis.call('DEL', key('job', id))
         redis.call('ZREM', set, m)
         gone = gone + 1
