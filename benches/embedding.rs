@@ -221,6 +221,7 @@ async fn pipeline(
         embedding_caps: Caps {
             tenant: 0,
             total: 0,
+            redis: None,
         },
     };
     let mut runtime = Runtime::new(pool.clone(), job_settings);

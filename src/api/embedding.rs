@@ -15,8 +15,8 @@ use super::auth::Admin;
 use super::error::{ApiError, ErrorBody};
 use super::{ApiState, optional_tenant};
 use crate::domain::{EmbeddingStatus, TenantId};
-use crate::store::embeddings::{QueueFigures, RequeueFilter, VectorIndex};
-use crate::workflows::embeddings::{self as workflow, Requeue, Scope};
+use crate::store::embeddings::{RequeueFilter, VectorIndex};
+use crate::workflows::embeddings::{self as workflow, QueueFigures, Requeue, Scope};
 
 /// Most nodes one requeue touches.
 const MAX_REQUEUE: i64 = 2000;
@@ -114,8 +114,12 @@ async fn status(
     Query(query): Query<StatusQuery>,
 ) -> Result<Json<EmbeddingStatusView>, ApiError> {
     let tenant = optional_tenant(query.tenant_id.as_deref())?;
-    let (scope, overall) =
-        workflow::status(&state.pool, tenant.as_ref().map(TenantId::as_str)).await?;
+    let (scope, overall) = workflow::status(
+        &state.pool,
+        state.redis_jobs.as_ref(),
+        tenant.as_ref().map(TenantId::as_str),
+    )
+    .await?;
     let settings = &state.settings.embedding;
     Ok(Json(EmbeddingStatusView {
         tenant_id: tenant.map(|t| t.to_string()),

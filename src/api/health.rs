@@ -116,7 +116,7 @@ async fn prometheus_metrics(State(state): State<ApiState>) -> impl IntoResponse 
     // A scrape must not fail because the database is slow: stale gauges beat no metrics.
     let sample = state.gauges.sample(
         &state.pool,
-        state.redis_jobs.get(),
+        state.redis_jobs.as_ref(),
         state.settings.jobs.orphan_timeout,
     );
     match tokio::time::timeout(Duration::from_secs(2), sample).await {

@@ -637,7 +637,7 @@ pub struct Overview {
 async fn queue_stats(_: Admin, State(state): State<ApiState>) -> Result<Json<Overview>, ApiError> {
     let overview = stats::overview(
         &state.pool,
-        state.redis_jobs.get(),
+        state.redis_jobs.as_ref(),
         state.settings.jobs.orphan_timeout,
     )
     .await?;

@@ -67,8 +67,8 @@ pub struct ApiState {
     pub subscriptions: crate::workflows::subscriber::Subscriptions,
     /// Whether the database answers, checked in the background (health checks read it).
     pub probe: Arc<crate::store::probe::Probe>,
-    /// The connector and embedding jobs' store under `ACTIVEKG_JOBS_BACKEND=redis`, set once connected.
-    pub redis_jobs: Arc<std::sync::OnceLock<crate::store::redis_jobs::RedisJobs>>,
+    /// The connector and embedding jobs' store under `ACTIVEKG_JOBS_BACKEND=redis`.
+    pub redis_jobs: Option<crate::store::redis_jobs::RedisJobs>,
 }
 
 impl ApiState {
@@ -83,7 +83,7 @@ impl ApiState {
             probe: crate::store::probe::Probe::spawn(&pool),
             embeddings,
             vector_index: Arc::default(),
-            redis_jobs: Arc::default(),
+            redis_jobs: None,
             subscriptions: Default::default(),
             pool,
             registry,

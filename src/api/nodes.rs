@@ -184,6 +184,7 @@ fn caps(state: &ApiState) -> Caps {
     Caps {
         tenant: state.settings.embedding.tenant_max_pending,
         total: state.settings.embedding.max_pending,
+        redis: state.redis_jobs.clone(),
     }
 }
 

@@ -253,6 +253,8 @@ pub async fn run(
     } else {
         &[]
     });
+    // Before anything reads a queue: the counts, the caps and the workers all need the jobs in Redis.
+    let redis = connect_redis(&settings).await?;
     let registry = Arc::new(Registry::confined(
         pool.clone(),
         Arc::new(keyring),
@@ -282,14 +284,16 @@ pub async fn run(
         embedding_caps: jobs::embed_node::Caps {
             tenant: settings.embedding.tenant_max_pending,
             total: settings.embedding.max_pending,
+            redis: redis.clone(),
         },
     };
-    let state = ApiState::new(
+    let mut state = ApiState::new(
         pool.clone(),
         settings.clone(),
         registry,
         deps.embeddings.clone(),
     );
+    state.redis_jobs = redis.clone();
     let server = match (roles.api, listener) {
         (true, Some(listener)) => {
             let addr: Option<SocketAddr> = listener.local_addr().ok();
@@ -338,25 +342,16 @@ pub async fn run(
                 }
             }
             let _ = state.vector_index.set(index);
-            match connect_redis(&settings).await {
-                Ok(redis) => {
-                    if let Some(jobs) = &redis {
-                        // Before readiness: the queue counts must never leave out the jobs in Redis.
-                        let _ = state.redis_jobs.set(jobs.clone());
-                    }
-                    // Before readiness, so the first scrape a load balancer lets through has every series.
-                    preset_metrics(&deps.registry).await;
-                    state.migrated.store(true, Ordering::SeqCst);
-                    tracing::info!("database schema is up to date");
-                    if roles.api && settings.webhooks.pubsub_subscriber {
-                        background.start_subscribers(&deps, &settings, &state);
-                    }
-                    background
-                        .start(&deps, &settings, &roles, &hub, redis)
-                        .await
-                }
-                Err(err) => Err(err),
+            // Before readiness, so the first scrape a load balancer lets through has every series.
+            preset_metrics(&deps.registry).await;
+            state.migrated.store(true, Ordering::SeqCst);
+            tracing::info!("database schema is up to date");
+            if roles.api && settings.webhooks.pubsub_subscriber {
+                background.start_subscribers(&deps, &settings, &state);
             }
+            background
+                .start(&deps, &settings, &roles, &hub, redis.clone())
+                .await
         }
         Ok(false) => Ok(()),
         Err(err) => Err(err),

@@ -71,12 +71,14 @@ impl Job for EmbedNode {
 
 /// The pending-embedding caps: `EMBEDDING_TENANT_MAX_PENDING` per tenant and `EMBEDDING_MAX_PENDING` in all
 /// (0 disables either). API requests over a cap are refused with 429; connector ingest waits instead.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Caps {
     /// Per tenant.
     pub tenant: u32,
     /// Overall.
     pub total: u32,
+    /// Where embedding jobs wait besides PostgreSQL, under `ACTIVEKG_JOBS_BACKEND=redis`.
+    pub redis: Option<crate::store::redis_jobs::RedisJobs>,
 }
 
 /// How much room the caps leave.
@@ -109,8 +111,14 @@ impl Caps {
             return Ok(Room::Unlimited);
         }
         let bound = |cap: u32| if cap == 0 { 0 } else { i64::from(cap) };
-        let pending =
+        let mut pending =
             store::pending(&mut *conn, tenant, bound(self.tenant), bound(self.total)).await?;
+        // After the outbox, so a job the relay moves meanwhile counts twice (the safe way) rather than not.
+        if let Some(redis) = &self.redis {
+            let (mine, all) = redis.pending(<EmbedNode as Job>::KIND, tenant).await?;
+            pending.tenant += mine;
+            pending.total += all;
+        }
         let mut room = Room::Unlimited;
         for (cap, used, what) in [
             (

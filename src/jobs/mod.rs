@@ -65,7 +65,7 @@ pub fn register(runtime: &mut Runtime, deps: &Deps, queues: Option<&[String]>) {
             sources: deps.sources.clone(),
             max_file_bytes: deps.max_file_bytes,
             extractor: deps.extractor.clone(),
-            embedding_caps: deps.embedding_caps,
+            embedding_caps: deps.embedding_caps.clone(),
         };
         runtime.register(ingest, ingest_object::run);
         let pages = backfill_page::Deps {

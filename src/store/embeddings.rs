@@ -193,7 +193,9 @@ pub async fn lock_tenant(conn: &mut PgConnection, tenant_id: &str) -> Result<()>
     Ok(())
 }
 
-/// Counts pending embeddings, the tenant's up to `tenant_bound` and everyone's up to `total_bound`.
+/// Counts pending embeddings, the tenant's up to `tenant_bound` and everyone's up to `total_bound`: in
+/// `jobs`, and in the outbox on their way to Redis (the caller adds what Redis holds, after this, so a job
+/// moving meanwhile is counted twice rather than missed).
 pub async fn pending<'e>(
     db: impl PgExecutor<'e>,
     tenant_id: &str,
@@ -203,8 +205,11 @@ pub async fn pending<'e>(
     let (tenant, total): (i64, i64) = sqlx::query_as(
         "SELECT
             (SELECT count(*) FROM (SELECT 1 FROM jobs WHERE kind = $1 AND state IN ('available', 'running')
-                                   AND tenant_id = $2 LIMIT $3) t),
+                                   AND tenant_id = $2
+                                   UNION ALL SELECT 1 FROM job_outbox WHERE kind = $1 AND tenant_id = $2
+                                   LIMIT $3) t),
             (SELECT count(*) FROM (SELECT 1 FROM jobs WHERE kind = $1 AND state IN ('available', 'running')
+                                   UNION ALL SELECT 1 FROM job_outbox WHERE kind = $1
                                    LIMIT $4) a)",
     )
     .bind(EMBED_KIND)
@@ -314,38 +319,6 @@ pub async fn status_counts<'e>(
     )
     .bind(tenant_id)
     .fetch_all(db)
-    .await?)
-}
-
-/// The embedding queue, as the guide's Redis keys described it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, sqlx::FromRow)]
-pub struct QueueFigures {
-    /// Due now, waiting for a worker (`embedding:queue`).
-    pub queued: i64,
-    /// Waiting for a retry's backoff (`embedding:retry`).
-    pub retry_scheduled: i64,
-    /// Being embedded.
-    pub running: i64,
-    /// Dead-lettered (`embedding:dlq`).
-    pub dead: i64,
-}
-
-/// Embedding job figures for one tenant or all.
-pub async fn queue_figures<'e>(
-    db: impl PgExecutor<'e>,
-    tenant_id: Option<&str>,
-) -> Result<QueueFigures> {
-    Ok(sqlx::query_as::<_, QueueFigures>(
-        "SELECT count(*) FILTER (WHERE state = 'available' AND run_at <= now()) AS queued,
-                count(*) FILTER (WHERE state = 'available' AND run_at > now()) AS retry_scheduled,
-                count(*) FILTER (WHERE state = 'running') AS running,
-                count(*) FILTER (WHERE state = 'dead') AS dead
-         FROM jobs WHERE kind = $1 AND state IN ('available', 'running', 'dead')
-           AND ($2::text IS NULL OR tenant_id = $2)",
-    )
-    .bind(EMBED_KIND)
-    .bind(tenant_id)
-    .fetch_one(db)
     .await?)
 }
 

@@ -10,7 +10,23 @@ use crate::embedding::{EmbedError, Service};
 use crate::error::{Error, Result};
 use crate::jobs::embed_node::{EmbedAction, EmbedNode};
 use crate::jobs::engine;
-use crate::store::embeddings::{self as store, Hit, QueueFigures, RequeueFilter, VectorIndex};
+use crate::jobs::engine::stats;
+use crate::store::embeddings::{self as store, Hit, RequeueFilter, VectorIndex};
+use crate::store::jobs::QueueCounts;
+use crate::store::redis_jobs::RedisJobs;
+
+/// The embedding queue, as the guide's Redis keys described it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueFigures {
+    /// Due now, waiting for a worker (`embedding:queue`).
+    pub queued: i64,
+    /// Waiting for a retry's backoff (`embedding:retry`).
+    pub retry_scheduled: i64,
+    /// Being embedded.
+    pub running: i64,
+    /// Dead-lettered (`embedding:dlq`).
+    pub dead: i64,
+}
 
 /// Nodes by embedding status and the embedding queue, for one scope (a tenant, or everyone).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -23,7 +39,7 @@ pub struct Scope {
     pub queue: QueueFigures,
 }
 
-async fn scope(pool: &PgPool, tenant_id: Option<&str>) -> Result<Scope> {
+async fn scope(pool: &PgPool, tenant_id: Option<&str>, jobs: &[QueueCounts]) -> Result<Scope> {
     let mut nodes: BTreeMap<&'static str, i64> = EmbeddingStatus::ALL
         .iter()
         .map(|s| (s.as_str(), 0))
@@ -35,20 +51,36 @@ async fn scope(pool: &PgPool, tenant_id: Option<&str>) -> Result<Scope> {
         }
         with_embedding += row.with_embedding;
     }
+    let mut queue = QueueFigures::default();
+    for row in jobs.iter().filter(|r| {
+        r.kind == <EmbedNode as engine::Job>::KIND
+            && tenant_id.is_none_or(|t| r.tenant_id.as_deref() == Some(t))
+    }) {
+        queue.queued += row.pending;
+        queue.retry_scheduled += row.scheduled;
+        queue.running += row.running;
+        queue.dead += row.dead;
+    }
     Ok(Scope {
         nodes,
         with_embedding,
-        queue: store::queue_figures(pool, tenant_id).await?,
+        queue,
     })
 }
 
-/// The tenant's figures (when given) and everyone's.
-pub async fn status(pool: &PgPool, tenant_id: Option<&str>) -> Result<(Option<Scope>, Scope)> {
+/// The tenant's figures (when given) and everyone's; the queue wherever its jobs wait (PostgreSQL, and
+/// Redis when given).
+pub async fn status(
+    pool: &PgPool,
+    redis: Option<&RedisJobs>,
+    tenant_id: Option<&str>,
+) -> Result<(Option<Scope>, Scope)> {
+    let jobs = stats::counts(pool, redis).await?;
     let tenant = match tenant_id {
-        Some(tenant) => Some(scope(pool, Some(tenant)).await?),
+        Some(tenant) => Some(scope(pool, Some(tenant), &jobs).await?),
         None => None,
     };
-    Ok((tenant, scope(pool, None).await?))
+    Ok((tenant, scope(pool, None, &jobs).await?))
 }
 
 /// A requeue request: which nodes, and whether to first mark ready those whose vector is already current.

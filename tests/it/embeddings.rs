@@ -160,6 +160,7 @@ async fn create(pool: &PgPool, inputs: Vec<NodeInput>) -> Vec<uuid::Uuid> {
     let unlimited = Caps {
         tenant: 0,
         total: 0,
+        redis: None,
     };
     workflow::create(pool, unlimited, inputs)
         .await
@@ -647,6 +648,7 @@ async fn ingest_waits_for_the_embedding_backlog_instead_of_failing() {
         embedding_caps: Caps {
             tenant: 1,
             total: 0,
+            redis: None,
         },
         ..job_deps(&db.pool, &settings)
     };

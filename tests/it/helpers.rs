@@ -213,6 +213,7 @@ pub fn job_deps(pool: &PgPool, settings: &JobSettings) -> activekg::jobs::Deps {
         embedding_caps: activekg::jobs::embed_node::Caps {
             tenant: 0,
             total: 0,
+            redis: None,
         },
     }
 }

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use activekg::domain::{JobId, JobState};
 use activekg::jobs::engine::{self, Runtime, job_store};
+use activekg::store::jobs as store_jobs;
 use activekg::store::redis_jobs::RedisJobs;
 use sqlx::PgPool;
 
@@ -349,5 +350,67 @@ async fn with_the_redis_backend_a_folder_is_ingested_and_embedded_and_its_backlo
             .then_some(())
     })
     .await;
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn on_redis_the_pending_embedding_cap_counts_jobs_in_the_outbox_and_in_redis() {
+    use activekg::domain::TenantId;
+    use activekg::jobs::embed_node::Caps;
+    use activekg::workflows::nodes::{self as workflow, CreateError, NodeInput};
+    let db = TestDb::new().await;
+    job_store::route_to_redis(&["embedding"]);
+    let prefix = format!("activekg_test_{}", uuid::Uuid::new_v4().simple());
+    let redis = RedisJobs::connect(&redis_url(), &prefix).await.unwrap();
+    let caps = Caps {
+        tenant: 2,
+        total: 0,
+        redis: Some(redis.clone()),
+    };
+    let note = |tenant: &str, text: &str| NodeInput {
+        id: None,
+        tenant_id: TenantId::parse(tenant).unwrap(),
+        classes: vec!["Note".to_owned()],
+        props: serde_json::Map::new(),
+        text: Some(text.to_owned()),
+        payload_ref: None,
+    };
+    let over_cap =
+        |outcome: Result<_, CreateError>| matches!(outcome, Err(CreateError::OverCap { .. }));
+    workflow::create(
+        &db.pool,
+        caps.clone(),
+        vec![note("acme", "one"), note("acme", "two")],
+    )
+    .await
+    .unwrap();
+    assert!(
+        over_cap(workflow::create(&db.pool, caps.clone(), vec![note("acme", "three")]).await),
+        "two embeddings on their way to Redis fill acme's cap"
+    );
+    store_jobs::relay(&db.pool, &redis, 100).await.unwrap();
+    let (in_table, in_outbox): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM jobs WHERE kind = 'embed_node'), (SELECT count(*) FROM job_outbox)",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!((in_table, in_outbox), (0, 0), "both jobs are in Redis now");
+    let (acme, all) = activekg::workflows::embeddings::status(&db.pool, Some(&redis), Some("acme"))
+        .await
+        .unwrap();
+    assert_eq!(
+        acme.unwrap().queue.queued,
+        2,
+        "the status shows Redis's queue"
+    );
+    assert_eq!(all.queue.queued, 2);
+    assert!(
+        over_cap(workflow::create(&db.pool, caps.clone(), vec![note("acme", "three")]).await),
+        "two embeddings waiting in Redis fill acme's cap"
+    );
+    workflow::create(&db.pool, caps.clone(), vec![note("globex", "elsewhere")])
+        .await
+        .expect("another tenant has room");
     db.drop_db().await;
 }

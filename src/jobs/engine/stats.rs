@@ -17,7 +17,7 @@ use crate::store::redis_jobs::RedisJobs;
 /// The counts of every job wherever it waits: PostgreSQL's table and outbox, and Redis when the connector
 /// and embedding queues live there. Fails rather than leave out a backend, so nobody reads a half-count as
 /// an empty queue.
-async fn counts(pool: &PgPool, redis: Option<&RedisJobs>) -> Result<Vec<QueueCounts>> {
+pub async fn counts(pool: &PgPool, redis: Option<&RedisJobs>) -> Result<Vec<QueueCounts>> {
     let mut rows = store::queue_counts(pool).await?;
     if let Some(redis) = redis {
         rows.extend(redis.queue_counts().await?);

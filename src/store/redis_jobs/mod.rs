@@ -29,6 +29,7 @@ struct Scripts {
     hold: Script,
     prune: Script,
     counts: Script,
+    pending: Script,
 }
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| {
@@ -43,6 +44,7 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| {
         hold: with_prelude(include_str!("hold.lua")),
         prune: with_prelude(include_str!("prune.lua")),
         counts: with_prelude(include_str!("counts.lua")),
+        pending: with_prelude(include_str!("pending.lua")),
     }
 });
 
@@ -411,6 +413,11 @@ impl RedisJobs {
                 },
             )
             .collect())
+    }
+
+    /// Jobs of `kind` waiting (due or not) or running: `tenant`'s and everyone's, for the pending caps.
+    pub async fn pending(&self, kind: &str, tenant: &str) -> Result<(i64, i64)> {
+        parse(self.run(&SCRIPTS.pending, &[&kind, &tenant]).await?)
     }
 
     /// Everything stored about a job, as [`super::jobs::get`] shows a row.
