@@ -231,7 +231,7 @@ async fn page(
             next_cursor: None,
         }));
     };
-    let (jobs, next) = admin::list(&state.pool, &filter, cursor, limit).await?;
+    let (jobs, next) = admin::list(stores(state), &filter, cursor, limit).await?;
     Ok(Json(JobPage {
         jobs: jobs.into_iter().map(JobView::from).collect(),
         next_cursor: next.map(|id| id.to_string()),
@@ -287,7 +287,9 @@ async fn get_job(
     }
     let timeout = std::time::Duration::from_secs(u64::from(wait.wait_seconds));
     Ok(Json(
-        admin::wait(&state.pool, JobId(id), timeout).await?.into(),
+        admin::wait(stores(&state), JobId(id), timeout)
+            .await?
+            .into(),
     ))
 }
 
@@ -301,7 +303,7 @@ async fn retry_job(
     State(state): State<ApiState>,
     Path(id): Path<i64>,
 ) -> Result<Json<JobView>, ApiError> {
-    Ok(Json(admin::retry(&state.pool, JobId(id)).await?.into()))
+    Ok(Json(admin::retry(stores(&state), JobId(id)).await?.into()))
 }
 
 /// Cancel a pending, scheduled or running job (a running attempt is stopped and cannot commit anything more).
@@ -314,7 +316,7 @@ async fn cancel_job(
     State(state): State<ApiState>,
     Path(id): Path<i64>,
 ) -> Result<Json<JobView>, ApiError> {
-    Ok(Json(admin::cancel(&state.pool, JobId(id)).await?.into()))
+    Ok(Json(admin::cancel(stores(&state), JobId(id)).await?.into()))
 }
 
 /// When to run a job.
@@ -338,7 +340,7 @@ async fn reschedule_job(
     Json(body): Json<Reschedule>,
 ) -> Result<Json<JobView>, ApiError> {
     Ok(Json(
-        admin::reschedule(&state.pool, JobId(id), body.run_at)
+        admin::reschedule(stores(&state), JobId(id), body.run_at)
             .await?
             .into(),
     ))
@@ -421,7 +423,7 @@ async fn replay_dead_jobs(
     Json(body): Json<DeadFilter>,
 ) -> Result<Json<ReplayResult>, ApiError> {
     let (filter, all, limit) = body.parts()?;
-    let replayed = admin::replay_dead(&state.pool, &filter, all, limit).await?;
+    let replayed = admin::replay_dead(stores(&state), &filter, all, limit).await?;
     Ok(Json(ReplayResult {
         count: replayed.count,
         not_replayed: replayed
@@ -444,7 +446,7 @@ async fn purge_dead_jobs(
     Json(body): Json<DeadFilter>,
 ) -> Result<Json<BulkResult>, ApiError> {
     let (filter, all, limit) = body.parts()?;
-    let count = admin::purge_dead(&state.pool, &filter, all, limit).await?;
+    let count = admin::purge_dead(stores(&state), &filter, all, limit).await?;
     Ok(Json(BulkResult { count }))
 }
 
@@ -523,7 +525,8 @@ async fn cancel_waiting_jobs(
         ids: body.ids,
     };
     let limit = body.limit.unwrap_or(admin::MAX_BULK);
-    let count = admin::cancel_waiting(&state.pool, &filter, body.all, limit, body.dry_run).await?;
+    let count =
+        admin::cancel_waiting(stores(&state), &filter, body.all, limit, body.dry_run).await?;
     Ok(Json(CancelResult {
         count,
         dry_run: body.dry_run,
@@ -809,4 +812,12 @@ async fn queue_history(
             })
             .collect(),
     }))
+}
+
+/// Where the jobs live, for the admin actions.
+fn stores(state: &ApiState) -> admin::Stores<'_> {
+    admin::Stores {
+        pool: &state.pool,
+        redis: state.redis_jobs.as_ref(),
+    }
 }

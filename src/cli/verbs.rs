@@ -148,9 +148,13 @@ async fn jobs_verb(pool: PgPool, settings: Settings, action: JobsAction) -> Resu
     use crate::jobs::engine::{admin, stats};
     use crate::store::jobs::JobFilter;
     let fail = |e: crate::error::Error| AppError::Other(anyhow::anyhow!(e));
+    let redis = app::connect_redis(&settings).await?;
+    let stores = admin::Stores {
+        pool: &pool,
+        redis: redis.as_ref(),
+    };
     match action {
         JobsAction::Queues => {
-            let redis = app::connect_redis(&settings).await?;
             let overview = stats::overview(&pool, redis.as_ref(), settings.jobs.orphan_timeout)
                 .await
                 .map_err(fail)?;
@@ -221,7 +225,7 @@ async fn jobs_verb(pool: PgPool, settings: Settings, action: JobsAction) -> Resu
                 tenant_id: tenant,
                 ..JobFilter::default()
             };
-            let (jobs, _) = admin::list(&pool, &filter, None, limit)
+            let (jobs, _) = admin::list(stores, &filter, None, limit)
                 .await
                 .map_err(fail)?;
             for job in jobs {
@@ -239,11 +243,11 @@ async fn jobs_verb(pool: PgPool, settings: Settings, action: JobsAction) -> Resu
             }
         }
         JobsAction::Show { id } => {
-            let job = admin::get(&pool, JobId(id)).await.map_err(fail)?;
+            let job = admin::get(stores, JobId(id)).await.map_err(fail)?;
             println!("{job:#?}");
         }
         JobsAction::Retry { id } => {
-            let job = admin::retry(&pool, JobId(id)).await.map_err(fail)?;
+            let job = admin::retry(stores, JobId(id)).await.map_err(fail)?;
             println!("job {} is {}", job.id, job.state);
         }
         JobsAction::Cancel {
@@ -259,7 +263,7 @@ async fn jobs_verb(pool: PgPool, settings: Settings, action: JobsAction) -> Resu
                 tenant_id: tenant,
                 ..JobFilter::default()
             };
-            let count = admin::cancel_waiting(&pool, &filter, all, admin::MAX_BULK, dry_run)
+            let count = admin::cancel_waiting(stores, &filter, all, admin::MAX_BULK, dry_run)
                 .await
                 .map_err(fail)?;
             if dry_run {
@@ -274,7 +278,7 @@ async fn jobs_verb(pool: PgPool, settings: Settings, action: JobsAction) -> Resu
                 tenant_id: tenant,
                 ..JobFilter::default()
             };
-            let replayed = admin::replay_dead(&pool, &filter, all, admin::MAX_BULK)
+            let replayed = admin::replay_dead(stores, &filter, all, admin::MAX_BULK)
                 .await
                 .map_err(fail)?;
             println!("replayed {} dead job(s)", replayed.count);

@@ -8,9 +8,9 @@ use std::time::Duration;
 use std::collections::BTreeMap;
 
 use activekg::domain::{AttemptError, JobId, JobState};
-use activekg::jobs::engine::stats;
+use activekg::jobs::engine::{admin, stats};
 use activekg::store::jobs::{
-    self as store, Claimed, Completion, Enqueued, Finish, NewJob, Rescued,
+    self as store, Claimed, Completion, Enqueued, Finish, JobFilter, NewJob, Rescued,
 };
 use activekg::store::redis_jobs::RedisJobs;
 use serde_json::json;
@@ -850,6 +850,195 @@ async fn either_backend_counts_waiting_running_dead_and_recent_jobs_per_kind_and
         side
     })
     .await;
+}
+
+impl Side {
+    fn stores(&self) -> admin::Stores<'_> {
+        admin::Stores {
+            pool: &self.db.pool,
+            redis: self.redis.as_ref(),
+        }
+    }
+
+    /// Claims `kind`'s next job and dead-letters it.
+    async fn kill_next(&self, kind: &str) -> JobId {
+        let c = self.claim(kind, "w1", 1).await.remove(0);
+        let id = JobId(c.id);
+        let dead = Completion {
+            id,
+            attempt: c.attempt,
+            finish: Finish::Dead {
+                error: error(c.attempt, "gave up"),
+            },
+        };
+        assert_eq!(self.finish("w1", &[dead]).await, [id], "{}", self.name());
+        id
+    }
+}
+
+fn plain_only() -> JobFilter {
+    JobFilter {
+        kind: Some("plain".into()),
+        ..JobFilter::default()
+    }
+}
+
+#[tokio::test]
+async fn either_backend_lists_shows_retries_cancels_reschedules_replays_and_purges_for_operators() {
+    on_both(|side| async move {
+        let name = side.name();
+        let keyed = NewJob {
+            unique_key: Some("k".into()),
+            unique_while_active: true,
+            ..job("plain", 1)
+        };
+        let ids: Vec<JobId> = side
+            .enqueue(&[keyed.clone(), job("plain", 2), job("plain", 3)])
+            .await
+            .iter()
+            .map(|e| e.id.unwrap())
+            .collect();
+        let first = side.kill_next("plain").await;
+        assert_eq!(first, ids[0], "{name}");
+        let shown = admin::get(side.stores(), first).await.unwrap();
+        assert_eq!(
+            (shown.state, shown.attempt, shown.errors.len()),
+            (JobState::Dead, 1, 1),
+            "{name}"
+        );
+        let dead = JobFilter {
+            state: Some(JobState::Dead),
+            ..plain_only()
+        };
+        let (page, _) = admin::list(side.stores(), &dead, None, 10).await.unwrap();
+        assert_eq!(
+            page.iter().map(|j| j.id).collect::<Vec<_>>(),
+            [first],
+            "{name}"
+        );
+        let (page, next) = admin::list(side.stores(), &plain_only(), None, 2)
+            .await
+            .unwrap();
+        assert_eq!(
+            page.iter().map(|j| j.id).collect::<Vec<_>>(),
+            [ids[2], ids[1]],
+            "{name}: newest first"
+        );
+        let (page, next) = admin::list(side.stores(), &plain_only(), next, 2)
+            .await
+            .unwrap();
+        assert_eq!(
+            (page.iter().map(|j| j.id).collect::<Vec<_>>(), next),
+            (vec![first], None),
+            "{name}"
+        );
+
+        // Cancel and reschedule apply to waiting jobs only.
+        let cancelled = admin::cancel(side.stores(), ids[1]).await.unwrap();
+        assert_eq!(cancelled.state, JobState::Cancelled, "{name}");
+        let refused = admin::cancel(side.stores(), ids[1])
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("is cancelled"), "{name}: {refused}");
+        let later = chrono::Utc::now() + chrono::Duration::hours(1);
+        let moved = admin::reschedule(side.stores(), ids[2], later)
+            .await
+            .unwrap();
+        assert_eq!(moved.state, JobState::Scheduled, "{name}");
+
+        // Retry replays a dead job with fresh attempts; it runs again (the only due job now).
+        let retried = admin::retry(side.stores(), first).await.unwrap();
+        assert_eq!(
+            (retried.state, retried.attempt),
+            (JobState::Pending, 0),
+            "{name}"
+        );
+        assert_eq!(retried.errors.last().unwrap().class, "replayed", "{name}");
+        assert_eq!(side.kill_next("plain").await, first, "{name}");
+        // Its key was taken back and given back at death; a new job takes it, and a replay must not
+        // do the same work twice.
+        let again = side.enqueue(&[keyed]).await[0].id.unwrap();
+        let refused = admin::retry(side.stores(), first)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refused.contains(&format!("job {again} holds its idempotency key")),
+            "{name}: {refused}"
+        );
+        let replayed = admin::replay_dead(side.stores(), &plain_only(), false, 100)
+            .await
+            .unwrap();
+        assert_eq!(
+            (replayed.count, replayed.held),
+            (0, vec![(first, again)]),
+            "{name}"
+        );
+
+        // Waiting jobs are counted, then cancelled, in bulk: the rescheduled one and the new keyed one.
+        let waiting = admin::cancel_waiting(side.stores(), &plain_only(), false, 100, true)
+            .await
+            .unwrap();
+        assert_eq!(waiting, 2, "{name}");
+        assert_eq!(
+            admin::cancel_waiting(side.stores(), &plain_only(), false, 100, false)
+                .await
+                .unwrap(),
+            2
+        );
+        assert_eq!(
+            admin::get(side.stores(), ids[2]).await.unwrap().state,
+            JobState::Cancelled,
+            "{name}"
+        );
+        assert!(side.claim("plain", "w1", 10).await.is_empty(), "{name}");
+
+        // Purge deletes dead jobs; an unknown id is not found anywhere.
+        assert_eq!(
+            admin::purge_dead(side.stores(), &dead, false, 100)
+                .await
+                .unwrap(),
+            1,
+            "{name}"
+        );
+        let gone = admin::get(side.stores(), first).await.unwrap_err();
+        assert!(
+            matches!(gone, activekg::error::Error::NotFound { .. }),
+            "{name}: {gone}"
+        );
+        side
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_sparse_listing_in_redis_walks_a_bounded_stretch_and_hands_back_a_cursor_to_go_on() {
+    let side = Side::new(true).await;
+    let redis = side.redis.clone().unwrap();
+    let mut jobs = vec![job("other", 0)];
+    jobs.extend((1..=10).map(|n| job("plain", n)));
+    let wanted = side.enqueue(&jobs).await[0].id.unwrap();
+    let other = JobFilter {
+        kind: Some("other".into()),
+        ..JobFilter::default()
+    };
+    let mut cursor = None;
+    let mut walks = 0;
+    let found = loop {
+        let (page, lowest) = redis.list(&other, cursor, 5, 4).await.unwrap();
+        walks += 1;
+        if !page.is_empty() {
+            break page;
+        }
+        cursor =
+            Some(lowest.expect(
+                "a walk that found nothing and did not reach the end says where it stopped",
+            ));
+    };
+    assert_eq!(found.iter().map(|j| j.id).collect::<Vec<_>>(), [wanted]);
+    assert_eq!(walks, 3, "eleven jobs, four per walk");
+    side.done().await;
 }
 
 #[tokio::test]

@@ -350,6 +350,22 @@ async fn with_the_redis_backend_a_folder_is_ingested_and_embedded_and_its_backlo
             .then_some(())
     })
     .await;
+    // The jobs API lists and shows them as it does jobs in PostgreSQL.
+    let listed: serde_json::Value = serde_json::from_str(
+        &api.get("/_admin/jobs?kind=ingest_object&state=completed")
+            .await,
+    )
+    .unwrap();
+    let listed = listed["jobs"].as_array().unwrap();
+    assert_eq!(listed.len(), 5, "{listed:?}");
+    let shown: serde_json::Value =
+        serde_json::from_str(&api.get(&format!("/_admin/jobs/{}", listed[0]["id"])).await).unwrap();
+    assert_eq!(
+        (shown["state"].as_str(), shown["attempt"].as_i64()),
+        (Some("completed"), Some(1)),
+        "{shown}"
+    );
+    assert_eq!(shown["tenant_id"], "acme", "{shown}");
     db.drop_db().await;
 }
 
@@ -412,5 +428,57 @@ async fn on_redis_the_pending_embedding_cap_counts_jobs_in_the_outbox_and_in_red
     workflow::create(&db.pool, caps.clone(), vec![note("globex", "elsewhere")])
         .await
         .expect("another tenant has room");
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn on_redis_a_running_job_cancelled_by_an_operator_commits_nothing_and_frees_its_worker() {
+    use activekg::jobs::engine::admin;
+    let db = TestDb::new().await;
+    create_probe_tables(&db.pool).await;
+    let (redis, child_redis) = redis_at(&redis_url()).await;
+    let mut conn = db.pool.acquire().await.unwrap();
+    let id = engine::enqueue(
+        &mut conn,
+        &Probe::new("slow", Behavior::EffectAfter { ms: 3000 }),
+    )
+    .await
+    .unwrap()
+    .id
+    .unwrap();
+    drop(conn);
+    let mut child = spawn_child("worker", &db.url, &[("ACTIVEKG_CHILD_REDIS", &child_redis)]);
+    let (_worker, _lines) = child_ready(&mut child).await;
+    eventually(Duration::from_secs(10), "the job to be running", || async {
+        (redis.get(id).await.unwrap()?.state == JobState::Running).then_some(())
+    })
+    .await;
+    let stores = admin::Stores {
+        pool: &db.pool,
+        redis: Some(&redis),
+    };
+    let cancelled = admin::cancel(stores, id).await.unwrap();
+    assert_eq!(cancelled.state, JobState::Cancelled);
+    assert_eq!(cancelled.errors.last().unwrap().class, "cancelled");
+    // Past the point where the attempt would have committed its effect.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        effects(&db.pool).await,
+        (0, 0),
+        "the cancelled attempt committed nothing"
+    );
+    assert_eq!(
+        redis.get(id).await.unwrap().unwrap().state,
+        JobState::Cancelled
+    );
+    // The worker is free and healthy: the next job runs.
+    let next = enqueue_tallies(&db.pool, 1).await[0];
+    eventually(
+        Duration::from_secs(10),
+        "the next job to complete",
+        || async { (redis.get(next).await.unwrap()?.state == JobState::Completed).then_some(()) },
+    )
+    .await;
+    child.start_kill().unwrap();
     db.drop_db().await;
 }

@@ -255,11 +255,7 @@ pub async fn cancel(conn: &mut PgConnection, id: JobId) -> Result<()> {
             .fetch_one(&mut *conn)
             .await?;
             if was_running {
-                sqlx::query("SELECT pg_notify($1, $2)")
-                    .bind(super::CANCEL_CHANNEL)
-                    .bind(format!("{}:{attempt}", id.0))
-                    .execute(&mut *conn)
-                    .await?;
+                tell_cancelled(&mut *conn, id, attempt).await?;
             }
             Ok(())
         }
@@ -267,6 +263,16 @@ pub async fn cancel(conn: &mut PgConnection, id: JobId) -> Result<()> {
             "job {id} is {state}: only pending, scheduled or running jobs can be cancelled"
         ))),
     }
+}
+
+/// Tells the worker running attempt `attempt` of job `id` that it was cancelled (whichever store holds it).
+pub async fn tell_cancelled<'e>(db: impl PgExecutor<'e>, id: JobId, attempt: i32) -> Result<()> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(super::CANCEL_CHANNEL)
+        .bind(format!("{}:{attempt}", id.0))
+        .execute(db)
+        .await?;
+    Ok(())
 }
 
 /// Moves a pending or scheduled job's run time.

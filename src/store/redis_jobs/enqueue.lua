@@ -38,6 +38,7 @@ for i, j in ipairs(jobs) do
             redis.call('HSET', key('unique', j.kind), unique_key, id)
         end
         redis.call('HSET', key('kinds'), j.kind, j.queue)
+        redis.call('ZADD', key('all'), j.id, id)
         make_available(id, run_at)
         if run_at <= now then
             woken[j.kind] = true

@@ -17,7 +17,9 @@ use serde_json::{Value, json};
 
 use crate::domain::{AttemptError, JobId, JobState};
 use crate::error::{Error, Result};
-use crate::store::jobs::{Claimed, Completion, Finish, JobRecord, Outgoing, QueueCounts, Rescued};
+use crate::store::jobs::{
+    Claimed, Completion, Finish, JobFilter, JobRecord, Outgoing, QueueCounts, Replayed, Rescued,
+};
 
 /// The scripts, each with the shared prelude in front.
 struct Scripts {
@@ -30,6 +32,9 @@ struct Scripts {
     prune: Script,
     counts: Script,
     pending: Script,
+    list: Script,
+    admin: Script,
+    bulk: Script,
 }
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| {
@@ -45,6 +50,9 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| {
         prune: with_prelude(include_str!("prune.lua")),
         counts: with_prelude(include_str!("counts.lua")),
         pending: with_prelude(include_str!("pending.lua")),
+        list: with_prelude(include_str!("list.lua")),
+        admin: with_prelude(include_str!("admin.lua")),
+        bulk: with_prelude(include_str!("bulk.lua")),
     }
 });
 
@@ -57,6 +65,61 @@ pub enum Pushed {
     Exists,
     /// Its idempotency key is held by this other job: it was not added.
     Duplicate(JobId),
+}
+
+/// An operator's action on one job in Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Run a waiting job now, or replay a dead or cancelled one.
+    Retry,
+    /// Cancel a waiting or running job.
+    Cancel,
+    /// Move a waiting job's run time.
+    Reschedule(DateTime<Utc>),
+}
+
+/// What an operator's action on one job in Redis did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Acted {
+    /// Done.
+    Done,
+    /// A running attempt was cancelled: its worker is to be told to stop it.
+    CancelledRunning {
+        /// The attempt.
+        attempt: i32,
+    },
+    /// No such job in Redis.
+    Missing,
+    /// The action does not apply to a job in this state.
+    NotIn(JobState),
+    /// A replay refused: this other job holds the idempotency key.
+    Held(JobId),
+}
+
+/// A bulk operator action on jobs in Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bulk {
+    /// Replay dead jobs.
+    Replay,
+    /// Delete dead jobs.
+    Purge,
+    /// Cancel waiting jobs.
+    Cancel,
+    /// Count waiting jobs.
+    Count,
+}
+
+fn filter_json(filter: &JobFilter) -> String {
+    json!({
+        "queue": filter.queue,
+        "kind": filter.kind,
+        "state": filter.state.map(JobState::as_str),
+        "tenant_id": filter.tenant_id,
+        "since_ms": filter.since.map(millis),
+        "until_ms": filter.until.map(millis),
+        "ids": filter.ids,
+    })
+    .to_string()
 }
 
 /// Jobs in Redis under one key prefix. Cheap to clone (one multiplexed connection, reconnecting by itself).
@@ -418,6 +481,77 @@ impl RedisJobs {
     /// Jobs of `kind` waiting (due or not) or running: `tenant`'s and everyone's, for the pending caps.
     pub async fn pending(&self, kind: &str, tenant: &str) -> Result<(i64, i64)> {
         parse(self.run(&SCRIPTS.pending, &[&kind, &tenant]).await?)
+    }
+
+    /// Jobs matching `filter`, newest first, below `before`, at most `limit`, walking at most `walk` jobs.
+    /// Answers the jobs and, when the walk stopped before the end, the lowest id it looked at: the answer
+    /// vouches only for ids from there up.
+    pub async fn list(
+        &self,
+        filter: &JobFilter,
+        before: Option<JobId>,
+        limit: i64,
+        walk: i64,
+    ) -> Result<(Vec<JobRecord>, Option<JobId>)> {
+        let before = before.map_or(0, |id| id.0);
+        let (ids, lowest): (Vec<i64>, i64) = parse(
+            self.run(
+                &SCRIPTS.list,
+                &[&filter_json(filter), &before, &limit, &walk],
+            )
+            .await?,
+        )?;
+        let mut jobs = Vec::with_capacity(ids.len());
+        for id in ids {
+            // A job pruned between the walk and this read is simply not shown.
+            if let Some(job) = self.get(JobId(id)).await? {
+                jobs.push(job);
+            }
+        }
+        Ok((jobs, (lowest >= 0).then_some(JobId(lowest))))
+    }
+
+    /// One operator action on one job, as PostgreSQL's admin queries do it.
+    pub async fn act(&self, id: JobId, action: Action) -> Result<Acted> {
+        let (op, at) = match action {
+            Action::Retry => ("retry", 0),
+            Action::Cancel => ("cancel", 0),
+            Action::Reschedule(at) => ("reschedule", millis(at)),
+        };
+        let (outcome, detail): (String, String) =
+            parse(self.run(&SCRIPTS.admin, &[&op, &id.0, &at]).await?)?;
+        Ok(match outcome.as_str() {
+            "ok" => Acted::Done,
+            "ok_running" => Acted::CancelledRunning {
+                attempt: detail.parse().map_err(|_| bad_reply("a cancel"))?,
+            },
+            "missing" => Acted::Missing,
+            "state" => Acted::NotIn(detail.parse().map_err(|_| bad_reply("a job state"))?),
+            "held" => Acted::Held(JobId(detail.parse().map_err(|_| bad_reply("a holder"))?)),
+            _ => return Err(bad_reply("an admin action")),
+        })
+    }
+
+    /// A bulk action on up to `limit` jobs matching `filter`: how many it touched, and for a replay the
+    /// jobs left alone because another job holds their key (with that job).
+    pub async fn bulk(&self, action: Bulk, filter: &JobFilter, limit: i64) -> Result<Replayed> {
+        let op = match action {
+            Bulk::Replay => "replay",
+            Bulk::Purge => "purge",
+            Bulk::Cancel => "cancel",
+            Bulk::Count => "count",
+        };
+        let (count, held): (u64, Vec<(i64, i64)>) = parse(
+            self.run(&SCRIPTS.bulk, &[&op, &filter_json(filter), &limit])
+                .await?,
+        )?;
+        Ok(Replayed {
+            count,
+            held: held
+                .into_iter()
+                .map(|(id, holder)| (JobId(id), JobId(holder)))
+                .collect(),
+        })
     }
 
     /// Everything stored about a job, as [`super::jobs::get`] shows a row.

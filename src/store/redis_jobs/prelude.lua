@@ -13,6 +13,7 @@
 --   dead                  ZSET   dead-lettered jobs, by finished_at
 --   unique:<kind>         HASH   idempotency key -> the job holding it
 --   kinds                 HASH   kind -> its queue, for every kind ever enqueued (the counts walk it)
+--   all                   ZSET   every job, scored by id (the operators' listing walks it newest first)
 --   tally:dead            HASH   "queue\tkind\ttenant\tprovider" -> dead jobs kept (the counts read it)
 --   ended:<10 s slot>     HASH   "state\tqueue\tkind\ttenant\tprovider" -> jobs that ended in that slot,
 --                                kept 6 minutes (the counts' "last five minutes")
@@ -146,4 +147,72 @@ end
 local function holds(id, attempt, worker)
     local j = redis.call('HMGET', key('job', id), 'state', 'attempt', 'locked_by')
     return j[1] == 'running' and tonumber(j[2]) == tonumber(attempt) and j[3] == worker
+end
+
+-- The due set an available job waits in.
+local function due_set(id)
+    local j = redis.call('HMGET', key('job', id), 'kind', 'fair', 'tenant_id', 'provider', 'priority')
+    if j[2] == '1' then
+        return key('due', j[1], 'g', (j[3] or '') .. '/' .. (j[4] or ''))
+    end
+    return key('due', j[1], 'p', tonumber(j[5]))
+end
+
+-- The operator's view of a job's state: an available job is pending or scheduled by its run time.
+local function view_state(state, run_at, now)
+    if state == 'available' then
+        if tonumber(run_at) > now then
+            return 'scheduled'
+        end
+        return 'pending'
+    end
+    return state
+end
+
+-- Whether job `id` matches an admin filter (decoded JSON: queue, kind, state, tenant_id, since_ms, until_ms),
+-- as PostgreSQL's `filter_sql` does; a job that is gone matches nothing.
+local function matches(id, f, now)
+    local j = redis.call('HMGET', key('job', id), 'queue', 'kind', 'state', 'run_at', 'tenant_id', 'enqueued_at')
+    if not j[3] then
+        return false
+    end
+    local given = function(v)
+        return v ~= nil and v ~= cjson.null
+    end
+    return (not given(f.queue) or j[1] == f.queue)
+        and (not given(f.kind) or j[2] == f.kind)
+        and (not given(f.state) or view_state(j[3], j[4], now) == f.state)
+        and (not given(f.tenant_id) or j[5] == f.tenant_id)
+        and (not given(f.since_ms) or tonumber(j[6]) >= f.since_ms)
+        and (not given(f.until_ms) or tonumber(j[6]) < f.until_ms)
+end
+
+-- Replays a dead or cancelled job with a fresh set of attempts, keeping its history with a `replayed` entry
+-- at the boundary, and takes its idempotency key back. Answers the holder's id instead (changing nothing)
+-- when another job holds that key by now.
+local function replay(id, now)
+    local h = key('job', id)
+    local j = redis.call('HMGET', h, 'kind', 'idempotency_key', 'state', 'attempt')
+    if j[2] then
+        local holder = redis.call('HGET', key('unique', j[1]), j[2])
+        if holder and holder ~= tostring(id) then
+            return holder
+        end
+        redis.call('HSET', key('unique', j[1]), j[2], id)
+        redis.call('HSET', h, 'unique_key', j[2])
+    end
+    if j[3] == 'dead' then
+        redis.call('ZREM', key('dead'), member(id))
+        local tally = tally_field(id)
+        if redis.call('HINCRBY', key('tally', 'dead'), tally, -1) <= 0 then
+            redis.call('HDEL', key('tally', 'dead'), tally)
+        end
+    else
+        redis.call('ZREM', key('finished'), member(id))
+    end
+    append_error(id, cjson.encode({ attempt = tonumber(j[4]), at = iso(now), class = 'replayed',
+        error = 'replayed by an operator after ' .. j[4] .. ' attempt(s)' }))
+    redis.call('HSET', h, 'attempt', 0, 'handbacks', 0)
+    make_available(id, now)
+    return nil
 end

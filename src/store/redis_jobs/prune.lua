@@ -15,6 +15,7 @@ local function sweep(set, keep_ms)
             end
         end
         redis.call('DEL', key('job', id))
+        redis.call('ZREM', key('all'), id)
         redis.call('ZREM', set, m)
         gone = gone + 1
     end
