@@ -169,10 +169,10 @@ impl Background {
         // of roles or queues can leave it undone.
         let mut runtime = Runtime::new(pool.clone(), settings.jobs.clone());
         runtime.hub(hub.clone()).roles(&names);
-        if let Some(jobs) = redis {
-            runtime.redis(jobs);
+        if let Some(jobs) = &redis {
+            runtime.redis(jobs.clone());
         }
-        jobs::chores(&mut runtime);
+        jobs::chores(&mut runtime, redis);
         if roles.worker {
             jobs::register(&mut runtime, deps, roles.queues.as_deref());
         }

@@ -19,6 +19,7 @@ use sqlx::PgPool;
 use crate::config::JobSettings;
 use crate::connectors::Sources;
 use crate::registry::Registry;
+use crate::store::redis_jobs::RedisJobs;
 use engine::upkeep::{self, Chore};
 use engine::{Runtime, Scheduler};
 
@@ -95,15 +96,23 @@ pub fn register(runtime: &mut Runtime, deps: &Deps, queues: Option<&[String]>) {
 }
 
 /// Chores every process runs with the engine's own upkeep, whatever its role.
-pub fn chores(runtime: &mut Runtime) {
+pub fn chores(runtime: &mut Runtime, redis: Option<RedisJobs>) {
     // Every 20 s, so each minute is sampled soon after it ends by whichever process gets there first.
     runtime.chore(Chore::new(
         "sample_job_history",
         std::time::Duration::from_secs(20),
-        |pool| async move {
-            crate::store::jobs::sample_history(&pool).await?;
-            // Only deletions are worth a log line.
-            crate::store::jobs::prune_history(&pool, engine::stats::HISTORY_KEPT).await
+        move |pool| {
+            let redis = redis.clone();
+            async move {
+                crate::store::jobs::sample_history(&pool).await?;
+                if let Some(redis) = redis {
+                    let minute = crate::store::jobs::last_whole_minute(&pool).await?;
+                    let rows = redis.history(minute).await?;
+                    crate::store::jobs::record_history(&pool, &rows).await?;
+                }
+                // Only deletions are worth a log line.
+                crate::store::jobs::prune_history(&pool, engine::stats::HISTORY_KEPT).await
+            }
         },
     ));
     runtime.chore(Chore::new(

@@ -1013,6 +1013,78 @@ async fn either_backend_lists_shows_retries_cancels_reschedules_replays_and_purg
 }
 
 #[tokio::test]
+async fn redis_counts_each_minutes_completions_failures_and_dead_letters_for_the_history() {
+    use chrono::{DurationRound, TimeDelta};
+    let side = Side::new(true).await;
+    let redis = side.redis.clone().unwrap();
+    let minute =
+        |t: chrono::DateTime<chrono::Utc>| t.duration_trunc(TimeDelta::minutes(1)).unwrap();
+    let first = minute(chrono::Utc::now());
+    side.enqueue(&(1..=5).map(|n| job("plain", n)).collect::<Vec<_>>())
+        .await;
+    let c = side.claim("plain", "w1", 4).await;
+    let retry = Finish::Retry {
+        delay: Duration::from_secs(600),
+        error: error(1, "again"),
+    };
+    let finishes = [
+        Finish::Completed,
+        Finish::Completed,
+        retry,
+        Finish::Dead {
+            error: error(1, "no"),
+        },
+    ];
+    let completions: Vec<Completion> = c
+        .iter()
+        .zip(finishes)
+        .map(|(c, finish)| Completion {
+            id: JobId(c.id),
+            attempt: c.attempt,
+            finish,
+        })
+        .collect();
+    side.finish("w1", &completions).await;
+    let last = minute(chrono::Utc::now());
+    // The actions may straddle a minute: add up the minutes they span.
+    let mut total = [0_i64; 6];
+    let mut at = first;
+    while at <= last {
+        for row in redis.history(at).await.unwrap() {
+            assert_eq!(row.queue, "test");
+            for (t, n) in total.iter_mut().zip([
+                row.pending,
+                row.scheduled,
+                row.running,
+                row.completed,
+                row.failed,
+                row.dead,
+            ]) {
+                *t += n;
+            }
+        }
+        at += TimeDelta::minutes(1);
+    }
+    let snapshots = (last - first).num_minutes() + 1;
+    assert_eq!(
+        total,
+        [snapshots, snapshots, 0, 2, 2, 1],
+        "pending 1 and scheduled 1 per minute read; 2 completed, 2 failed attempts, 1 dead"
+    );
+    // Recorded beside PostgreSQL's samples, the dashboard's history reads it.
+    let rows = redis.history(last).await.unwrap();
+    store::record_history(&side.db.pool, &rows).await.unwrap();
+    let history = stats::history(&side.db.pool, 5).await.unwrap();
+    assert!(
+        history
+            .iter()
+            .any(|r| r.queue == "test" && r.minute == last),
+        "{history:?}"
+    );
+    side.done().await;
+}
+
+#[tokio::test]
 async fn a_sparse_listing_in_redis_walks_a_bounded_stretch_and_hands_back_a_cursor_to_go_on() {
     let side = Side::new(true).await;
     let redis = side.redis.clone().unwrap();

@@ -191,6 +191,40 @@ pub async fn sample_history<'e>(db: impl PgExecutor<'e>) -> Result<u64> {
     Ok(done.rows_affected())
 }
 
+/// Records minutes sampled elsewhere (the jobs in Redis); as with [`sample_history`], the first sample of
+/// a minute and queue stays. Returns how many rows were new.
+pub async fn record_history<'e>(db: impl PgExecutor<'e>, rows: &[HistoryRow]) -> Result<u64> {
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let done = sqlx::query(
+        "INSERT INTO job_history (minute, queue, pending, scheduled, running, completed, failed, dead)
+         SELECT * FROM UNNEST($1::timestamptz[], $2::text[], $3::int8[], $4::int8[], $5::int8[], $6::int8[],
+                              $7::int8[], $8::int8[])
+         ON CONFLICT (minute, queue) DO NOTHING",
+    )
+    .bind(rows.iter().map(|r| r.minute).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.queue.clone()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.pending).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.scheduled).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.running).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.completed).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.failed).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.dead).collect::<Vec<_>>())
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// The minute [`sample_history`] samples: the last whole one, by the database's clock.
+pub async fn last_whole_minute<'e>(db: impl PgExecutor<'e>) -> Result<DateTime<Utc>> {
+    Ok(
+        sqlx::query_scalar("SELECT date_trunc('minute', now()) - interval '1 minute'")
+            .fetch_one(db)
+            .await?,
+    )
+}
+
 /// Deletes history older than `keep`. Returns how many rows went.
 pub async fn prune_history<'e>(db: impl PgExecutor<'e>, keep: std::time::Duration) -> Result<u64> {
     let done =

@@ -18,7 +18,8 @@ use serde_json::{Value, json};
 use crate::domain::{AttemptError, JobId, JobState};
 use crate::error::{Error, Result};
 use crate::store::jobs::{
-    Claimed, Completion, Finish, JobFilter, JobRecord, Outgoing, QueueCounts, Replayed, Rescued,
+    Claimed, Completion, Finish, HistoryRow, JobFilter, JobRecord, Outgoing, QueueCounts, Replayed,
+    Rescued,
 };
 
 /// The scripts, each with the shared prelude in front.
@@ -152,6 +153,9 @@ impl From<redis::RedisError> for Error {
         }
     }
 }
+
+/// The span of the slots the scripts count ends in (`ENDED_SLOT_MS` in `prelude.lua`).
+const ENDED_SLOT_MS: i64 = 10_000;
 
 fn millis(at: DateTime<Utc>) -> i64 {
     at.timestamp_millis()
@@ -476,6 +480,57 @@ impl RedisJobs {
                 },
             )
             .collect())
+    }
+
+    /// Per queue: what waits and runs now, and what completed, failed an attempt or died in the minute
+    /// starting at `minute` (from the 10-second slots the scripts count ends in, kept six minutes).
+    pub async fn history(&self, minute: DateTime<Utc>) -> Result<Vec<HistoryRow>> {
+        let mut rows: std::collections::BTreeMap<String, HistoryRow> = Default::default();
+        let row = |rows: &mut std::collections::BTreeMap<String, HistoryRow>, queue: &str| {
+            rows.entry(queue.to_owned())
+                .or_insert_with(|| HistoryRow {
+                    minute,
+                    queue: queue.to_owned(),
+                    pending: 0,
+                    scheduled: 0,
+                    running: 0,
+                    completed: 0,
+                    failed: 0,
+                    dead: 0,
+                })
+                .clone()
+        };
+        for c in self.queue_counts().await? {
+            let mut r = row(&mut rows, &c.queue);
+            r.pending += c.pending;
+            r.scheduled += c.scheduled;
+            r.running += c.running;
+            rows.insert(c.queue.clone(), r);
+        }
+        let first = millis(minute) / ENDED_SLOT_MS;
+        let mut pipe = redis::pipe();
+        for slot in first..first + 60_000 / ENDED_SLOT_MS {
+            pipe.cmd("HGETALL")
+                .arg(format!("{}:ended:{slot}", self.prefix));
+        }
+        let mut conn = self.conn.clone();
+        let slots: Vec<std::collections::HashMap<String, i64>> =
+            pipe.query_async(&mut conn).await?;
+        for (field, n) in slots.iter().flatten() {
+            let mut parts = field.split('\t');
+            let (Some(state), Some(queue)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            let mut r = row(&mut rows, queue);
+            match state {
+                "completed" => r.completed += n,
+                "failed" => r.failed += n,
+                "dead" => r.dead += n,
+                _ => continue,
+            }
+            rows.insert(queue.to_owned(), r);
+        }
+        Ok(rows.into_values().collect())
     }
 
     /// Jobs of `kind` waiting (due or not) or running: `tenant`'s and everyone's, for the pending caps.

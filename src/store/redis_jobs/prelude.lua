@@ -83,10 +83,26 @@ local function make_available(id, run_at)
     redis.call('HDEL', key('job', id), 'finished_at', 'locked_by')
 end
 
--- Appends one error (JSON text) to the job's history without re-encoding the earlier ones.
+-- The job's place in the counts: "queue\tkind\ttenant\tprovider".
+local function tally_field(id)
+    local j = redis.call('HMGET', key('job', id), 'queue', 'kind', 'tenant_id', 'provider')
+    return (j[1] or '') .. '\t' .. (j[2] or '') .. '\t' .. (j[3] or '') .. '\t' .. (j[4] or '')
+end
+
+-- The last five minutes' ends are counted in 10-second slots, so reading them never walks the jobs.
+local ENDED_SLOT_MS = 10000
+
+-- Appends one error (JSON text) to the job's history without re-encoding the earlier ones; a failure (not
+-- an operator's replay mark) counts in its 10-second slot for the per-minute history.
 local function append_error(id, err)
     if not err or err == '' then
         return
+    end
+    if not string.find(err, '"class":"replayed"', 1, true) then
+        local now = now_ms()
+        local slot = key('ended', math.floor(now / ENDED_SLOT_MS))
+        redis.call('HINCRBY', slot, 'failed\t' .. tally_field(id), 1)
+        redis.call('EXPIRE', slot, 360)
     end
     local errors = field(id, 'errors') or '[]'
     if errors == '[]' then
@@ -107,15 +123,6 @@ local function release_key(id)
         redis.call('HDEL', key('job', id), 'unique_key')
     end
 end
-
--- The job's place in the counts: "queue\tkind\ttenant\tprovider".
-local function tally_field(id)
-    local j = redis.call('HMGET', key('job', id), 'queue', 'kind', 'tenant_id', 'provider')
-    return (j[1] or '') .. '\t' .. (j[2] or '') .. '\t' .. (j[3] or '') .. '\t' .. (j[4] or '')
-end
-
--- The last five minutes' ends are counted in 10-second slots, so reading them never walks the jobs.
-local ENDED_SLOT_MS = 10000
 
 -- Ends a job for good: completed, cancelled or dead.
 local function finish_for_good(id, state, now)
