@@ -17,6 +17,10 @@
 //!   concurrencies in ACTIVEKG_BENCH_CONCURRENCY (default 8,32);
 //! - `raw loop`: a hand-written `SELECT ... FOR UPDATE SKIP LOCKED` + `UPDATE` loop (batches of
 //!   ACTIVEKG_BENCH_RAW_BATCHES, default 10,100,1000), the ceiling of what a claim/complete pair costs;
+//! - `activekg on Redis`: the same engine with the bench queue in Redis (`ACTIVEKG_JOBS_BACKEND=redis`'s
+//!   path: enqueue into the PostgreSQL outbox, relay, claim and finish by Lua script), when Redis answers at
+//!   ACTIVEKG_BENCH_REDIS_URL (default redis://127.0.0.1:6379); its WAL per job is what the outbox costs the
+//!   primary, the figure that says when Redis pays off;
 //! - `apalis-postgres` (ACTIVEKG_BENCH_APALIS=1): bare apalis-postgres 1.0 at batch 10;
 //! - the peers, when `tools/peers` has been installed into ACTIVEKG_BENCH_PEERS (default
 //!   `target/bench-peers`; `scripts/bench-peers` installs it): graphile-worker and pg-boss, in the same run.
@@ -35,7 +39,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use activekg::config::{JobSettings, Settings};
-use activekg::jobs::engine::{self, Job, JobContext, JobError, Policy, Runtime};
+use activekg::jobs::engine::{self, Job, JobContext, JobError, Policy, Runtime, job_store};
+use activekg::store::redis_jobs::RedisJobs;
 use apalis::layers::WorkerBuilderExt;
 use apalis::prelude::{TaskSink, WorkerBuilder, WorkerContext};
 use apalis_postgres::{Config as ApalisConfig, PostgresStorage};
@@ -83,7 +88,7 @@ impl Recorder {
     }
 
     /// Waits until the handler saw `n` jobs, then until `unfinished` says 0; returns when that answer came.
-    async fn wait_done(&self, n: usize, pool: &PgPool, unfinished: &str) -> u64 {
+    async fn wait_done(&self, n: usize, pool: &PgPool, unfinished: &Unfinished) -> u64 {
         let limit = Instant::now() + Duration::from_secs(600);
         while self.done.load(Ordering::SeqCst) < n {
             assert!(
@@ -94,10 +99,7 @@ impl Recorder {
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
         loop {
-            let left: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(unfinished))
-                .fetch_one(pool)
-                .await
-                .unwrap();
+            let left = unfinished.left(pool).await;
             if left == 0 {
                 return now_us();
             }
@@ -137,9 +139,62 @@ impl<const C: usize> Job for Noop<C> {
     }
 }
 
+/// The same no-op, on a queue routed to Redis.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RedisNoop<const C: usize> {
+    sent_us: u64,
+}
+
+const REDIS_QUEUE: &str = "bench_redis";
+
+impl<const C: usize> Job for RedisNoop<C> {
+    const KIND: &'static str = match C {
+        8 => "bench_redis_noop_c8",
+        _ => "bench_redis_noop_c32",
+    };
+
+    fn policy() -> Policy {
+        Policy {
+            concurrency: C,
+            ..Policy::new(REDIS_QUEUE)
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct ApalisNoop {
     sent_us: u64,
+}
+
+/// How the bench sees that no job is left unfinished.
+enum Unfinished {
+    /// A count query.
+    Sql(&'static str),
+    /// Jobs in Redis, and in the outbox on their way there.
+    Redis(RedisJobs),
+}
+
+impl Unfinished {
+    async fn left(&self, pool: &PgPool) -> i64 {
+        match self {
+            Unfinished::Sql(sql) => sqlx::query_scalar(sqlx::AssertSqlSafe(*sql))
+                .fetch_one(pool)
+                .await
+                .unwrap(),
+            Unfinished::Redis(redis) => {
+                let outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM job_outbox")
+                    .fetch_one(pool)
+                    .await
+                    .unwrap();
+                let counts = redis.queue_counts().await.unwrap();
+                outbox
+                    + counts
+                        .iter()
+                        .map(|c| c.pending + c.scheduled + c.running)
+                        .sum::<i64>()
+            }
+        }
+    }
 }
 
 /// CPU time so far, in microseconds: this process's and the whole machine's (busy, all cores).
@@ -220,6 +275,8 @@ struct Row {
 struct Bench {
     pool: PgPool,
     url: String,
+    /// Where the Redis rows' jobs go, when Redis answers.
+    redis_url: Option<String>,
     jobs: usize,
     rate: u32,
     seconds: u64,
@@ -284,7 +341,7 @@ impl Bench {
     async fn measure<Start, Fut, Stop, StopFut>(
         &self,
         recorder: Arc<Recorder>,
-        unfinished: &str,
+        unfinished: Unfinished,
         target: &str,
         start: Start,
     ) -> Sample
@@ -297,7 +354,7 @@ impl Bench {
         let wal0 = self.wal().await;
         let cpu0 = Cpu::now();
         let stop = start(recorder.clone()).await;
-        let end_us = recorder.wait_done(self.jobs, &self.pool, unfinished).await;
+        let end_us = recorder.wait_done(self.jobs, &self.pool, &unfinished).await;
         let (cpu_process_us, cpu_machine_us) = Cpu::now().since(cpu0, self.jobs);
         let wal1 = self.wal().await;
         let first = recorder.first_us.load(Ordering::SeqCst);
@@ -307,7 +364,7 @@ impl Bench {
         recorder.latencies_us.lock().unwrap().clear();
         tokio::time::sleep(Duration::from_millis(200)).await;
         let (sent, commit_ms) = self.produce(target).await;
-        recorder.wait_done(sent, &self.pool, unfinished).await;
+        recorder.wait_done(sent, &self.pool, &unfinished).await;
         let wal2 = self.wal().await;
         stop().await;
         let latency_ms = recorder.percentiles();
@@ -333,7 +390,7 @@ impl Bench {
         let (pool, settings) = (self.pool.clone(), self.defaults.clone());
         self.measure(
             Arc::new(Recorder::default()),
-            "SELECT count(*) FROM jobs WHERE state IN ('available', 'running')",
+            Unfinished::Sql("SELECT count(*) FROM jobs WHERE state IN ('available', 'running')"),
             &format!("activekg:{C}"),
             |recorder| async move {
                 let mut runtime = Runtime::new(pool, settings);
@@ -351,6 +408,61 @@ impl Bench {
         .await
     }
 
+    /// Our engine with the jobs in Redis, under a key prefix of its own (deleted afterwards). The backlog
+    /// is relayed before the workers start, so the drain measures claiming from Redis.
+    async fn ours_on_redis<const C: usize>(&self, url: &str) -> Sample {
+        self.clean().await;
+        let prefix = format!("activekg_bench_{}", rand::random::<u32>());
+        let redis = RedisJobs::connect(url, &prefix).await.unwrap();
+        let backlog: Vec<RedisNoop<C>> = (0..self.jobs).map(|_| RedisNoop { sent_us: 0 }).collect();
+        let mut conn = self.pool.acquire().await.unwrap();
+        for chunk in backlog.chunks(5000) {
+            engine::enqueue_many(&mut conn, chunk).await.unwrap();
+        }
+        drop(conn);
+        while activekg::store::jobs::relay(&self.pool, &redis, 5000)
+            .await
+            .unwrap()
+            .total()
+            > 0
+        {}
+        let (pool, settings, jobs) = (self.pool.clone(), self.defaults.clone(), redis.clone());
+        let sample = self
+            .measure(
+                Arc::new(Recorder::default()),
+                Unfinished::Redis(redis.clone()),
+                &format!("activekg_redis:{C}"),
+                |recorder| async move {
+                    let mut runtime = Runtime::new(pool, settings);
+                    runtime.redis(jobs).register(
+                        recorder,
+                        |job: RedisNoop<C>, cx: JobContext<Arc<Recorder>>| async move {
+                            cx.state.record(job.sent_us);
+                            Ok::<(), JobError>(())
+                        },
+                    );
+                    let workers = runtime.start().await.unwrap();
+                    move || async move { workers.shutdown().await }
+                },
+            )
+            .await;
+        let client = redis::Client::open(url).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}:*", redis.prefix()))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        for chunk in keys.chunks(1000) {
+            let _: () = redis::cmd("DEL")
+                .arg(chunk)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+        sample
+    }
+
     async fn apalis(&self, batch: usize, concurrency: usize) -> Sample {
         self.clean().await;
         let config = ApalisConfig::default().queue("bench").batch_size(batch);
@@ -363,7 +475,9 @@ impl Bench {
         let pool = self.pool.clone();
         self.measure(
             Arc::new(Recorder::default()),
-            "SELECT count(*) FROM apalis.jobs WHERE status IN ('Pending', 'Queued', 'Running')",
+            Unfinished::Sql(
+                "SELECT count(*) FROM apalis.jobs WHERE status IN ('Pending', 'Queued', 'Running')",
+            ),
             "apalis",
             |recorder| async move {
                 let context =
@@ -402,7 +516,7 @@ impl Bench {
         let pool = self.pool.clone();
         self.measure(
             Arc::new(Recorder::default()),
-            "SELECT count(*) FROM bench_raw WHERE state <> 'done'",
+            Unfinished::Sql("SELECT count(*) FROM bench_raw WHERE state <> 'done'"),
             "raw",
             |recorder| async move {
                 let loops: Vec<_> = (0..concurrency)
@@ -452,12 +566,26 @@ async fn producer(plan: ProducerPlan) {
         .connect(&plan.url)
         .await
         .unwrap();
+    // Enqueues of the Redis rows go through the outbox, as a process with ACTIVEKG_JOBS_BACKEND=redis does.
+    job_store::route_to_redis(&[REDIS_QUEUE]);
     let send = |pool: PgPool, sent_us: u64| {
         let target = plan.target.clone();
         async move {
             match target.as_str() {
                 "activekg:8" => enqueue_one::<8>(&pool, sent_us).await,
                 "activekg:32" => enqueue_one::<32>(&pool, sent_us).await,
+                "activekg_redis:8" => {
+                    let mut conn = pool.acquire().await.unwrap();
+                    engine::enqueue(&mut conn, &RedisNoop::<8> { sent_us })
+                        .await
+                        .unwrap();
+                }
+                "activekg_redis:32" => {
+                    let mut conn = pool.acquire().await.unwrap();
+                    engine::enqueue(&mut conn, &RedisNoop::<32> { sent_us })
+                        .await
+                        .unwrap();
+                }
                 "raw" => {
                     sqlx::query("INSERT INTO bench_raw (sent_us) VALUES ($1)")
                         .bind(sent_us as i64)
@@ -709,9 +837,49 @@ fn report(rows: &[Row]) {
     }
 }
 
+/// For each Redis row: its drain and the primary's WAL per job against the same engine on PostgreSQL.
+fn report_redis(rows: &[Row]) {
+    for redis in rows.iter().filter(|r| r.engine == "activekg on Redis") {
+        let Some(pg) = rows
+            .iter()
+            .find(|r| r.engine == "activekg" && r.config == redis.config)
+        else {
+            continue;
+        };
+        let per_pass = |f: fn(&Sample) -> f64| {
+            redis
+                .samples
+                .iter()
+                .zip(&pg.samples)
+                .map(move |(r, p)| f(r) / f(p))
+        };
+        println!(
+            "activekg on Redis {}: {} x the drain on PostgreSQL; {} x the WAL per job (drain), {} x (latency)",
+            redis.config,
+            spread(per_pass(|s| s.drain_per_s), 2),
+            spread(per_pass(|s| s.wal_drain), 2),
+            spread(per_pass(|s| s.wal_latency), 2),
+        );
+    }
+}
+
 fn percent(ratios: impl Iterator<Item = f64>) -> String {
     let v: Vec<f64> = ratios.map(|r| r * 100.0).collect();
     format!("{}%", spread(v.into_iter(), 0))
+}
+
+/// `url` when a Redis answers there.
+async fn redis_answers(url: &str) -> Option<String> {
+    let client = redis::Client::open(url).ok()?;
+    let mut conn = tokio::time::timeout(
+        Duration::from_secs(2),
+        client.get_multiplexed_async_connection(),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    let pong: String = redis::cmd("PING").query_async(&mut conn).await.ok()?;
+    (pong == "PONG").then(|| url.to_owned())
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -770,13 +938,19 @@ async fn main() {
         rate: env_or("ACTIVEKG_BENCH_RATE", 200),
         seconds: env_or("ACTIVEKG_BENCH_SECONDS", 10),
         defaults: defaults.jobs.clone(),
+        redis_url: redis_answers(
+            &std::env::var("ACTIVEKG_BENCH_REDIS_URL")
+                .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned()),
+        )
+        .await,
     };
+    job_store::route_to_redis(&[REDIS_QUEUE]);
     let peers_dir = std::env::var("ACTIVEKG_BENCH_PEERS")
         .map(PathBuf::from)
         .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-peers"));
     let with_peers = peers_dir.join("node_modules/.bin/node").exists();
     println!(
-        "no-op jobs; drain of {} jobs; latency offered at {} jobs/s for {} s from a separate process; {} CPUs; {}; activekg defaults: batch {}, poll {:?}; peers: {}",
+        "no-op jobs; drain of {} jobs; latency offered at {} jobs/s for {} s from a separate process; {} CPUs; {}; activekg defaults: batch {}, poll {:?}; peers: {}; Redis: {}",
         bench.jobs,
         bench.rate,
         bench.seconds,
@@ -793,6 +967,7 @@ async fn main() {
         } else {
             "not installed (scripts/bench-peers)".to_owned()
         },
+        bench.redis_url.as_deref().unwrap_or("none answers"),
     );
     let passes: usize = env_or("ACTIVEKG_BENCH_PASSES", 2);
     let concurrencies = env_list("ACTIVEKG_BENCH_CONCURRENCY", &[8, 32]);
@@ -824,6 +999,19 @@ async fn main() {
                 (None, Some(conc)),
                 sample,
             );
+            if let Some(url) = &bench.redis_url {
+                let sample = match conc {
+                    8 => bench.ours_on_redis::<8>(url).await,
+                    _ => bench.ours_on_redis::<32>(url).await,
+                };
+                add(
+                    &mut rows,
+                    "activekg on Redis",
+                    &format!("defaults, conc {conc}"),
+                    (None, Some(conc)),
+                    sample,
+                );
+            }
             for &batch in &raw_batches {
                 let sample = bench.raw(batch, conc).await;
                 add(
@@ -852,6 +1040,7 @@ async fn main() {
         }
     }
     report(&rows);
+    report_redis(&rows);
     pool.close().await;
     let _ = sqlx::query("DROP DATABASE IF EXISTS activekg_bench WITH (FORCE)")
         .execute(&mut conn)
