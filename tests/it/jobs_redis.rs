@@ -432,7 +432,7 @@ async fn on_redis_the_pending_embedding_cap_counts_jobs_in_the_outbox_and_in_red
 }
 
 #[tokio::test]
-async fn on_redis_a_running_job_cancelled_by_an_operator_commits_nothing_and_frees_its_worker() {
+async fn on_redis_a_running_job_cancelled_by_an_operator_is_stopped_at_once_and_commits_nothing() {
     use activekg::jobs::engine::admin;
     let db = TestDb::new().await;
     create_probe_tables(&db.pool).await;
@@ -440,7 +440,7 @@ async fn on_redis_a_running_job_cancelled_by_an_operator_commits_nothing_and_fre
     let mut conn = db.pool.acquire().await.unwrap();
     let id = engine::enqueue(
         &mut conn,
-        &Probe::new("slow", Behavior::EffectAfter { ms: 3000 }),
+        &Probe::new("slow", Behavior::EffectAfter { ms: 15_000 }),
     )
     .await
     .unwrap()
@@ -460,8 +460,21 @@ async fn on_redis_a_running_job_cancelled_by_an_operator_commits_nothing_and_fre
     let cancelled = admin::cancel(stores, id).await.unwrap();
     assert_eq!(cancelled.state, JobState::Cancelled);
     assert_eq!(cancelled.errors.last().unwrap().class, "cancelled");
-    // Past the point where the attempt would have committed its effect.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Probes run one at a time: the next one starts within seconds only if the cancelled attempt was told
+    // to stop, rather than left to run out its 15 s and be refused its commit.
+    let mut conn = db.pool.acquire().await.unwrap();
+    let next = engine::enqueue(&mut conn, &Probe::new("next", Behavior::Sleep { ms: 0 }))
+        .await
+        .unwrap()
+        .id
+        .unwrap();
+    drop(conn);
+    eventually(
+        Duration::from_secs(5),
+        "the next probe to complete",
+        || async { (redis.get(next).await.unwrap()?.state == JobState::Completed).then_some(()) },
+    )
+    .await;
     assert_eq!(
         effects(&db.pool).await,
         (0, 0),
@@ -471,14 +484,6 @@ async fn on_redis_a_running_job_cancelled_by_an_operator_commits_nothing_and_fre
         redis.get(id).await.unwrap().unwrap().state,
         JobState::Cancelled
     );
-    // The worker is free and healthy: the next job runs.
-    let next = enqueue_tallies(&db.pool, 1).await[0];
-    eventually(
-        Duration::from_secs(10),
-        "the next job to complete",
-        || async { (redis.get(next).await.unwrap()?.state == JobState::Completed).then_some(()) },
-    )
-    .await;
     child.start_kill().unwrap();
     db.drop_db().await;
 }
