@@ -1007,6 +1007,23 @@ async fn either_backend_lists_shows_retries_cancels_reschedules_replays_and_purg
             matches!(gone, activekg::error::Error::NotFound { .. }),
             "{name}: {gone}"
         );
+        if side.redis.is_some() {
+            // A job still in the outbox (Redis away, or the relay not there yet) is shown as waiting.
+            let mut tx = side.db.pool.begin().await.unwrap();
+            let staged = store::stage(&mut tx, &[(job("plain", 9), false)])
+                .await
+                .unwrap()[0]
+                .id
+                .unwrap();
+            tx.commit().await.unwrap();
+            let shown = admin::get(side.stores(), staged).await.unwrap();
+            assert_eq!((shown.state, shown.attempt), (JobState::Pending, 0));
+            let (page, _) = admin::list(side.stores(), &plain_only(), None, 10)
+                .await
+                .unwrap();
+            assert_eq!(page[0].id, staged, "newest first, with the staged job");
+            assert_eq!(page.iter().filter(|j| j.id == staged).count(), 1);
+        }
         side
     })
     .await;

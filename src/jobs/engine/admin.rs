@@ -68,9 +68,12 @@ pub async fn list<'a>(
     let stores = stores.into();
     let mut jobs = store::list(stores.pool, filter, before, limit + 1).await?;
     if let Some(redis) = stores.redis {
+        // Jobs on their way to Redis, then Redis's: a job the relay moves in between may show twice.
+        jobs.extend(store::list_staged(stores.pool, filter, before, limit + 1).await?);
         let (more, walked_to) = redis.list(filter, before, limit + 1, LIST_WALK).await?;
         jobs.extend(more);
         jobs.sort_by_key(|j| std::cmp::Reverse(j.id.0));
+        jobs.dedup_by_key(|j| j.id);
         if let Some(lowest) = walked_to {
             // Redis was looked at only down to `lowest`: the page holds nothing below it, and the next
             // page starts there.
@@ -95,10 +98,13 @@ pub async fn get<'a>(stores: impl Into<Stores<'a>>, id: JobId) -> Result<JobReco
     if let Some(job) = store::get(stores.pool, id).await? {
         return Ok(job);
     }
-    match stores.redis {
-        Some(redis) => redis.get(id).await?.ok_or_else(|| not_found(id)),
-        None => Err(not_found(id)),
+    let Some(redis) = stores.redis else {
+        return Err(not_found(id));
+    };
+    if let Some(job) = store::get_staged(stores.pool, id).await? {
+        return Ok(job);
     }
+    redis.get(id).await?.ok_or_else(|| not_found(id))
 }
 
 /// The job once it has finished (completed, dead or cancelled), or as it is when `timeout` runs out.

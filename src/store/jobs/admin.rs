@@ -48,7 +48,7 @@ impl JobFilter {
 pub(super) const VIEW_STATE: &str = "CASE WHEN j.state = 'available' THEN (CASE WHEN j.run_at > now() THEN 'scheduled' ELSE 'pending' END) ELSE j.state END";
 
 /// The filter as SQL over alias `j`, with its parameters starting at `$1`.
-fn filter_sql(first_param: usize) -> String {
+pub(super) fn filter_sql(first_param: usize) -> String {
     let p = |i: usize| format!("${}", first_param + i);
     format!(
         "({q}::text IS NULL OR j.queue = {q}) AND ({k}::text IS NULL OR j.kind = {k}) \
@@ -65,7 +65,7 @@ fn filter_sql(first_param: usize) -> String {
     )
 }
 
-fn bind_filter<'q>(
+pub(super) fn bind_filter<'q>(
     query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
     filter: &'q JobFilter,
 ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
@@ -120,11 +120,11 @@ pub struct JobRecord {
     pub progress: Option<Value>,
 }
 
-const RECORD_COLUMNS: &str = "j.id, j.kind, j.queue, j.args, j.priority, j.attempt, j.max_attempts, j.errors, \
+pub(super) const RECORD_COLUMNS: &str = "j.id, j.kind, j.queue, j.args, j.priority, j.attempt, j.max_attempts, j.errors, \
     j.enqueued_at, j.run_at, j.attempted_at, j.finished_at, j.locked_by, j.unique_key, j.tenant_id, j.provider, \
     j.progress";
 
-fn record_from_row(row: &sqlx::postgres::PgRow) -> Result<JobRecord> {
+pub(super) fn record_from_row(row: &sqlx::postgres::PgRow) -> Result<JobRecord> {
     let state: String = row.try_get("view_state")?;
     let errors: Value = row.try_get("errors")?;
     Ok(JobRecord {
