@@ -254,7 +254,7 @@ pub async fn run(
         &[]
     });
     // Before anything reads a queue: the counts, the caps and the workers all need the jobs in Redis.
-    let redis = connect_redis(&settings).await?;
+    let redis = connect_redis(&settings, &pool).await?;
     let registry = Arc::new(Registry::confined(
         pool.clone(),
         Arc::new(keyring),
@@ -517,12 +517,15 @@ async fn wait_for_signal() {
 }
 
 /// The connector and embedding queues' store, when `ACTIVEKG_JOBS_BACKEND=redis` puts them in Redis.
-pub async fn connect_redis(settings: &Settings) -> Result<Option<RedisJobs>, AppError> {
+pub async fn connect_redis(
+    settings: &Settings,
+    pool: &PgPool,
+) -> Result<Option<RedisJobs>, AppError> {
     let Some(redis) = &settings.jobs.redis else {
         return Ok(None);
     };
     RedisJobs::connect(redis.url.expose(), &redis.prefix)
         .await
-        .map(Some)
+        .map(|jobs| Some(jobs.mirror_moves(pool.clone(), jobs::MIRRORED_KINDS)))
         .map_err(|e| AppError::Unavailable(format!("ACTIVEKG_JOBS_BACKEND=redis: {e}")))
 }

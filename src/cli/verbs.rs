@@ -148,7 +148,7 @@ async fn jobs_verb(pool: PgPool, settings: Settings, action: JobsAction) -> Resu
     use crate::jobs::engine::{admin, stats};
     use crate::store::jobs::JobFilter;
     let fail = |e: crate::error::Error| AppError::Other(anyhow::anyhow!(e));
-    let redis = app::connect_redis(&settings).await?;
+    let redis = app::connect_redis(&settings, &pool).await?;
     let stores = admin::Stores {
         pool: &pool,
         redis: redis.as_ref(),

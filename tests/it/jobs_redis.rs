@@ -487,3 +487,123 @@ async fn on_redis_a_running_job_cancelled_by_an_operator_is_stopped_at_once_and_
     child.start_kill().unwrap();
     db.drop_db().await;
 }
+
+#[tokio::test]
+async fn on_redis_a_nodes_embedding_status_follows_its_job_as_the_trigger_keeps_it_in_postgresql() {
+    use activekg::domain::TenantId;
+    use activekg::jobs::embed_node::Caps;
+    use activekg::jobs::engine::admin;
+    use activekg::store::jobs::{Completion, Finish};
+    use activekg::workflows::nodes::{self as workflow, Created, NodeInput};
+    let db = TestDb::new().await;
+    job_store::route_to_redis(&["embedding"]);
+    let prefix = format!("activekg_test_{}", uuid::Uuid::new_v4().simple());
+    let redis = RedisJobs::connect(&redis_url(), &prefix)
+        .await
+        .unwrap()
+        .mirror_moves(db.pool.clone(), activekg::jobs::MIRRORED_KINDS);
+    let caps = Caps {
+        tenant: 0,
+        total: 0,
+        redis: None,
+    };
+    let input = NodeInput {
+        id: None,
+        tenant_id: TenantId::parse("acme").unwrap(),
+        classes: vec!["Note".to_owned()],
+        props: serde_json::Map::new(),
+        text: Some("bread".to_owned()),
+        payload_ref: None,
+    };
+    let Created::Created { id: node, .. } = workflow::create(&db.pool, caps, vec![input])
+        .await
+        .unwrap()
+        .remove(0)
+    else {
+        panic!("the node was not created");
+    };
+    store_jobs::relay(&db.pool, &redis, 100).await.unwrap();
+    let status = || async {
+        sqlx::query_as::<_, (String, i32, Option<String>)>(
+            "SELECT embedding_status, embedding_attempts, embedding_error FROM nodes WHERE id = $1",
+        )
+        .bind(node)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+    };
+    let failure = |attempt: i32, what: &str| activekg::domain::AttemptError {
+        attempt,
+        at: chrono::Utc::now(),
+        class: "transient".into(),
+        code: None,
+        error: what.into(),
+        worker: Some("w1".into()),
+    };
+    assert_eq!(status().await.0, "queued");
+
+    let (first, _) = redis
+        .claim_fair("embed_node", "w1", 1, "", "t1")
+        .await
+        .unwrap();
+    assert_eq!(status().await, ("processing".into(), 1, None));
+    let job = JobId(first[0].id);
+    let retry = Completion {
+        id: job,
+        attempt: 1,
+        finish: Finish::Retry {
+            delay: Duration::ZERO,
+            error: failure(1, "model busy"),
+        },
+    };
+    redis.finish("w1", &[retry]).await.unwrap();
+    assert_eq!(
+        status().await,
+        ("queued".into(), 1, Some("model busy".into()))
+    );
+
+    let (second, _) = redis
+        .claim_fair("embed_node", "w1", 1, "", "t2")
+        .await
+        .unwrap();
+    assert_eq!(status().await.0, "processing");
+    // A late report of attempt 1 going back to waiting must not undo attempt 2's.
+    store_jobs::mirror_moves(
+        &db.pool,
+        &[(
+            "embed_node".into(),
+            second[0].args.to_string(),
+            "available".into(),
+            1,
+            "late".into(),
+        )],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        status().await.0,
+        "processing",
+        "a late move changed nothing"
+    );
+    let dead = Completion {
+        id: job,
+        attempt: 2,
+        finish: Finish::Dead {
+            error: failure(2, "rejected"),
+        },
+    };
+    redis.finish("w1", &[dead]).await.unwrap();
+    assert_eq!(
+        status().await,
+        ("failed".into(), 2, Some("rejected".into()))
+    );
+
+    // An operator's replay queues it again.
+    let stores = admin::Stores {
+        pool: &db.pool,
+        redis: Some(&redis),
+    };
+    admin::retry(stores, job).await.unwrap();
+    assert_eq!(status().await.0, "queued");
+    db.drop_db().await;
+}

@@ -225,6 +225,31 @@ pub async fn last_whole_minute<'e>(db: impl PgExecutor<'e>) -> Result<DateTime<U
     )
 }
 
+/// Applies moves of jobs kept outside the `jobs` table (kind, arguments as JSON text, state, attempt, last
+/// error) to what PostgreSQL keeps in step with them, by the trigger's rule (`activekg_job_moved`), in the
+/// order given (a function scan of the arrays yields their rows in order).
+pub async fn mirror_moves<'e>(
+    db: impl PgExecutor<'e>,
+    moves: &[(String, String, String, i32, String)],
+) -> Result<()> {
+    if moves.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "SELECT activekg_job_moved(m.kind, m.args::jsonb, m.state, m.attempt, nullif(m.error, ''), true)
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int4[], $5::text[])
+              AS m(kind, args, state, attempt, error)",
+    )
+    .bind(moves.iter().map(|m| m.0.as_str()).collect::<Vec<_>>())
+    .bind(moves.iter().map(|m| m.1.as_str()).collect::<Vec<_>>())
+    .bind(moves.iter().map(|m| m.2.as_str()).collect::<Vec<_>>())
+    .bind(moves.iter().map(|m| m.3).collect::<Vec<_>>())
+    .bind(moves.iter().map(|m| m.4.as_str()).collect::<Vec<_>>())
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
 /// Deletes history older than `keep`. Returns how many rows went.
 pub async fn prune_history<'e>(db: impl PgExecutor<'e>, keep: std::time::Duration) -> Result<u64> {
     let done =

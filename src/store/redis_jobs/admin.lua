@@ -9,7 +9,7 @@ local now = now_ms()
 local h = key('job', id)
 local j = redis.call('HMGET', h, 'state', 'run_at', 'kind', 'locked_by', 'attempt')
 if not j[1] then
-    return { 'missing', '' }
+    return { { 'missing', '' }, MOVES }
 end
 local state, kind = view_state(j[1], j[2], now), j[3]
 local waiting = state == 'pending' or state == 'scheduled'
@@ -23,14 +23,14 @@ if op == 'retry' then
         redis.call('ZREM', due_set(id), member(id))
         make_available(id, now)
         wake()
-        return { 'ok', kind }
+        return { { 'ok', kind }, MOVES }
     elseif state == 'dead' or state == 'cancelled' then
         local held = replay(id, now)
         if held then
-            return { 'held', held }
+            return { { 'held', held }, MOVES }
         end
         wake()
-        return { 'ok', kind }
+        return { { 'ok', kind }, MOVES }
     end
 elseif op == 'cancel' then
     if waiting or state == 'running' then
@@ -44,9 +44,9 @@ elseif op == 'cancel' then
         release_key(id)
         finish_for_good(id, 'cancelled', now)
         if state == 'running' then
-            return { 'ok_running', j[5] }
+            return { { 'ok_running', j[5] }, MOVES }
         end
-        return { 'ok', kind }
+        return { { 'ok', kind }, MOVES }
     end
 elseif op == 'reschedule' then
     if waiting then
@@ -56,7 +56,7 @@ elseif op == 'reschedule' then
         if at <= now then
             wake()
         end
-        return { 'ok', kind }
+        return { { 'ok', kind }, MOVES }
     end
 end
-return { 'state', state }
+return { { 'state', state }, MOVES }

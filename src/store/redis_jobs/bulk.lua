@@ -105,4 +105,4 @@ end
 for kind in pairs(woken) do
     redis.call('PUBLISH', key('wake'), kind)
 end
-return { count, held }
+return { { count, held }, MOVES }

@@ -1,6 +1,8 @@
 -- Adds jobs (ARGV[2]: a JSON array) under the ids PostgreSQL's outbox gave them. Idempotent by id, so a relay
 -- that crashed after this and before deleting its outbox rows can send them again. Answers per job: "new",
 -- "exists" (sent before), or "dup:<id>" (its idempotency key is held by job <id>; nothing was added).
+-- A new job is already "queued" wherever its state is mirrored.
+NOTE_MOVES = false
 local jobs = cjson.decode(ARGV[2])
 local now = now_ms()
 local answers = {}

@@ -44,4 +44,4 @@ end
 for kind in pairs(woken) do
     redis.call('PUBLISH', key('wake'), kind)
 end
-return applied
+return { applied, MOVES }

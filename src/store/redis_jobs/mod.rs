@@ -7,7 +7,7 @@
 //! as the SQL uses the database's `now()`. The key layout is described in `prelude.lua`; every key carries the
 //! prefix's hash tag, so the scripts stay atomic on Redis Cluster (where all of one prefix lives in one slot).
 
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
@@ -129,7 +129,18 @@ pub struct RedisJobs {
     client: redis::Client,
     conn: ConnectionManager,
     prefix: String,
+    mirror: Option<Arc<Mirror>>,
 }
+
+/// Where moves of jobs of some kinds are mirrored: PostgreSQL state that follows those jobs (a node's
+/// embedding status) and that the `jobs` table's trigger keeps for jobs there.
+struct Mirror {
+    pool: sqlx::PgPool,
+    kinds: Arc<[&'static str]>,
+}
+
+/// A job's move, as the scripts report it: kind, arguments (JSON text), state, attempt, last error.
+type Move = (String, String, String, i32, String);
 
 impl std::fmt::Debug for RedisJobs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -191,7 +202,29 @@ impl RedisJobs {
             client,
             conn,
             prefix,
+            mirror: None,
         })
+    }
+
+    /// Mirrors the moves of jobs of `kinds` into `pool` (see `activekg_job_moved`): claims as running,
+    /// hand-backs and retries as waiting, dead letters and cancels, each right after Redis made it.
+    pub fn mirror_moves(mut self, pool: sqlx::PgPool, kinds: &[&'static str]) -> Self {
+        self.mirror = Some(Arc::new(Mirror {
+            pool,
+            kinds: kinds.into(),
+        }));
+        self
+    }
+
+    async fn mirror(&self, moves: Vec<Move>) -> Result<()> {
+        let Some(mirror) = &self.mirror else {
+            return Ok(());
+        };
+        let moves: Vec<Move> = moves
+            .into_iter()
+            .filter(|m| mirror.kinds.contains(&m.0.as_str()))
+            .collect();
+        super::jobs::mirror_moves(&mirror.pool, &moves).await
     }
 
     /// The key prefix (with its braces).
@@ -219,6 +252,40 @@ impl RedisJobs {
         }
         let mut conn = self.conn.clone();
         Ok(invocation.invoke_async(&mut conn).await?)
+    }
+
+    /// Runs a script that answers {its answer, the jobs it moved}; mirrors the moves, answers the answer.
+    /// A process that dies in between leaves the mirror one move behind (Redis holds the truth).
+    async fn run_moving(&self, script: &Script, args: &[&(dyn ToString + Sync)]) -> Result<Reply> {
+        let Reply::Array(mut parts) = self.run(script, args).await? else {
+            return Err(bad_reply("a job script"));
+        };
+        if parts.len() != 2 {
+            return Err(bad_reply("a job script"));
+        }
+        let moves: Vec<Move> = parse(parts.pop().unwrap_or(Reply::Nil))?;
+        self.mirror(moves).await?;
+        Ok(parts.pop().unwrap_or(Reply::Nil))
+    }
+
+    /// Mirrors claimed jobs as running, before their handlers can write anything.
+    async fn mirror_claimed(&self, kind: &str, claimed: &[Claimed]) -> Result<()> {
+        if claimed.is_empty() || self.mirror.is_none() {
+            return Ok(());
+        }
+        let moves = claimed
+            .iter()
+            .map(|c| {
+                (
+                    kind.to_owned(),
+                    c.args.to_string(),
+                    "running".to_owned(),
+                    c.attempt,
+                    String::new(),
+                )
+            })
+            .collect();
+        self.mirror(moves).await
     }
 
     /// Adds jobs under their outbox ids. Idempotent by id; duplicates by idempotency key are not added.
@@ -281,7 +348,9 @@ impl RedisJobs {
                 &[&kind, &worker, &limit, &"plain", &"", &token],
             )
             .await?;
-        claimed_from(reply)
+        let claimed = claimed_from(reply)?;
+        self.mirror_claimed(kind, &claimed).await?;
+        Ok(claimed)
     }
 
     /// Claims fairly between (tenant, provider) groups, starting after `after` (see
@@ -309,6 +378,7 @@ impl RedisJobs {
         }
         let resume: String = parse(parts.pop().unwrap_or(Reply::Nil))?;
         let jobs = claimed_from(parts.pop().unwrap_or(Reply::Nil))?;
+        self.mirror_claimed(kind, &jobs).await?;
         Ok((jobs, resume))
     }
 
@@ -338,7 +408,10 @@ impl RedisJobs {
             })
             .collect();
         let payload = Value::Array(payload).to_string();
-        let ids: Vec<i64> = parse(self.run(&SCRIPTS.finish, &[&worker, &payload]).await?)?;
+        let ids: Vec<i64> = parse(
+            self.run_moving(&SCRIPTS.finish, &[&worker, &payload])
+                .await?,
+        )?;
         Ok(ids.into_iter().map(JobId).collect())
     }
 
@@ -353,8 +426,10 @@ impl RedisJobs {
         let note = note.map_or(String::new(), |n| {
             serde_json::to_string(n).unwrap_or_default()
         });
-        let rows: Vec<(i64, String)> =
-            parse(self.run(&SCRIPTS.release, &[&worker, &ids, &note]).await?)?;
+        let rows: Vec<(i64, String)> = parse(
+            self.run_moving(&SCRIPTS.release, &[&worker, &ids, &note])
+                .await?,
+        )?;
         Ok(rows
             .into_iter()
             .map(|(id, kind)| (JobId(id), kind))
@@ -381,7 +456,7 @@ impl RedisJobs {
     ) -> Result<Vec<Rescued>> {
         let silent_ms = silent_for.as_millis() as i64;
         let rows: Vec<(i64, String, i64)> = parse(
-            self.run(&SCRIPTS.rescue, &[&worker, &silent_ms, &rescuer, &limit])
+            self.run_moving(&SCRIPTS.rescue, &[&worker, &silent_ms, &rescuer, &limit])
                 .await?,
         )?;
         Ok(rows
@@ -574,7 +649,7 @@ impl RedisJobs {
             Action::Reschedule(at) => ("reschedule", millis(at)),
         };
         let (outcome, detail): (String, String) =
-            parse(self.run(&SCRIPTS.admin, &[&op, &id.0, &at]).await?)?;
+            parse(self.run_moving(&SCRIPTS.admin, &[&op, &id.0, &at]).await?)?;
         Ok(match outcome.as_str() {
             "ok" => Acted::Done,
             "ok_running" => Acted::CancelledRunning {
@@ -597,7 +672,7 @@ impl RedisJobs {
             Bulk::Count => "count",
         };
         let (count, held): (u64, Vec<(i64, i64)>) = parse(
-            self.run(&SCRIPTS.bulk, &[&op, &filter_json(filter), &limit])
+            self.run_moving(&SCRIPTS.bulk, &[&op, &filter_json(filter), &limit])
                 .await?,
         )?;
         Ok(Replayed {

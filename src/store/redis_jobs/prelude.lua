@@ -66,6 +66,28 @@ local function field(id, name)
     return redis.call('HGET', key('job', id), name)
 end
 
+-- Moves of jobs back to waiting, or to dead or cancelled, as {kind, args, state, attempt, last error}: the
+-- caller mirrors them into PostgreSQL for kinds whose state something there follows (a node's embedding
+-- status), as the `jobs` table's trigger does. Scripts that move jobs answer {their answer, MOVES}.
+local MOVES = {}
+local NOTE_MOVES = true
+
+local function note_move(id, state)
+    if not NOTE_MOVES then
+        return
+    end
+    local j = redis.call('HMGET', key('job', id), 'kind', 'args', 'attempt', 'errors')
+    local last = ''
+    if j[4] and j[4] ~= '[]' then
+        local errors = cjson.decode(j[4])
+        local e = errors[#errors]
+        if type(e) == 'table' and type(e.error) == 'string' then
+            last = e.error
+        end
+    end
+    MOVES[#MOVES + 1] = { j[1], j[2], state, tonumber(j[3]), last }
+end
+
 -- Puts a job where claims look for it: its kind's queue, at its priority or in its group.
 local function make_available(id, run_at)
     local j = redis.call('HMGET', key('job', id), 'kind', 'fair', 'tenant_id', 'provider', 'priority')
@@ -81,6 +103,7 @@ local function make_available(id, run_at)
     end
     redis.call('HSET', key('job', id), 'state', 'available', 'run_at', run_at)
     redis.call('HDEL', key('job', id), 'finished_at', 'locked_by')
+    note_move(id, 'available')
 end
 
 -- The job's place in the counts: "queue\tkind\ttenant\tprovider".
@@ -135,6 +158,9 @@ local function finish_for_good(id, state, now)
     end
     redis.call('HSET', key('job', id), 'state', state, 'finished_at', now)
     redis.call('HDEL', key('job', id), 'locked_by')
+    if state ~= 'completed' then
+        note_move(id, state)
+    end
     if state == 'dead' then
         redis.call('ZADD', key('dead'), now, member(id))
     else

@@ -39,4 +39,4 @@ end
 for kind in pairs(woken) do
     redis.call('PUBLISH', key('wake'), kind)
 end
-return answers
+return { answers, MOVES }
