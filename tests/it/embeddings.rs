@@ -1143,3 +1143,48 @@ async fn fetch_model_installs_the_checked_model_with_a_progress_bar_and_refuses_
     );
     assert!(String::from_utf8_lossy(&again.stdout).contains("already"));
 }
+
+#[tokio::test]
+async fn exact_search_ranks_vectors_whose_components_are_tiny_instead_of_failing() {
+    use activekg::store::embeddings::{self as store, VectorIndex};
+    let db = TestDb::new().await;
+    let ids = create(
+        &db.pool,
+        vec![note("acme", Some("near")), note("acme", Some("far"))],
+    )
+    .await;
+    // Components near 1e-20: their products are below REAL's range.
+    let mut conn = db.pool.acquire().await.unwrap();
+    store::save(
+        &mut conn,
+        NodeId(ids[0]),
+        "acme",
+        "m",
+        &[1e-20, 0.6, 0.8],
+        "h0",
+    )
+    .await
+    .unwrap();
+    store::save(
+        &mut conn,
+        NodeId(ids[1]),
+        "acme",
+        "m",
+        &[1e-20, 0.8, -0.6],
+        "h1",
+    )
+    .await
+    .unwrap();
+    drop(conn);
+    let exact = VectorIndex::Exact("as without pgvector".into());
+    let hits = store::search(&db.pool, &exact, "acme", "m", &[1e-25, 0.6, 0.8], 5, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        hits.iter().map(|h| h.id).collect::<Vec<_>>(),
+        ids,
+        "the nearer vector first"
+    );
+    assert!((hits[0].score - 1.0).abs() < 1e-6, "{}", hits[0].score);
+    db.drop_db().await;
+}
