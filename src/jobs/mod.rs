@@ -152,9 +152,13 @@ pub fn connector_backlog(rows: &[crate::store::jobs::QueueCounts]) {
 /// How long webhook delivery ids are kept for de-duplication.
 pub const WEBHOOK_DEDUPE: std::time::Duration = std::time::Duration::from_secs(7 * 86_400);
 
-/// Kinds whose moves something in PostgreSQL follows (a node's embedding status, kept by a trigger on
-/// `jobs`): when they run from Redis, their moves are mirrored to it (`RedisJobs::mirror_moves`).
-pub const MIRRORED_KINDS: &[&str] = &[<embed_node::EmbedNode as engine::Job>::KIND];
+/// Kinds whose moves something in PostgreSQL follows (a node's embedding status, a backfill run; the
+/// triggers on `jobs` keep them): when they run from Redis, their moves are mirrored to it
+/// (`RedisJobs::mirror_moves`).
+pub const MIRRORED_KINDS: &[&str] = &[
+    <embed_node::EmbedNode as engine::Job>::KIND,
+    <backfill_page::BackfillPage as engine::Job>::KIND,
+];
 
 /// Every job kind this build runs.
 pub const KINDS: &[&str] = &[

@@ -489,14 +489,15 @@ async fn on_redis_a_running_job_cancelled_by_an_operator_is_stopped_at_once_and_
 }
 
 #[tokio::test]
-async fn on_redis_a_nodes_embedding_status_follows_its_job_as_the_trigger_keeps_it_in_postgresql() {
-    use activekg::domain::TenantId;
+async fn on_redis_what_postgresql_keeps_in_step_with_a_job_follows_it_as_the_triggers_keep_it() {
+    use activekg::domain::{NodeId, Provider, TenantId};
+    use activekg::jobs::backfill_page::BackfillPage;
     use activekg::jobs::embed_node::Caps;
     use activekg::jobs::engine::admin;
     use activekg::store::jobs::{Completion, Finish};
     use activekg::workflows::nodes::{self as workflow, Created, NodeInput};
     let db = TestDb::new().await;
-    job_store::route_to_redis(&["embedding"]);
+    job_store::route_to_redis(&["embedding", "connector"]);
     let prefix = format!("activekg_test_{}", uuid::Uuid::new_v4().simple());
     let redis = RedisJobs::connect(&redis_url(), &prefix)
         .await
@@ -540,13 +541,15 @@ async fn on_redis_a_nodes_embedding_status_follows_its_job_as_the_trigger_keeps_
         error: what.into(),
         worker: Some("w1".into()),
     };
+    // The handler marks `processing` itself (as on PostgreSQL); what no handler sees is mirrored.
+    let processing =
+        |attempt| activekg::store::embeddings::mark_processing(&db.pool, NodeId(node), attempt);
     assert_eq!(status().await.0, "queued");
-
     let (first, _) = redis
         .claim_fair("embed_node", "w1", 1, "", "t1")
         .await
         .unwrap();
-    assert_eq!(status().await, ("processing".into(), 1, None));
+    processing(1).await.unwrap();
     let job = JobId(first[0].id);
     let retry = Completion {
         id: job,
@@ -566,7 +569,7 @@ async fn on_redis_a_nodes_embedding_status_follows_its_job_as_the_trigger_keeps_
         .claim_fair("embed_node", "w1", 1, "", "t2")
         .await
         .unwrap();
-    assert_eq!(status().await.0, "processing");
+    processing(2).await.unwrap();
     // A late report of attempt 1 going back to waiting must not undo attempt 2's.
     store_jobs::mirror_moves(
         &db.pool,
@@ -597,7 +600,6 @@ async fn on_redis_a_nodes_embedding_status_follows_its_job_as_the_trigger_keeps_
         status().await,
         ("failed".into(), 2, Some("rejected".into()))
     );
-
     // An operator's replay queues it again.
     let stores = admin::Stores {
         pool: &db.pool,
@@ -605,5 +607,41 @@ async fn on_redis_a_nodes_embedding_status_follows_its_job_as_the_trigger_keeps_
     };
     admin::retry(stores, job).await.unwrap();
     assert_eq!(status().await.0, "queued");
+
+    // A backfill run ends, failed, when its page job dies in Redis (its worker silent on the last attempt).
+    let run = uuid::Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO backfill_runs (id, tenant_id, provider, prefix) VALUES ($1, 'acme', 's3', '')",
+    )
+    .bind(run)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let page = BackfillPage {
+        run_id: run,
+        tenant_id: "acme".into(),
+        provider: Provider::S3,
+        prefix: String::new(),
+        page: 0,
+        page_token: None,
+    };
+    let mut conn = db.pool.acquire().await.unwrap();
+    engine::enqueue(&mut conn, &page).await.unwrap();
+    drop(conn);
+    store_jobs::relay(&db.pool, &redis, 100).await.unwrap();
+    let (claimed, _) = redis
+        .claim_fair("backfill_page", "w1", 1, "", "t3")
+        .await
+        .unwrap();
+    let cancelled = admin::cancel(stores, JobId(claimed[0].id)).await.unwrap();
+    assert_eq!(cancelled.state, JobState::Cancelled);
+    let (state, error): (String, Option<String>) =
+        sqlx::query_as("SELECT state, error FROM backfill_runs WHERE id = $1")
+            .bind(run)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(state, "failed", "{error:?}");
+    assert!(error.unwrap().contains("cancelled"));
     db.drop_db().await;
 }

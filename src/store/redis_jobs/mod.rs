@@ -133,7 +133,7 @@ pub struct RedisJobs {
 }
 
 /// Where moves of jobs of some kinds are mirrored: PostgreSQL state that follows those jobs (a node's
-/// embedding status) and that the `jobs` table's trigger keeps for jobs there.
+/// embedding status, a backfill run) and that the `jobs` table's triggers keep for jobs there.
 struct Mirror {
     pool: sqlx::PgPool,
     kinds: Arc<[&'static str]>,
@@ -206,8 +206,8 @@ impl RedisJobs {
         })
     }
 
-    /// Mirrors the moves of jobs of `kinds` into `pool` (see `activekg_job_moved`): claims as running,
-    /// hand-backs and retries as waiting, dead letters and cancels, each right after Redis made it.
+    /// Mirrors the moves of jobs of `kinds` into `pool` (see `activekg_job_moved`): hand-backs and retries
+    /// back to waiting, dead letters and cancels, each right after Redis made it.
     pub fn mirror_moves(mut self, pool: sqlx::PgPool, kinds: &[&'static str]) -> Self {
         self.mirror = Some(Arc::new(Mirror {
             pool,
@@ -266,26 +266,6 @@ impl RedisJobs {
         let moves: Vec<Move> = parse(parts.pop().unwrap_or(Reply::Nil))?;
         self.mirror(moves).await?;
         Ok(parts.pop().unwrap_or(Reply::Nil))
-    }
-
-    /// Mirrors claimed jobs as running, before their handlers can write anything.
-    async fn mirror_claimed(&self, kind: &str, claimed: &[Claimed]) -> Result<()> {
-        if claimed.is_empty() || self.mirror.is_none() {
-            return Ok(());
-        }
-        let moves = claimed
-            .iter()
-            .map(|c| {
-                (
-                    kind.to_owned(),
-                    c.args.to_string(),
-                    "running".to_owned(),
-                    c.attempt,
-                    String::new(),
-                )
-            })
-            .collect();
-        self.mirror(moves).await
     }
 
     /// Adds jobs under their outbox ids. Idempotent by id; duplicates by idempotency key are not added.
@@ -348,9 +328,7 @@ impl RedisJobs {
                 &[&kind, &worker, &limit, &"plain", &"", &token],
             )
             .await?;
-        let claimed = claimed_from(reply)?;
-        self.mirror_claimed(kind, &claimed).await?;
-        Ok(claimed)
+        claimed_from(reply)
     }
 
     /// Claims fairly between (tenant, provider) groups, starting after `after` (see
@@ -378,7 +356,6 @@ impl RedisJobs {
         }
         let resume: String = parse(parts.pop().unwrap_or(Reply::Nil))?;
         let jobs = claimed_from(parts.pop().unwrap_or(Reply::Nil))?;
-        self.mirror_claimed(kind, &jobs).await?;
         Ok((jobs, resume))
     }
 
