@@ -446,20 +446,7 @@ impl Bench {
                 },
             )
             .await;
-        let client = redis::Client::open(url).unwrap();
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}:*", redis.prefix()))
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        for chunk in keys.chunks(1000) {
-            let _: () = redis::cmd("DEL")
-                .arg(chunk)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-        }
+        redis.delete_all().await.unwrap();
         sample
     }
 

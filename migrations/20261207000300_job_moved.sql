@@ -38,16 +38,26 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION activekg_embed_job_moved() RETURNS trigger LANGUAGE plpgsql AS $$
+-- Both triggers run the one rule.
+CREATE FUNCTION activekg_job_row_moved() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM activekg_job_moved(NEW.kind, NEW.args, NEW.state, NEW.attempt, NEW.errors -> -1 ->> 'error', false);
     RETURN NULL;
 END
 $$;
 
-CREATE OR REPLACE FUNCTION activekg_backfill_page_ended() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM activekg_job_moved(NEW.kind, NEW.args, NEW.state, NEW.attempt, NEW.errors -> -1 ->> 'error', false);
-    RETURN NULL;
-END
-$$;
+DROP TRIGGER jobs_embed_node_moved ON jobs;
+CREATE TRIGGER jobs_embed_node_moved
+AFTER UPDATE OF state ON jobs
+FOR EACH ROW
+WHEN (NEW.kind = 'embed_node' AND NEW.state IS DISTINCT FROM OLD.state)
+EXECUTE FUNCTION activekg_job_row_moved();
+DROP FUNCTION activekg_embed_job_moved();
+
+DROP TRIGGER jobs_backfill_page_ended ON jobs;
+CREATE TRIGGER jobs_backfill_page_ended
+AFTER UPDATE OF state ON jobs
+FOR EACH ROW
+WHEN (NEW.kind = 'backfill_page' AND NEW.state IN ('dead', 'cancelled') AND NEW.state IS DISTINCT FROM OLD.state)
+EXECUTE FUNCTION activekg_job_row_moved();
+DROP FUNCTION activekg_backfill_page_ended();

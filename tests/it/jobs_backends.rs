@@ -202,20 +202,7 @@ impl Side {
     /// Removes the test's Redis keys and database.
     async fn done(self) {
         if let Some(redis) = &self.redis {
-            let client = redis::Client::open(redis_url()).unwrap();
-            let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-            let keys: Vec<String> = redis::cmd("KEYS")
-                .arg(format!("{}:*", redis.prefix()))
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            for chunk in keys.chunks(500) {
-                let _: () = redis::cmd("DEL")
-                    .arg(chunk)
-                    .query_async(&mut conn)
-                    .await
-                    .unwrap();
-            }
+            redis.delete_all().await.unwrap();
         }
         self.db.drop_db().await;
     }

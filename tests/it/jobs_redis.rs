@@ -110,6 +110,7 @@ async fn on_redis_many_jobs_complete_exactly_once_across_two_worker_processes() 
     );
     first.start_kill().unwrap();
     second.start_kill().unwrap();
+    redis.delete_all().await.unwrap();
     db.drop_db().await;
 }
 
@@ -169,6 +170,7 @@ async fn on_redis_a_job_whose_worker_is_killed_is_picked_up_again_and_completes(
         recovered_in < Duration::from_secs(10),
         "recovered after {recovered_in:?}"
     );
+    redis.delete_all().await.unwrap();
     db.drop_db().await;
 }
 
@@ -263,7 +265,7 @@ async fn with_the_redis_backend_a_folder_is_ingested_and_embedded_and_its_backlo
         &[
             ("ACTIVEKG_JOBS_BACKEND", "redis".to_owned()),
             ("REDIS_URL", redis_url()),
-            ("ACTIVEKG_REDIS_PREFIX", prefix),
+            ("ACTIVEKG_REDIS_PREFIX", prefix.clone()),
             ("ACTIVEKG_LOCAL_ROOTS", folder.path().display().to_string()),
             ("RUN_SCHEDULER", "false".to_owned()),
         ],
@@ -366,6 +368,12 @@ async fn with_the_redis_backend_a_folder_is_ingested_and_embedded_and_its_backlo
         "{shown}"
     );
     assert_eq!(shown["tenant_id"], "acme", "{shown}");
+    RedisJobs::connect(&redis_url(), &prefix)
+        .await
+        .unwrap()
+        .delete_all()
+        .await
+        .unwrap();
     db.drop_db().await;
 }
 
@@ -428,6 +436,7 @@ async fn on_redis_the_pending_embedding_cap_counts_jobs_in_the_outbox_and_in_red
     workflow::create(&db.pool, caps.clone(), vec![note("globex", "elsewhere")])
         .await
         .expect("another tenant has room");
+    redis.delete_all().await.unwrap();
     db.drop_db().await;
 }
 
@@ -485,6 +494,7 @@ async fn on_redis_a_running_job_cancelled_by_an_operator_is_stopped_at_once_and_
         JobState::Cancelled
     );
     child.start_kill().unwrap();
+    redis.delete_all().await.unwrap();
     db.drop_db().await;
 }
 
@@ -643,5 +653,6 @@ async fn on_redis_what_postgresql_keeps_in_step_with_a_job_follows_it_as_the_tri
             .unwrap();
     assert_eq!(state, "failed", "{error:?}");
     assert!(error.unwrap().contains("cancelled"));
+    redis.delete_all().await.unwrap();
     db.drop_db().await;
 }

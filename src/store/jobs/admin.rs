@@ -48,7 +48,7 @@ impl JobFilter {
 pub(super) const VIEW_STATE: &str = "CASE WHEN j.state = 'available' THEN (CASE WHEN j.run_at > now() THEN 'scheduled' ELSE 'pending' END) ELSE j.state END";
 
 /// The filter as SQL over alias `j`, with its parameters starting at `$1`.
-pub(super) fn filter_sql(first_param: usize) -> String {
+fn filter_sql(first_param: usize) -> String {
     let p = |i: usize| format!("${}", first_param + i);
     format!(
         "({q}::text IS NULL OR j.queue = {q}) AND ({k}::text IS NULL OR j.kind = {k}) \
@@ -65,7 +65,7 @@ pub(super) fn filter_sql(first_param: usize) -> String {
     )
 }
 
-pub(super) fn bind_filter<'q>(
+fn bind_filter<'q>(
     query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
     filter: &'q JobFilter,
 ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
@@ -120,11 +120,11 @@ pub struct JobRecord {
     pub progress: Option<Value>,
 }
 
-pub(super) const RECORD_COLUMNS: &str = "j.id, j.kind, j.queue, j.args, j.priority, j.attempt, j.max_attempts, j.errors, \
+const RECORD_COLUMNS: &str = "j.id, j.kind, j.queue, j.args, j.priority, j.attempt, j.max_attempts, j.errors, \
     j.enqueued_at, j.run_at, j.attempted_at, j.finished_at, j.locked_by, j.unique_key, j.tenant_id, j.provider, \
     j.progress";
 
-pub(super) fn record_from_row(row: &sqlx::postgres::PgRow) -> Result<JobRecord> {
+fn record_from_row(row: &sqlx::postgres::PgRow) -> Result<JobRecord> {
     let state: String = row.try_get("view_state")?;
     let errors: Value = row.try_get("errors")?;
     Ok(JobRecord {
@@ -158,8 +158,19 @@ pub async fn list<'e>(
     before: Option<JobId>,
     limit: i64,
 ) -> Result<Vec<JobRecord>> {
+    list_from(db, "jobs", filter, before, limit).await
+}
+
+/// [`list`] over `source`: `jobs`, or rows shaped like it.
+pub(super) async fn list_from<'e>(
+    db: impl PgExecutor<'e>,
+    source: &str,
+    filter: &JobFilter,
+    before: Option<JobId>,
+    limit: i64,
+) -> Result<Vec<JobRecord>> {
     let sql = format!(
-        "SELECT {RECORD_COLUMNS}, {VIEW_STATE} AS view_state FROM jobs j \
+        "SELECT {RECORD_COLUMNS}, {VIEW_STATE} AS view_state FROM {source} j \
          WHERE {} AND ($8::int8 IS NULL OR j.id < $8) ORDER BY j.id DESC LIMIT $9",
         filter_sql(1)
     );
@@ -173,8 +184,18 @@ pub async fn list<'e>(
 
 /// One job.
 pub async fn get<'e>(db: impl PgExecutor<'e>, id: JobId) -> Result<Option<JobRecord>> {
-    let sql =
-        format!("SELECT {RECORD_COLUMNS}, {VIEW_STATE} AS view_state FROM jobs j WHERE j.id = $1");
+    get_from(db, "jobs", id).await
+}
+
+/// [`get`] from `source`: `jobs`, or rows shaped like it.
+pub(super) async fn get_from<'e>(
+    db: impl PgExecutor<'e>,
+    source: &str,
+    id: JobId,
+) -> Result<Option<JobRecord>> {
+    let sql = format!(
+        "SELECT {RECORD_COLUMNS}, {VIEW_STATE} AS view_state FROM {source} j WHERE j.id = $1"
+    );
     let row = sqlx::query(AssertSqlSafe(sql))
         .bind(id.0)
         .fetch_optional(db)

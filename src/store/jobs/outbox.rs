@@ -7,13 +7,13 @@
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use sqlx::{AssertSqlSafe, PgConnection, PgExecutor, PgPool};
+use sqlx::{PgConnection, PgExecutor, PgPool};
 
 use crate::domain::JobId;
 use crate::error::Result;
 use crate::store::redis_jobs::{Pushed, RedisJobs};
 
-use super::admin::{RECORD_COLUMNS, VIEW_STATE, bind_filter, filter_sql, record_from_row};
+use super::admin::{get_from, list_from};
 use super::{Enqueued, JobFilter, JobRecord, NewJob};
 
 /// Staged jobs shaped as `jobs` rows, for the operators' queries: waiting, never attempted.
@@ -29,29 +29,12 @@ pub async fn list_staged<'e>(
     before: Option<JobId>,
     limit: i64,
 ) -> Result<Vec<JobRecord>> {
-    let sql = format!(
-        "SELECT {RECORD_COLUMNS}, {VIEW_STATE} AS view_state FROM {AS_JOBS} j \
-         WHERE {} AND ($8::int8 IS NULL OR j.id < $8) ORDER BY j.id DESC LIMIT $9",
-        filter_sql(1)
-    );
-    let rows = bind_filter(sqlx::query(AssertSqlSafe(sql)), filter)
-        .bind(before.map(|id| id.0))
-        .bind(limit)
-        .fetch_all(db)
-        .await?;
-    rows.iter().map(record_from_row).collect()
+    list_from(db, AS_JOBS, filter, before, limit).await
 }
 
 /// One staged job.
 pub async fn get_staged<'e>(db: impl PgExecutor<'e>, id: JobId) -> Result<Option<JobRecord>> {
-    let sql = format!(
-        "SELECT {RECORD_COLUMNS}, {VIEW_STATE} AS view_state FROM {AS_JOBS} j WHERE j.id = $1"
-    );
-    let row = sqlx::query(AssertSqlSafe(sql))
-        .bind(id.0)
-        .fetch_optional(db)
-        .await?;
-    row.as_ref().map(record_from_row).transpose()
+    get_from(db, AS_JOBS, id).await
 }
 
 /// The channel the relay listens on; staging a job notifies it when the transaction commits.

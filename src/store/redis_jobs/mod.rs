@@ -227,6 +227,27 @@ impl RedisJobs {
         super::jobs::mirror_moves(&mirror.pool, &moves).await
     }
 
+    /// Deletes every key under this prefix, jobs and all: for a test's or a benchmark's own prefix.
+    pub async fn delete_all(&self) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let keys: Vec<String> = {
+            let mut scan = redis::AsyncCommands::scan_match::<_, String>(
+                &mut conn,
+                format!("{}:*", self.prefix),
+            )
+            .await?;
+            let mut keys = Vec::new();
+            while let Some(key) = futures::StreamExt::next(&mut scan).await {
+                keys.push(key?);
+            }
+            keys
+        };
+        for chunk in keys.chunks(1000) {
+            let _: () = redis::cmd("DEL").arg(chunk).query_async(&mut conn).await?;
+        }
+        Ok(())
+    }
+
     /// The key prefix (with its braces).
     pub fn prefix(&self) -> &str {
         &self.prefix
