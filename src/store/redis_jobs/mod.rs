@@ -276,7 +276,8 @@ impl RedisJobs {
     }
 
     /// Runs a script that answers {its answer, the jobs it moved}; mirrors the moves, answers the answer.
-    /// A process that dies in between leaves the mirror one move behind (Redis holds the truth).
+    /// A process that dies in between, or a mirror PostgreSQL refuses, leaves it one move behind (Redis
+    /// holds the truth).
     async fn run_moving(&self, script: &Script, args: &[&(dyn ToString + Sync)]) -> Result<Reply> {
         let Reply::Array(mut parts) = self.run(script, args).await? else {
             return Err(bad_reply("a job script"));
@@ -285,7 +286,10 @@ impl RedisJobs {
             return Err(bad_reply("a job script"));
         }
         let moves: Vec<Move> = parse(parts.pop().unwrap_or(Reply::Nil))?;
-        self.mirror(moves).await?;
+        // Redis has made the moves: failing here would tell the caller they did not happen.
+        if let Err(err) = self.mirror(moves).await {
+            tracing::warn!(%err, "could not mirror job moves into PostgreSQL; what follows them is a move behind");
+        }
         Ok(parts.pop().unwrap_or(Reply::Nil))
     }
 
