@@ -27,7 +27,7 @@ pub(super) fn router() -> OpenApiRouter<ApiState> {
 /// Service health.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Health {
-    /// `ok`, or `degraded` when the database does not answer.
+    /// `ok`, or `degraded` when the database (or Redis, when jobs live there) does not answer.
     pub status: &'static str,
     /// The running version.
     pub version: &'static str,
@@ -35,6 +35,22 @@ pub struct Health {
     pub uptime_seconds: u64,
     /// The database as this process sees it.
     pub database: DatabaseHealth,
+    /// Redis as this process sees it, under `ACTIVEKG_JOBS_BACKEND=redis` (absent otherwise). While it does
+    /// not answer, enqueues still succeed (they wait in PostgreSQL's outbox) but jobs in Redis do not run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis: Option<RedisHealth>,
+}
+
+/// Redis reachability, from the background check (once a second).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RedisHealth {
+    /// Whether `PING` answered within 800 ms at the last check.
+    pub reachable: bool,
+    /// Round-trip time of that `PING`.
+    pub latency_ms: Option<f64>,
+    /// What is wrong, when unreachable, in general terms (the details are in the logs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// Database reachability, from the background check (once a second, over a connection of its own).
@@ -67,8 +83,17 @@ async fn health(State(state): State<ApiState>) -> Json<Health> {
         db.latency.map(|l| l.as_secs_f64() * 1000.0),
         db.failure.map(str::to_owned),
     );
+    let redis = state.redis_probe.as_ref().map(|probe| {
+        let seen = probe.reachability();
+        RedisHealth {
+            reachable: seen.reachable,
+            latency_ms: seen.latency.map(|l| l.as_secs_f64() * 1000.0),
+            error: seen.failure.map(str::to_owned),
+        }
+    });
+    let healthy = reachable && redis.as_ref().is_none_or(|r| r.reachable);
     Json(Health {
-        status: if reachable { "ok" } else { "degraded" },
+        status: if healthy { "ok" } else { "degraded" },
         version: env!("CARGO_PKG_VERSION"),
         uptime_seconds: state.started.elapsed().as_secs(),
         database: DatabaseHealth {
@@ -77,6 +102,7 @@ async fn health(State(state): State<ApiState>) -> Json<Health> {
             migrated: state.migrated.load(Ordering::SeqCst),
             error,
         },
+        redis,
     })
 }
 

@@ -69,6 +69,8 @@ pub struct ApiState {
     pub probe: Arc<crate::store::probe::Probe>,
     /// The connector and embedding jobs' store under `ACTIVEKG_JOBS_BACKEND=redis`.
     pub redis_jobs: Option<crate::store::redis_jobs::RedisJobs>,
+    /// Whether Redis answers, checked in the background (health reads it), under the redis backend.
+    pub redis_probe: Option<Arc<crate::store::probe::Probe>>,
 }
 
 impl ApiState {
@@ -84,6 +86,7 @@ impl ApiState {
             embeddings,
             vector_index: Arc::default(),
             redis_jobs: None,
+            redis_probe: None,
             subscriptions: Default::default(),
             pool,
             registry,

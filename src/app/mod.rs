@@ -293,6 +293,7 @@ pub async fn run(
         registry,
         deps.embeddings.clone(),
     );
+    state.redis_probe = redis.as_ref().map(store::probe::Probe::spawn_redis);
     state.redis_jobs = redis.clone();
     let server = match (roles.api, listener) {
         (true, Some(listener)) => {

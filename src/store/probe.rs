@@ -1,6 +1,6 @@
-//! Whether the database answers, as this process sees it: checked in the background over a connection of
-//! its own, once a second, and read from memory by health checks. A flood of `/health` requests costs no
-//! pool connection, and health answers at once even while the database hangs.
+//! Whether the database (and Redis, when jobs live there) answers, as this process sees it: checked in the
+//! background over a connection of its own, once a second, and read from memory by health checks. A flood
+//! of `/health` requests costs no pool connection, and health answers at once even while a store hangs.
 
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -34,6 +34,38 @@ const TIMEOUT: Duration = Duration::from_millis(800);
 impl Probe {
     /// Starts checking `pool`'s database; the checks stop when the probe is dropped.
     pub fn spawn(pool: &PgPool) -> Arc<Self> {
+        let pool = super::dedicated_pool(pool, 1);
+        Self::start("the database", move || {
+            let pool = pool.clone();
+            async move {
+                sqlx::query("SELECT 1")
+                    .execute(&pool)
+                    .await
+                    .map(drop)
+                    .map_err(|err| (describe(&err), err.to_string()))
+            }
+        })
+    }
+
+    /// Starts checking Redis (`PING` over the jobs' own connection, which reconnects by itself).
+    pub fn spawn_redis(redis: &crate::store::redis_jobs::RedisJobs) -> Arc<Self> {
+        let redis = redis.clone();
+        Self::start("Redis", move || {
+            let redis = redis.clone();
+            async move {
+                redis
+                    .ping()
+                    .await
+                    .map_err(|err| ("unreachable", err.to_string()))
+            }
+        })
+    }
+
+    fn start<F, Fut>(what: &'static str, ping: F) -> Arc<Self>
+    where
+        F: Fn() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), (&'static str, String)>> + Send + 'static,
+    {
         let probe = Arc::new(Self {
             last: Mutex::new(Reachability {
                 reachable: false,
@@ -42,10 +74,7 @@ impl Probe {
                 checked_at: None,
             }),
         });
-        tokio::spawn(check(
-            Arc::downgrade(&probe),
-            super::dedicated_pool(pool, 1),
-        ));
+        tokio::spawn(check(Arc::downgrade(&probe), what, ping));
         probe
     }
 
@@ -63,39 +92,41 @@ impl Probe {
     }
 }
 
-async fn check(probe: Weak<Probe>, pool: PgPool) {
+async fn check<F, Fut>(probe: Weak<Probe>, what: &'static str, ping: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<(), (&'static str, String)>>,
+{
     let mut ticker = tokio::time::interval(EVERY);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut was_reachable = true;
     loop {
         ticker.tick().await;
         let Some(probe) = probe.upgrade() else {
-            pool.close().await;
             return;
         };
         let started = Instant::now();
-        let result = tokio::time::timeout(TIMEOUT, sqlx::query("SELECT 1").execute(&pool)).await;
-        let outcome = match result {
-            Ok(Ok(_)) => Reachability {
+        let outcome = match tokio::time::timeout(TIMEOUT, ping()).await {
+            Ok(Ok(())) => Reachability {
                 reachable: true,
                 latency: Some(started.elapsed()),
                 failure: None,
                 checked_at: Some(Instant::now()),
             },
-            Ok(Err(err)) => {
+            Ok(Err((failure, err))) => {
                 if was_reachable {
-                    tracing::warn!(%err, "the database does not answer");
+                    tracing::warn!(%err, "{what} does not answer");
                 }
                 Reachability {
                     reachable: false,
                     latency: None,
-                    failure: Some(describe(&err)),
+                    failure: Some(failure),
                     checked_at: Some(Instant::now()),
                 }
             }
             Err(_) => {
                 if was_reachable {
-                    tracing::warn!(timeout = ?TIMEOUT, "the database does not answer in time");
+                    tracing::warn!(timeout = ?TIMEOUT, "{what} does not answer in time");
                 }
                 Reachability {
                     reachable: false,
@@ -106,7 +137,7 @@ async fn check(probe: Weak<Probe>, pool: PgPool) {
             }
         };
         if outcome.reachable && !was_reachable {
-            tracing::info!("the database answers again");
+            tracing::info!("{what} answers again");
         }
         was_reachable = outcome.reachable;
         *probe.last.lock().unwrap_or_else(|e| e.into_inner()) = outcome;

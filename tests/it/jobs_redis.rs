@@ -274,6 +274,15 @@ async fn with_the_redis_backend_a_folder_is_ingested_and_embedded_and_its_backlo
     api_env.push(("ACTIVEKG_LISTEN", format!("127.0.0.1:{api_port}")));
     let _api = spawn_role("api", &api_env);
     let api = Api::ready(api_port).await;
+    let health: serde_json::Value = serde_json::from_str(&api.get("/health").await).unwrap();
+    assert_eq!(
+        (
+            health["status"].as_str(),
+            health["redis"]["reachable"].as_bool()
+        ),
+        (Some("ok"), Some(true)),
+        "{health}"
+    );
     api.post(
         "/_admin/connectors/local/register",
         serde_json::json!({"tenant_id": "acme", "config": {"path": folder.path().display().to_string()}}),
@@ -654,5 +663,83 @@ async fn on_redis_what_postgresql_keeps_in_step_with_a_job_follows_it_as_the_tri
     assert_eq!(state, "failed", "{error:?}");
     assert!(error.unwrap().contains("cancelled"));
     redis.delete_all().await.unwrap();
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn while_redis_is_down_health_says_degraded_and_work_is_still_accepted_then_handed_over() {
+    let db = TestDb::new().await;
+    let folder = tempfile::tempdir().unwrap();
+    std::fs::write(folder.path().join("note.txt"), "A note.").unwrap();
+    let mut server = OwnRedis::start().await;
+    let api_port = crate::helpers::free_port();
+    let env = activekg_env(
+        &db.url,
+        &[
+            ("ACTIVEKG_JOBS_BACKEND", "redis".to_owned()),
+            ("REDIS_URL", server.url()),
+            ("ACTIVEKG_LOCAL_ROOTS", folder.path().display().to_string()),
+            ("RUN_SCHEDULER", "false".to_owned()),
+            ("ACTIVEKG_LISTEN", format!("127.0.0.1:{api_port}")),
+        ],
+    );
+    let _api = spawn_role("api", &env);
+    let api = Api::ready(api_port).await;
+    api.post(
+        "/_admin/connectors/local/register",
+        serde_json::json!({"tenant_id": "acme", "config": {"path": folder.path().display().to_string()}}),
+    )
+    .await;
+    let health =
+        || async { serde_json::from_str::<serde_json::Value>(&api.get("/health").await).unwrap() };
+    assert_eq!(health().await["redis"]["reachable"], true);
+
+    server.kill();
+    let seen = eventually(
+        Duration::from_secs(10),
+        "health to see Redis gone",
+        || async {
+            let h = health().await;
+            (h["redis"]["reachable"] == false).then_some(h)
+        },
+    )
+    .await;
+    assert_eq!(seen["status"], "degraded", "{seen}");
+    assert_eq!(seen["database"]["reachable"], true, "{seen}");
+    // Work is still accepted: it waits in PostgreSQL's outbox.
+    api.post(
+        "/_admin/connectors/local/backfill",
+        serde_json::json!({"tenant_id": "acme"}),
+    )
+    .await;
+    let staged: i64 = sqlx::query_scalar("SELECT count(*) FROM job_outbox")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(staged, 1, "the backfill's job waits in the outbox");
+
+    server.restart().await;
+    eventually(
+        Duration::from_secs(20),
+        "health ok and the job handed over",
+        || async {
+            let h = health().await;
+            let staged: i64 = sqlx::query_scalar("SELECT count(*) FROM job_outbox")
+                .fetch_one(&db.pool)
+                .await
+                .ok()?;
+            (h["status"] == "ok" && staged == 0).then_some(())
+        },
+    )
+    .await;
+    let queues: serde_json::Value = serde_json::from_str(&api.get("/_admin/queues").await).unwrap();
+    let acme = queues["tenants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["tenant_id"] == "acme")
+        .unwrap_or_else(|| panic!("{queues}"))
+        .clone();
+    assert_eq!(acme["pending"], 1, "{queues}");
     db.drop_db().await;
 }

@@ -227,6 +227,13 @@ impl RedisJobs {
         super::jobs::mirror_moves(&mirror.pool, &moves).await
     }
 
+    /// Whether Redis answers (`PING`).
+    pub async fn ping(&self) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let _: String = redis::cmd("PING").query_async(&mut conn).await?;
+        Ok(())
+    }
+
     /// Deletes every key under this prefix, jobs and all: for a test's or a benchmark's own prefix.
     pub async fn delete_all(&self) -> Result<()> {
         let mut conn = self.conn.clone();
