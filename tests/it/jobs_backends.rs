@@ -241,7 +241,8 @@ fn job(kind: &'static str, n: i64) -> NewJob {
     }
 }
 
-fn error(attempt: i32, what: &str) -> AttemptError {
+/// A transient failure of `attempt` by worker `w1`.
+pub fn error(attempt: i32, what: &str) -> AttemptError {
     AttemptError {
         attempt,
         at: chrono::Utc::now(),

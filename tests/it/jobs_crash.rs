@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use activekg::domain::{JobId, JobState};
 use activekg::jobs::engine::{self, Runtime, admin};
+use activekg::store::redis_jobs::RedisJobs;
 
 use crate::helpers::{TestDb, child_ready, eventually, fast_job_settings, spawn_child};
 use crate::kinds::{Behavior, Probe, create_probe_tables, run_probe};
@@ -12,7 +13,26 @@ use crate::kinds::{Behavior, Probe, create_probe_tables, run_probe};
 #[tokio::test]
 async fn a_job_whose_worker_is_killed_is_picked_up_again_and_completes() {
     let db = TestDb::new().await;
+    a_killed_workers_job_is_rescued_and_completes(&db, None).await;
+    db.drop_db().await;
+}
+
+/// Kills a worker process mid-job with SIGKILL; a healthy replica must take the job back and complete it,
+/// with the killed attempt counted. `redis` runs the test queue there (its store, and the child's
+/// `ACTIVEKG_CHILD_REDIS`), with the queue routed to it in this process.
+pub async fn a_killed_workers_job_is_rescued_and_completes(
+    db: &TestDb,
+    redis: Option<(&RedisJobs, &str)>,
+) {
     create_probe_tables(&db.pool).await;
+    let stores = admin::Stores {
+        pool: &db.pool,
+        redis: redis.map(|(r, _)| r),
+    };
+    let child_env: Vec<(&str, &str)> = redis
+        .map(|(_, child)| ("ACTIVEKG_CHILD_REDIS", child))
+        .into_iter()
+        .collect();
     let mut conn = db.pool.acquire().await.unwrap();
     let id = engine::enqueue(&mut conn, &Probe::new("victim", Behavior::HangFirstAttempt))
         .await
@@ -21,13 +41,13 @@ async fn a_job_whose_worker_is_killed_is_picked_up_again_and_completes() {
         .unwrap();
     drop(conn);
 
-    let mut child = spawn_child("worker", &db.url, &[]);
+    let mut child = spawn_child("worker", &db.url, &child_env);
     let (child_worker, _lines) = child_ready(&mut child).await;
     eventually(
         Duration::from_secs(10),
         "the child to be running the job",
         || async {
-            let record = admin::get(&db.pool, id).await.unwrap();
+            let record = admin::get(stores, id).await.unwrap();
             (record.state == JobState::Running
                 && record.locked_by.as_deref() == Some(child_worker.as_str()))
             .then_some(())
@@ -41,6 +61,9 @@ async fn a_job_whose_worker_is_killed_is_picked_up_again_and_completes() {
     // A healthy replica: workers for the kind; its engine does the upkeep (rescue) itself.
     let settings = fast_job_settings();
     let mut runtime = Runtime::new(db.pool.clone(), settings.clone());
+    if let Some((redis, _)) = redis {
+        runtime.redis(redis.clone());
+    }
     runtime.register(db.pool.clone(), run_probe);
     let workers = runtime.start().await.unwrap();
 
@@ -48,7 +71,7 @@ async fn a_job_whose_worker_is_killed_is_picked_up_again_and_completes() {
         Duration::from_secs(30),
         "the job to complete after the rescue",
         || async {
-            let record = admin::get(&db.pool, id).await.unwrap();
+            let record = admin::get(stores, id).await.unwrap();
             (record.state == JobState::Completed).then_some(record)
         },
     )
@@ -69,7 +92,6 @@ async fn a_job_whose_worker_is_killed_is_picked_up_again_and_completes() {
         recovered_in < Duration::from_secs(10),
         "recovered after {recovered_in:?}"
     );
-    db.drop_db().await;
 }
 
 #[tokio::test]

@@ -4,15 +4,15 @@
 use std::time::{Duration, Instant};
 
 use activekg::domain::{JobId, JobState};
-use activekg::jobs::engine::{self, Runtime, job_store};
+use activekg::jobs::engine::{self, job_store};
 use activekg::store::jobs as store_jobs;
 use activekg::store::redis_jobs::RedisJobs;
 use sqlx::PgPool;
 
 use crate::engine_faults::{Api, activekg_env, documents};
-use crate::helpers::{TestDb, child_ready, eventually, fast_job_settings, spawn_child, spawn_role};
+use crate::helpers::{TestDb, child_ready, eventually, spawn_child, spawn_role};
 use crate::jobs_backends::{OwnRedis, redis_url};
-use crate::kinds::{Behavior, Probe, Tally, create_probe_tables, run_probe};
+use crate::kinds::{Behavior, Probe, Tally, create_probe_tables};
 
 /// A fresh key prefix on `url`, with the test queue routed there in this process (for its enqueues).
 async fn redis_at(url: &str) -> (RedisJobs, String) {
@@ -117,59 +117,12 @@ async fn on_redis_many_jobs_complete_exactly_once_across_two_worker_processes() 
 #[tokio::test]
 async fn on_redis_a_job_whose_worker_is_killed_is_picked_up_again_and_completes() {
     let db = TestDb::new().await;
-    create_probe_tables(&db.pool).await;
     let (redis, child_redis) = redis_at(&redis_url()).await;
-    let mut conn = db.pool.acquire().await.unwrap();
-    let id = engine::enqueue(&mut conn, &Probe::new("victim", Behavior::HangFirstAttempt))
-        .await
-        .unwrap()
-        .id
-        .unwrap();
-    drop(conn);
-    let mut child = spawn_child("worker", &db.url, &[("ACTIVEKG_CHILD_REDIS", &child_redis)]);
-    let (child_worker, _lines) = child_ready(&mut child).await;
-    eventually(
-        Duration::from_secs(10),
-        "the child to be running the job",
-        || async {
-            let record = redis.get(id).await.unwrap()?;
-            (record.state == JobState::Running
-                && record.locked_by.as_deref() == Some(child_worker.as_str()))
-            .then_some(())
-        },
+    crate::jobs_crash::a_killed_workers_job_is_rescued_and_completes(
+        &db,
+        Some((&redis, &child_redis)),
     )
     .await;
-    child.start_kill().unwrap();
-    child.wait().await.unwrap();
-    let killed_at = Instant::now();
-
-    let mut runtime = Runtime::new(db.pool.clone(), fast_job_settings());
-    runtime
-        .redis(redis.clone())
-        .register(db.pool.clone(), run_probe);
-    let workers = runtime.start().await.unwrap();
-    let done = eventually(
-        Duration::from_secs(30),
-        "the job to complete after the rescue",
-        || async {
-            let record = redis.get(id).await.unwrap()?;
-            (record.state == JobState::Completed).then_some(record)
-        },
-    )
-    .await;
-    let recovered_in = killed_at.elapsed();
-    workers.shutdown().await;
-    assert_eq!(done.attempt, 2, "the killed attempt counted");
-    assert_eq!(done.errors.len(), 1);
-    assert_eq!(done.errors[0].class, "crash");
-    assert_eq!(
-        done.errors[0].worker.as_deref(),
-        Some(child_worker.as_str())
-    );
-    assert!(
-        recovered_in < Duration::from_secs(10),
-        "recovered after {recovered_in:?}"
-    );
     redis.delete_all().await.unwrap();
     db.drop_db().await;
 }
@@ -552,14 +505,7 @@ async fn on_redis_what_postgresql_keeps_in_step_with_a_job_follows_it_as_the_tri
         .await
         .unwrap()
     };
-    let failure = |attempt: i32, what: &str| activekg::domain::AttemptError {
-        attempt,
-        at: chrono::Utc::now(),
-        class: "transient".into(),
-        code: None,
-        error: what.into(),
-        worker: Some("w1".into()),
-    };
+    let failure = crate::jobs_backends::error;
     // The handler marks `processing` itself (as on PostgreSQL); what no handler sees is mirrored.
     let processing =
         |attempt| activekg::store::embeddings::mark_processing(&db.pool, NodeId(node), attempt);
