@@ -513,6 +513,74 @@ async fn a_fair_claim_takes_turns_between_a_tenants_providers_too() {
 }
 
 #[tokio::test]
+async fn results_are_written_by_each_rows_key_not_by_reading_the_workers_running_rows() {
+    let db = TestDb::new().await;
+    // A busy worker with thousands of rows running, beside a day of finished work, never analyzed (as the
+    // table is after a restore, or before autovacuum first gets to it).
+    for sql in [
+        "INSERT INTO jobs (kind, queue, args, max_attempts, state, finished_at)
+         SELECT 'noop', 'bench', '{}', 5, 'completed', now() FROM generate_series(1, 50000)",
+        "INSERT INTO jobs (kind, queue, args, max_attempts, state, attempt, locked_by, attempted_at)
+         SELECT 'noop', 'bench', '{}', 5, 'running', 1, 'w1', now() FROM generate_series(1, 4000)",
+    ] {
+        sqlx::query(sql).execute(&db.pool).await.unwrap();
+    }
+    let running: Vec<i64> =
+        sqlx::query_scalar("SELECT id FROM jobs WHERE state = 'running' ORDER BY id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    let result = |id: i64, finish| activekg::store::jobs::Completion {
+        id: JobId(id),
+        attempt: 1,
+        finish,
+    };
+    let mut completions: Vec<_> = running[..500]
+        .iter()
+        .map(|id| result(*id, activekg::store::jobs::Finish::Completed))
+        .collect();
+    completions.extend(running[500..520].iter().map(|id| {
+        result(
+            *id,
+            activekg::store::jobs::Finish::Snooze {
+                delay: Duration::from_secs(60),
+            },
+        )
+    }));
+    // A result from an attempt this worker no longer holds is still skipped.
+    completions.push(activekg::store::jobs::Completion {
+        id: JobId(running[600]),
+        attempt: 2,
+        finish: activekg::store::jobs::Finish::Completed,
+    });
+    let mut conn = db.pool.acquire().await.unwrap();
+    let mut tx = conn.begin().await.unwrap();
+    let applied = activekg::store::jobs::finish(&mut tx, "w1", &completions)
+        .await
+        .unwrap();
+    let (seq_scans,): (i64,) =
+        sqlx::query_as("SELECT seq_scan FROM pg_stat_xact_user_tables WHERE relname = 'jobs'")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+    let by_worker: i64 =
+        sqlx::query_scalar("SELECT pg_stat_get_xact_numscans('jobs_running_by_worker'::regclass)")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+    assert_eq!(applied.len(), 520);
+    assert_eq!(
+        (seq_scans, by_worker),
+        (0, 0),
+        "writing results read the whole table or the worker's running rows (seq scans, scans of \
+         jobs_running_by_worker)"
+    );
+    tx.rollback().await.unwrap();
+    drop(conn);
+    db.drop_db().await;
+}
+
+#[tokio::test]
 async fn a_claim_finds_its_rows_by_key_however_many_finished_rows_the_table_holds() {
     let db = TestDb::new().await;
     // A day of finished work and a backlog of due jobs, with statistics, as a busy table looks.

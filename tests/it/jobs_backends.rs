@@ -98,7 +98,14 @@ impl Side {
 
     async fn finish(&self, worker: &str, completions: &[Completion]) -> Vec<JobId> {
         let mut applied = match &self.redis {
-            None => store::finish(&self.db.pool, worker, completions).await,
+            None => {
+                store::finish(
+                    &mut *self.db.pool.acquire().await.unwrap(),
+                    worker,
+                    completions,
+                )
+                .await
+            }
             Some(r) => r.finish(worker, completions).await,
         }
         .unwrap();

@@ -58,7 +58,9 @@ impl JobStore {
     /// Applies attempt results of `worker`; returns the ids applied.
     pub async fn finish(&self, worker: &str, completions: &[Completion]) -> Result<Vec<JobId>> {
         match self {
-            JobStore::Postgres(pool) => store::finish(pool, worker, completions).await,
+            JobStore::Postgres(pool) => {
+                store::finish(&mut *pool.acquire().await?, worker, completions).await
+            }
             JobStore::Redis(redis) => redis.finish(worker, completions).await,
         }
     }
