@@ -46,8 +46,8 @@ macro_rules! claim_next {
         SET state = 'running', attempt = j.attempt + 1, attempted_at = now(), locked_by = $2,
             unique_key = CASE WHEN j.unique_while_pending THEN NULL ELSE j.unique_key END
         WHERE j.ctid = ANY((SELECT tids FROM picked)::tid[]) AND j.state = 'available'
-        RETURNING j.priority, j.id, j.args, j.attempt, j.max_attempts, j.enqueued_at, j.run_at, j.attempted_at, j.progress,
-                  j.handbacks
+        RETURNING j.priority, j.id, j.args, j.attempt, j.max_attempts, j.enqueued_at, j.run_at, j.attempted_at,
+                  j.progress, j.handbacks
         "#
     };
 }
