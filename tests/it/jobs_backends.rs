@@ -100,7 +100,7 @@ impl Side {
         let mut applied = match &self.redis {
             None => {
                 store::finish(
-                    &mut *self.db.pool.acquire().await.unwrap(),
+                    &mut self.db.pool.acquire().await.unwrap(),
                     worker,
                     completions,
                 )
