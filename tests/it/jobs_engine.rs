@@ -434,6 +434,56 @@ async fn a_backlog_of_quick_jobs_is_claimed_in_growing_claims_not_batch_by_batch
 }
 
 #[tokio::test]
+async fn a_deep_backlog_of_quick_jobs_is_claimed_by_two_claims_at_once_each_job_once() {
+    let db = fixture().await;
+    let backlog: Vec<Noop> = (0..20_000).map(|n| Noop { n }).collect();
+    let mut conn = db.pool.acquire().await.unwrap();
+    engine::enqueue_many(&mut conn, &backlog).await.unwrap();
+    drop(conn);
+    let workers = start_workers(&db.pool, fast_job_settings()).await;
+    // Watch the server: how many claim statements of this database run at the same moment.
+    let mut most_at_once = 0i64;
+    let started = std::time::Instant::now();
+    loop {
+        let (claims, left): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM pg_stat_activity
+                     WHERE datname = current_database() AND state = 'active' AND pid <> pg_backend_pid()
+                       AND query LIKE '%FOR UPDATE SKIP LOCKED%' AND query LIKE '%UPDATE jobs j%'),
+                    (SELECT count(*) FROM jobs WHERE kind = 'test_noop' AND state <> 'completed')",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        most_at_once = most_at_once.max(claims);
+        if left == 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the backlog did not drain: {left} left"
+        );
+    }
+    workers.shutdown().await;
+    let (done, reclaimed): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE state = 'completed'), count(*) FILTER (WHERE attempt <> 1)
+         FROM jobs WHERE kind = 'test_noop'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (done, reclaimed),
+        (20_000, 0),
+        "every job completed on its first claim"
+    );
+    assert!(
+        most_at_once >= 2,
+        "one worker never had two claims running at once during a 20,000-job drain"
+    );
+    db.drop_db().await;
+}
+
+#[tokio::test]
 async fn a_panicking_or_undecodable_job_is_handled_and_the_worker_keeps_going() {
     let db = fixture().await;
     let panicky = enqueue(&db.pool, &Probe::new("panicky", Behavior::Panic)).await;
