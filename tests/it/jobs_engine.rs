@@ -459,9 +459,11 @@ async fn a_deep_backlog_of_quick_jobs_is_claimed_by_two_claims_at_once_each_job_
             break;
         }
         assert!(
-            started.elapsed() < Duration::from_secs(120),
+            started.elapsed() < Duration::from_secs(300),
             "the backlog did not drain: {left} left"
         );
+        // Claims of this size take several milliseconds; sampling faster would only load the machine.
+        tokio::time::sleep(Duration::from_millis(3)).await;
     }
     workers.shutdown().await;
     let (done, reclaimed): (i64, i64) = sqlx::query_as(

@@ -78,11 +78,9 @@ pub struct JobQueue<J> {
     /// Claimed rows not started yet, with when they arrived.
     buffer: VecDeque<(Claimed, std::time::Instant)>,
     fetching: Option<BoxFuture<'static, crate::error::Result<Vec<Claimed>>>>,
-    /// A second claim beside `fetching` while a deep backlog lasts (see [`Self::claim_beside`]), with its limit.
-    beside: Option<(
-        BoxFuture<'static, crate::error::Result<Vec<Claimed>>>,
-        usize,
-    )>,
+    /// A second claim beside `fetching` while a deep backlog lasts (see [`Self::claim_beside`]).
+    beside: Option<BoxFuture<'static, crate::error::Result<Vec<Claimed>>>>,
+    beside_limit: usize,
     releasing: Option<BoxFuture<'static, ()>>,
     timer: Pin<Box<Sleep>>,
     /// The last fetch filled its limit, so more work is probably waiting.
@@ -133,6 +131,7 @@ impl<J: Job> JobQueue<J> {
             buffer: VecDeque::new(),
             fetching: None,
             beside: None,
+            beside_limit: 0,
             releasing: None,
             more: false,
             last_limit: 0,
@@ -263,26 +262,24 @@ impl<J: Job> JobQueue<J> {
             self.last_limit,
         );
         let token = uuid::Uuid::new_v4().simple().to_string();
-        self.beside = Some((
-            async move { store.claim(J::KIND, &worker, limit as i64, &token).await }.boxed(),
-            limit,
-        ));
+        self.beside =
+            Some(async move { store.claim(J::KIND, &worker, limit as i64, &token).await }.boxed());
+        self.beside_limit = limit;
     }
 
     /// Lands the second claim if it has finished. A short one means the backlog is ending; a failed one is
     /// left to the first stream's retries.
     fn land_beside(&mut self, cx: &mut Context<'_>) {
-        let Some((fetch, limit)) = self.beside.as_mut() else {
+        let Some(fetch) = self.beside.as_mut() else {
             return;
         };
         let Poll::Ready(result) = fetch.poll_unpin(cx) else {
             return;
         };
-        let limit = *limit;
         self.beside = None;
         match result {
             Ok(rows) => {
-                if rows.len() < limit {
+                if rows.len() < self.beside_limit {
                     self.backlog = false;
                 }
                 let received = std::time::Instant::now();
@@ -406,27 +403,16 @@ impl<J: Job> Backend for JobQueue<J> {
         cx: &mut Context<'_>,
         _: &WorkerContext,
     ) -> Poll<Result<(), Self::Error>> {
-        // A fetch in flight may have claimed rows: let it land so they can be handed back.
-        if let Some((fetch, _)) = self.beside.as_mut() {
-            match fetch.poll_unpin(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(rows) => {
-                    self.beside = None;
-                    let now = std::time::Instant::now();
-                    self.buffer
-                        .extend(rows.unwrap_or_default().into_iter().map(|row| (row, now)));
-                }
-            }
-        }
-        if let Some(fetch) = self.fetching.as_mut() {
-            match fetch.poll_unpin(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(rows) => {
-                    self.fetching = None;
-                    let now = std::time::Instant::now();
-                    self.buffer
-                        .extend(rows.unwrap_or_default().into_iter().map(|row| (row, now)));
-                }
+        // Claims in flight may have claimed rows: let them land so they can be handed back.
+        for in_flight in [&mut self.fetching, &mut self.beside] {
+            if let Some(fetch) = in_flight.as_mut() {
+                let Poll::Ready(rows) = fetch.poll_unpin(cx) else {
+                    return Poll::Pending;
+                };
+                *in_flight = None;
+                let now = std::time::Instant::now();
+                self.buffer
+                    .extend(rows.unwrap_or_default().into_iter().map(|row| (row, now)));
             }
         }
         if self.releasing.is_none() && !self.buffer.is_empty() {
