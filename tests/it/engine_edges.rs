@@ -512,14 +512,18 @@ async fn a_fair_claim_takes_turns_between_a_tenants_providers_too() {
     db.drop_db().await;
 }
 
+/// The finished rows a busy table holds all day (kept for a day before pruning).
+const A_DAY_OF_FINISHED_JOBS: &str =
+    "INSERT INTO jobs (kind, queue, args, max_attempts, state, finished_at)
+     SELECT 'noop', 'bench', '{}', 5, 'completed', now() FROM generate_series(1, 50000)";
+
 #[tokio::test]
 async fn results_are_written_by_each_rows_key_not_by_reading_the_workers_running_rows() {
     let db = TestDb::new().await;
     // A busy worker with thousands of rows running, beside a day of finished work, never analyzed (as the
     // table is after a restore, or before autovacuum first gets to it).
     for sql in [
-        "INSERT INTO jobs (kind, queue, args, max_attempts, state, finished_at)
-         SELECT 'noop', 'bench', '{}', 5, 'completed', now() FROM generate_series(1, 50000)",
+        A_DAY_OF_FINISHED_JOBS,
         "INSERT INTO jobs (kind, queue, args, max_attempts, state, attempt, locked_by, attempted_at)
          SELECT 'noop', 'bench', '{}', 5, 'running', 1, 'w1', now() FROM generate_series(1, 4000)",
     ] {
@@ -585,8 +589,7 @@ async fn a_claim_finds_its_rows_by_key_however_many_finished_rows_the_table_hold
     let db = TestDb::new().await;
     // A day of finished work and a backlog of due jobs, with statistics, as a busy table looks.
     for sql in [
-        "INSERT INTO jobs (kind, queue, args, max_attempts, state, finished_at)
-         SELECT 'noop', 'bench', '{}', 5, 'completed', now() FROM generate_series(1, 50000)",
+        A_DAY_OF_FINISHED_JOBS,
         "INSERT INTO jobs (kind, queue, args, max_attempts, priority, tenant_id)
          SELECT 'noop', 'bench', '{}', 5, (i % 3)::int2, 't' || (i % 7) FROM generate_series(1, 3000) i",
         "ANALYZE jobs",

@@ -21,6 +21,13 @@ async fn start_workers(pool: &PgPool, settings: JobSettings) -> RuntimeHandle {
     runtime.start().await.unwrap()
 }
 
+/// Enqueues `count` no-op jobs in one statement.
+async fn enqueue_noops(pool: &PgPool, count: u32) {
+    let backlog: Vec<Noop> = (0..count).map(|n| Noop { n }).collect();
+    let mut conn = pool.acquire().await.unwrap();
+    engine::enqueue_many(&mut conn, &backlog).await.unwrap();
+}
+
 async fn enqueue(pool: &PgPool, probe: &Probe) -> JobId {
     let mut conn = pool.acquire().await.unwrap();
     engine::enqueue(&mut conn, probe).await.unwrap().id.unwrap()
@@ -403,10 +410,7 @@ async fn an_idle_worker_starts_a_new_job_on_notify_without_waiting_for_its_poll(
 #[tokio::test]
 async fn a_backlog_of_quick_jobs_is_claimed_in_growing_claims_not_batch_by_batch() {
     let db = fixture().await;
-    let backlog: Vec<Noop> = (0..3000).map(|n| Noop { n }).collect();
-    let mut conn = db.pool.acquire().await.unwrap();
-    engine::enqueue_many(&mut conn, &backlog).await.unwrap();
-    drop(conn);
+    enqueue_noops(&db.pool, 3000).await;
     let workers = start_workers(&db.pool, fast_job_settings()).await;
     eventually(Duration::from_secs(60), "the backlog to drain", || async {
         let left: i64 = sqlx::query_scalar(
@@ -436,10 +440,7 @@ async fn a_backlog_of_quick_jobs_is_claimed_in_growing_claims_not_batch_by_batch
 #[tokio::test]
 async fn a_deep_backlog_of_quick_jobs_is_claimed_by_two_claims_at_once_each_job_once() {
     let db = fixture().await;
-    let backlog: Vec<Noop> = (0..20_000).map(|n| Noop { n }).collect();
-    let mut conn = db.pool.acquire().await.unwrap();
-    engine::enqueue_many(&mut conn, &backlog).await.unwrap();
-    drop(conn);
+    enqueue_noops(&db.pool, 20_000).await;
     let workers = start_workers(&db.pool, fast_job_settings()).await;
     // Watch the server: how many claim statements of this database run at the same moment.
     let mut most_at_once = 0i64;
