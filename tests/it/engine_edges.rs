@@ -379,7 +379,7 @@ async fn a_fair_claim_probes_a_tenant_in_backoff_instead_of_scanning_its_rows() 
     };
     let before = read().await;
     let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
-    let (claimed, _) = activekg::store::jobs::claim_fair(&mut conn, "test_fair", "w", 10, "")
+    let (claimed, _) = activekg::store::jobs::claim_fair(&mut conn, "test_fair", "w", 10, "", 1)
         .await
         .unwrap();
     sqlx::query("SELECT pg_stat_force_next_flush()")
@@ -425,7 +425,7 @@ async fn claiming_an_embedding_never_waits_for_a_transaction_writing_its_node() 
     // ...while a worker claims the node's pending embedding: the claim must not wait for that row.
     let claim = tokio::time::timeout(
         Duration::from_secs(3),
-        activekg::store::jobs::claim(&db.pool, "embed_node", "w", 10),
+        activekg::store::jobs::claim(&db.pool, "embed_node", "w", 10, 1),
     )
     .await
     .expect("the claim does not wait on the node's row lock")
@@ -491,7 +491,7 @@ async fn a_fair_claim_takes_turns_between_a_tenants_providers_too() {
     .await
     .unwrap();
     let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
-    let (claimed, _) = activekg::store::jobs::claim_fair(&mut conn, "test_fair", "w", 10, "")
+    let (claimed, _) = activekg::store::jobs::claim_fair(&mut conn, "test_fair", "w", 10, "", 1)
         .await
         .unwrap();
     let providers: Vec<&str> = claimed
@@ -598,10 +598,10 @@ async fn a_claim_finds_its_rows_by_key_however_many_finished_rows_the_table_hold
     }
     let mut conn = db.pool.acquire().await.unwrap();
     let mut tx = conn.begin().await.unwrap();
-    let claimed = activekg::store::jobs::claim(&mut *tx, "noop", "w1", 1000)
+    let claimed = activekg::store::jobs::claim(&mut *tx, "noop", "w1", 1000, 1)
         .await
         .unwrap();
-    let (fair, _) = activekg::store::jobs::claim_fair(&mut *tx, "noop", "w1", 1000, "")
+    let (fair, _) = activekg::store::jobs::claim_fair(&mut *tx, "noop", "w1", 1000, "", 1)
         .await
         .unwrap();
     let (seq_scans,): (i64,) =

@@ -1,6 +1,7 @@
 //! The job engine meeting faults the way an operator does, with real processes: several worker processes
-//! sharing a queue, a worker frozen with SIGSTOP, a worker cut off from the database, PostgreSQL restarted
-//! under running workers, and workers killed with SIGKILL every few seconds during a large ingest.
+//! sharing a queue, a worker frozen with SIGSTOP, a worker cut off from the database, a claim's answer lost
+//! after it committed, PostgreSQL restarted under running workers, and workers killed with SIGKILL every few
+//! seconds during a large ingest.
 
 use std::time::Duration;
 
@@ -203,6 +204,48 @@ async fn a_worker_cut_off_from_the_database_stops_its_attempts_before_anyone_may
     admin::cancel(&db.pool, id).await.unwrap();
     rescuer.shutdown().await;
     cut_off.start_kill().unwrap();
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn jobs_whose_claim_committed_but_whose_answer_was_lost_still_run_once_on_the_live_worker() {
+    let db = TestDb::new().await;
+    create_probe_tables(&db.pool).await;
+    let hop = crate::reply_loss::ReplyLoss::start("127.0.0.1:5432", "SELECT ctid FROM jobs").await;
+    let mut ids = Vec::new();
+    {
+        let mut conn = db.pool.acquire().await.unwrap();
+        for n in 0..3 {
+            let probe = Probe::new(&format!("lost-{n}"), Behavior::EffectAfter { ms: 0 });
+            ids.push(
+                engine::enqueue(&mut conn, &probe)
+                    .await
+                    .unwrap()
+                    .id
+                    .unwrap(),
+            );
+        }
+    }
+    hop.arm(1);
+    let mut worker = spawn_child("worker", &hop.url(&db.url), &[]);
+    let (worker_id, _lines) = child_ready(&mut worker).await;
+    eventually(
+        Duration::from_secs(10),
+        "a claim's answer to be lost",
+        || async { (hop.lost() == 1).then_some(()) },
+    )
+    .await;
+    // The worker lives and heartbeats on, so no rescue will ever take those rows back: it must find them.
+    for id in ids {
+        let job = wait_state(&db.pool, id, JobState::Completed, Duration::from_secs(15)).await;
+        assert_eq!(
+            job.attempt, 1,
+            "the lost claim's attempt is the one that ran: {job:?}"
+        );
+        assert!(job.errors.is_empty(), "{job:?}");
+        assert_eq!(effects(&db.pool, id).await, vec![(1, worker_id.clone())]);
+    }
+    worker.start_kill().unwrap();
     db.drop_db().await;
 }
 

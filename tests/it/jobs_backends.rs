@@ -8,6 +8,7 @@ use std::time::Duration;
 use std::collections::BTreeMap;
 
 use activekg::domain::{AttemptError, JobId, JobState};
+use activekg::jobs::engine::job_store::JobStore;
 use activekg::jobs::engine::{admin, stats};
 use activekg::store::jobs::{
     self as store, Claimed, Completion, Enqueued, Finish, JobFilter, NewJob, Rescued,
@@ -76,7 +77,7 @@ impl Side {
 
     async fn claim(&self, kind: &str, worker: &str, limit: i64) -> Vec<Claimed> {
         match &self.redis {
-            None => store::claim(&self.db.pool, kind, worker, limit).await,
+            None => store::claim(&self.db.pool, kind, worker, limit, 1).await,
             Some(r) => r.claim(kind, worker, limit, &token()).await,
         }
         .unwrap()
@@ -90,7 +91,7 @@ impl Side {
         after: &str,
     ) -> (Vec<Claimed>, String) {
         match &self.redis {
-            None => store::claim_fair(&self.db.pool, kind, worker, limit, after).await,
+            None => store::claim_fair(&self.db.pool, kind, worker, limit, after, 1).await,
             Some(r) => r.claim_fair(kind, worker, limit, after, &token()).await,
         }
         .unwrap()
@@ -1219,29 +1220,38 @@ async fn redis_claims_from_a_backlog_far_beyond_luas_unpack_limit_with_any_attem
 }
 
 #[tokio::test]
-async fn a_redis_claim_asked_again_under_its_name_answers_what_it_took_and_takes_nothing_more() {
-    let side = Side::new(true).await;
-    let redis = side.redis.clone().unwrap();
-    side.enqueue(&(0..5).map(|n| job("plain", n)).collect::<Vec<_>>())
-        .await;
-    let name = token();
-    let first = redis.claim("plain", "w1", 2, &name).await.unwrap();
-    assert_eq!(ns(&first), [0, 1]);
-    // Its answer was lost; the worker asks again under the same name (with another limit, even).
-    let again = redis.claim("plain", "w1", 3, &name).await.unwrap();
-    assert_eq!(ns(&again), [0, 1], "the same jobs, the same attempt");
-    assert_eq!(again[0].attempt, 1);
-    redis.finish("w1", &[done(&again[0])]).await.unwrap();
-    assert_eq!(
-        ns(&redis.claim("plain", "w1", 3, &name).await.unwrap()),
-        [1],
-        "only what it still holds"
-    );
-    assert_eq!(
-        ns(&redis.claim("plain", "w1", 10, &token()).await.unwrap()),
-        [2, 3, 4]
-    );
-    side.done().await;
+async fn either_backend_answers_a_claim_asked_again_under_its_name_with_what_it_took_and_takes_nothing_more()
+ {
+    on_both(|side| async move {
+        side.enqueue(&(0..5).map(|n| job("plain", n)).collect::<Vec<_>>())
+            .await;
+        let store = match &side.redis {
+            None => JobStore::Postgres(side.db.pool.clone()),
+            Some(redis) => JobStore::Redis(redis.clone()),
+        };
+        let name = rand::random::<i64>();
+        let first = store.claim("plain", "w1", 2, name, false).await.unwrap();
+        assert_eq!(ns(&first), [0, 1], "{}", side.name());
+        // Its answer was lost; the worker asks again under the same name (with another limit, even).
+        let again = store.claim("plain", "w1", 3, name, true).await.unwrap();
+        assert_eq!(ns(&again), [0, 1], "{}: the same jobs", side.name());
+        assert_eq!(again[0].attempt, 1, "{}: the same attempt", side.name());
+        store.finish("w1", &[done(&again[0])]).await.unwrap();
+        assert_eq!(
+            ns(&store.claim("plain", "w1", 3, name, true).await.unwrap()),
+            [1],
+            "{}: only what it still holds",
+            side.name()
+        );
+        assert_eq!(
+            ns(&store.claim("plain", "w2", 10, name, true).await.unwrap()),
+            [2, 3, 4],
+            "{}: the same name from another worker answers nothing of w1's and claims afresh",
+            side.name()
+        );
+        side
+    })
+    .await;
 }
 
 #[tokio::test]

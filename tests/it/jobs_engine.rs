@@ -487,6 +487,58 @@ async fn a_deep_backlog_of_quick_jobs_is_claimed_by_two_claims_at_once_each_job_
 }
 
 #[tokio::test]
+async fn claims_whose_answers_are_lost_during_a_deep_drain_still_run_every_job_once() {
+    let db = fixture().await;
+    enqueue_noops(&db.pool, 20_000).await;
+    // The workers reach the database through a hop that loses claim answers after they committed: the
+    // first claim of the drain, and later the two claims in flight at once.
+    let hop = crate::reply_loss::ReplyLoss::start("127.0.0.1:5432", "SELECT ctid FROM jobs").await;
+    let pool = PgPool::connect(&hop.url(&db.url)).await.unwrap();
+    hop.arm(1);
+    let workers = start_workers(&pool, fast_job_settings()).await;
+    let started = std::time::Instant::now();
+    let mut armed_twice = false;
+    loop {
+        let left: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM jobs WHERE kind = 'test_noop' AND state <> 'completed'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        // A quarter into the drain claims are hundreds of rows and two run at once: lose both answers.
+        if left <= 15_000 && !armed_twice {
+            hop.arm(2);
+            armed_twice = true;
+        }
+        if left == 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "{left} jobs never finished after {} lost claim answers",
+            hop.lost()
+        );
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    workers.shutdown().await;
+    assert_eq!(
+        hop.lost(),
+        3,
+        "the first claim and two claims at once lost their answers"
+    );
+    let reclaimed: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM jobs WHERE kind = 'test_noop' AND attempt <> 1")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        reclaimed, 0,
+        "every job ran as the attempt its claim started"
+    );
+    db.drop_db().await;
+}
+
+#[tokio::test]
 async fn a_panicking_or_undecodable_job_is_handled_and_the_worker_keeps_going() {
     let db = fixture().await;
     let panicky = enqueue(&db.pool, &Probe::new("panicky", Behavior::Panic)).await;

@@ -37,6 +37,7 @@ mod observability;
 mod ordering;
 mod polling;
 mod purger;
+mod reply_loss;
 mod rotation;
 mod runbook;
 mod server_limits;

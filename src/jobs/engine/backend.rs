@@ -53,6 +53,23 @@ impl KindSignal {
     }
 }
 
+/// Names a claim (see [`JobStore::claim`]): a fresh name for each claim, kept after a failed one, which is
+/// then asked `again` under it, since it may have taken rows and lost only its answer.
+#[derive(Debug, Clone, Copy)]
+struct ClaimName {
+    token: i64,
+    again: bool,
+}
+
+impl ClaimName {
+    fn new() -> Self {
+        Self {
+            token: rand::random(),
+            again: false,
+        }
+    }
+}
+
 /// Settings a backend reads.
 #[derive(Debug, Clone)]
 pub struct BackendSettings {
@@ -81,6 +98,7 @@ pub struct JobQueue<J> {
     /// A second claim beside `fetching` while a deep backlog lasts (see [`Self::claim_beside`]).
     beside: Option<BoxFuture<'static, crate::error::Result<Vec<Claimed>>>>,
     beside_limit: usize,
+    beside_name: ClaimName,
     releasing: Option<BoxFuture<'static, ()>>,
     timer: Pin<Box<Sleep>>,
     /// The last fetch filled its limit, so more work is probably waiting.
@@ -97,7 +115,7 @@ pub struct JobQueue<J> {
     /// Failed fetches in a row: after one, only the timer (then the backoff) may start the next.
     fetch_retries: Retries,
     /// Names the next claim; kept after a failed one, so asking again cannot take jobs twice over.
-    claim_token: String,
+    claim_name: ClaimName,
     _job: PhantomData<fn() -> J>,
 }
 
@@ -132,6 +150,7 @@ impl<J: Job> JobQueue<J> {
             fetching: None,
             beside: None,
             beside_limit: 0,
+            beside_name: ClaimName::new(),
             releasing: None,
             more: false,
             last_limit: 0,
@@ -141,7 +160,7 @@ impl<J: Job> JobQueue<J> {
             fair_cursor: Arc::default(),
             fetch_retries: Backoff::doubling(Duration::from_millis(500), Duration::from_secs(8))
                 .retries(),
-            claim_token: uuid::Uuid::new_v4().simple().to_string(),
+            claim_name: ClaimName::new(),
             _job: PhantomData,
         }
     }
@@ -160,20 +179,25 @@ impl<J: Job> JobQueue<J> {
         self.bound_by_size = target >= size;
         let store = self.store.clone();
         let worker = self.reporter.worker_id.clone();
-        let token = self.claim_token.clone();
+        let ClaimName { token, again } = self.claim_name;
         self.fetching = Some(if self.settings.fair {
             let cursor = self.fair_cursor.clone();
             async move {
                 let after = cursor.lock().unwrap_or_else(|e| e.into_inner()).clone();
                 let (rows, resume) = store
-                    .claim_fair(J::KIND, &worker, limit as i64, &after, &token)
+                    .claim_fair(J::KIND, &worker, limit as i64, &after, token, again)
                     .await?;
                 *cursor.lock().unwrap_or_else(|e| e.into_inner()) = resume;
                 Ok(rows)
             }
             .boxed()
         } else {
-            async move { store.claim(J::KIND, &worker, limit as i64, &token).await }.boxed()
+            async move {
+                store
+                    .claim(J::KIND, &worker, limit as i64, token, again)
+                    .await
+            }
+            .boxed()
         });
         self.more = false;
         self.last_limit = limit;
@@ -181,6 +205,7 @@ impl<J: Job> JobQueue<J> {
         self.timer
             .as_mut()
             .reset(tokio::time::Instant::now() + self.settings.poll_interval);
+        self.claim_beside();
         true
     }
 
@@ -202,7 +227,7 @@ impl<J: Job> JobQueue<J> {
                 );
                 self.fetching = None;
                 self.fetch_retries.succeeded();
-                self.claim_token = uuid::Uuid::new_v4().simple().to_string();
+                self.claim_name = ClaimName::new();
                 self.more = rows.len() >= self.last_limit;
                 self.backlog = self.more;
                 self.claim_size.claimed(self.bound_by_size, self.more);
@@ -212,6 +237,7 @@ impl<J: Job> JobQueue<J> {
             }
             Poll::Ready(Err(err)) => {
                 self.fetching = None;
+                self.claim_name.again = true;
                 let wait = self.fetch_retries.failed();
                 let failures = self.fetch_retries.failures();
                 if failures == 1 || failures.is_multiple_of(20) {
@@ -242,29 +268,38 @@ impl<J: Job> JobQueue<J> {
     /// One claim stream caps a drain: a claim of several hundred rows takes 13-24 ms on a loaded machine and
     /// lands on an empty buffer. So while claims come back full at the largest sizes, a second claim of the
     /// same size runs beside the first (PostgreSQL only: it skips the rows the first holds; fair claims keep
-    /// one stream so the tenant walk stays in order). It lands like the first, and ends with the backlog.
+    /// one stream so the tenant walk stays in order). It lands like the first, and ends with the backlog; one
+    /// that failed is asked again beside the next claim of the first, backlog or not, as it may hold rows.
     fn claim_beside(&mut self) {
         const FROM_SIZE: usize = 256;
+        let wanted = self.beside_name.again
+            || (self.last_limit >= FROM_SIZE && self.backlog && self.fetching.is_some());
         if self.beside.is_some()
-            || self.fetching.is_none()
+            || !wanted
             || self.settings.fair
             || !matches!(self.store, JobStore::Postgres(_))
-            || self.last_limit < FROM_SIZE
-            || !self.backlog
             || self.fetch_retries.failures() > 0
             || self.reporter.lease.is_fenced()
         {
             return;
         }
+        if !self.beside_name.again {
+            self.beside_limit = self.last_limit;
+        }
         let (store, worker, limit) = (
             self.store.clone(),
             self.reporter.worker_id.clone(),
-            self.last_limit,
+            self.beside_limit,
         );
-        let token = uuid::Uuid::new_v4().simple().to_string();
-        self.beside =
-            Some(async move { store.claim(J::KIND, &worker, limit as i64, &token).await }.boxed());
-        self.beside_limit = limit;
+        let ClaimName { token, again } = self.beside_name;
+        self.beside = Some(
+            async move {
+                store
+                    .claim(J::KIND, &worker, limit as i64, token, again)
+                    .await
+            }
+            .boxed(),
+        );
     }
 
     /// Lands the second claim if it has finished. A short one means the backlog is ending; a failed one is
@@ -279,6 +314,7 @@ impl<J: Job> JobQueue<J> {
         self.beside = None;
         match result {
             Ok(rows) => {
+                self.beside_name = ClaimName::new();
                 if rows.len() < self.beside_limit {
                     self.backlog = false;
                 }
@@ -286,7 +322,10 @@ impl<J: Job> JobQueue<J> {
                 self.buffer
                     .extend(rows.into_iter().map(|row| (row, received)));
             }
-            Err(err) => tracing::debug!(kind = J::KIND, %err, "a second claim failed"),
+            Err(err) => {
+                self.beside_name.again = true;
+                tracing::debug!(kind = J::KIND, %err, "a second claim failed; it is asked again");
+            }
         }
     }
 

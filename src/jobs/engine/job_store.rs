@@ -25,33 +25,59 @@ pub enum JobStore {
 }
 
 impl JobStore {
-    /// Claims up to `limit` due jobs of `kind` for `worker`, most urgent first. `token` names the claim:
-    /// after an error, ask again with the same one (Redis answers what a claim whose answer was lost took).
+    /// Claims up to `limit` due jobs of `kind` for `worker`, most urgent first. `token` names the claim. After
+    /// a claim failed, ask `again` under its token: a claim may have taken jobs and lost only its answer (the
+    /// connection broke once it had run), and asked again it answers those jobs, as it still holds them, and
+    /// takes nothing more (when it holds none, it claims as usual).
     pub async fn claim(
         &self,
         kind: &str,
         worker: &str,
         limit: i64,
-        token: &str,
+        token: i64,
+        again: bool,
     ) -> Result<Vec<Claimed>> {
         match self {
-            JobStore::Postgres(pool) => store::claim(pool, kind, worker, limit).await,
-            JobStore::Redis(redis) => redis.claim(kind, worker, limit, token).await,
+            JobStore::Postgres(pool) => {
+                if again {
+                    let held = store::claimed_under(pool, kind, worker, token).await?;
+                    if !held.is_empty() {
+                        return Ok(held);
+                    }
+                }
+                store::claim(pool, kind, worker, limit, token).await
+            }
+            // Redis keeps each claim's answer under its token, so it needs no hint.
+            JobStore::Redis(redis) => redis.claim(kind, worker, limit, &token.to_string()).await,
         }
     }
 
-    /// Claims fairly between (tenant, provider) groups, starting after `after`.
+    /// Claims fairly between (tenant, provider) groups, starting after `after`; `token` and `again` as for
+    /// [`Self::claim`] (an answer given again leaves the walk where it was).
     pub async fn claim_fair(
         &self,
         kind: &str,
         worker: &str,
         limit: i64,
         after: &str,
-        token: &str,
+        token: i64,
+        again: bool,
     ) -> Result<(Vec<Claimed>, String)> {
         match self {
-            JobStore::Postgres(pool) => store::claim_fair(pool, kind, worker, limit, after).await,
-            JobStore::Redis(redis) => redis.claim_fair(kind, worker, limit, after, token).await,
+            JobStore::Postgres(pool) => {
+                if again {
+                    let held = store::claimed_under(pool, kind, worker, token).await?;
+                    if !held.is_empty() {
+                        return Ok((held, after.to_owned()));
+                    }
+                }
+                store::claim_fair(pool, kind, worker, limit, after, token).await
+            }
+            JobStore::Redis(redis) => {
+                redis
+                    .claim_fair(kind, worker, limit, after, &token.to_string())
+                    .await
+            }
         }
     }
 

@@ -38,17 +38,49 @@ pub struct Claimed {
 /// rows); by primary key from an array it took 13 ms for 667 rows, a tenth of it descending the index again.
 /// An address is safe to use: `next` holds the row's lock, so the version it names is the current one until
 /// this statement commits; should it not be (a row updated between the scan and its lock), the TID no longer
-/// matches and the row is simply not claimed this time.
+/// matches and the row is simply not claimed this time. `$token` is the parameter naming the claim (see
+/// [`claimed_under`]).
 macro_rules! claim_next {
-    () => {
-        r#"
+    ($token:literal) => {
+        concat!(
+            r#"
         UPDATE jobs j
-        SET state = 'running', attempt = j.attempt + 1, attempted_at = now(), locked_by = $2,
+        SET state = 'running', attempt = j.attempt + 1, attempted_at = now(), locked_by = $2, claim_token = "#,
+            $token,
+            r#",
             unique_key = CASE WHEN j.unique_while_pending THEN NULL ELSE j.unique_key END
         WHERE j.ctid = ANY((SELECT tids FROM picked)::tid[]) AND j.state = 'available'
-        RETURNING j.priority, j.id, j.args, j.attempt, j.max_attempts, j.enqueued_at, j.run_at, j.attempted_at,
-                  j.progress, j.handbacks
-        "#
+        RETURNING "#,
+            claimed_columns!("j."),
+        )
+    };
+}
+
+/// What a claim answers per row, in [`Claimed`]'s order (`priority` first: the plain claim sorts by it).
+macro_rules! claimed_columns {
+    ($j:literal) => {
+        concat!(
+            $j,
+            "priority, ",
+            $j,
+            "id, ",
+            $j,
+            "args, ",
+            $j,
+            "attempt, ",
+            $j,
+            "max_attempts, ",
+            $j,
+            "enqueued_at, ",
+            $j,
+            "run_at, ",
+            $j,
+            "attempted_at, ",
+            $j,
+            "progress, ",
+            $j,
+            "handbacks"
+        )
     };
 }
 
@@ -65,11 +97,13 @@ macro_rules! in_order {
 
 /// Claims up to `limit` due jobs of `kind` for `worker`, most urgent first, skipping rows other workers hold.
 /// The attempt counter moves here, before any work, so a crash mid-attempt still uses up an attempt.
+/// `token` names the claim on its rows, so that [`claimed_under`] can find them should its answer be lost.
 pub async fn claim<'e>(
     db: impl PgExecutor<'e>,
     kind: &str,
     worker: &str,
     limit: i64,
+    token: i64,
 ) -> Result<Vec<Claimed>> {
     Ok(sqlx::query_as::<_, Claimed>(concat!(
         r#"
@@ -82,13 +116,39 @@ pub async fn claim<'e>(
         ),
         picked AS (SELECT ARRAY(SELECT ctid FROM next) AS tids),
         claimed AS ("#,
-        claim_next!(),
+        claim_next!("$4"),
         // Sorting again is cheaper than joining the rows back to the order `next` locked them in.
         ") SELECT * FROM claimed ORDER BY priority DESC, run_at, id",
     ))
     .bind(kind)
     .bind(worker)
     .bind(limit)
+    .bind(token)
+    .fetch_all(db)
+    .await?)
+}
+
+/// The rows a claim named `token` took for `worker` that are still running under it: what a claim whose
+/// answer was lost took (PostgreSQL committed it, then the connection broke before the rows arrived), in
+/// claim order. Nobody else would ever give them back while the worker lives, so the worker asks again
+/// under the same name and runs them as the attempt that claim started.
+///
+/// Rare, so it reads the worker's running rows (`jobs_running_by_worker`) rather than keep an index of its own.
+pub async fn claimed_under<'e>(
+    db: impl PgExecutor<'e>,
+    kind: &str,
+    worker: &str,
+    token: i64,
+) -> Result<Vec<Claimed>> {
+    Ok(sqlx::query_as::<_, Claimed>(concat!(
+        "SELECT ",
+        claimed_columns!(""),
+        " FROM jobs WHERE state = 'running' AND locked_by = $2 AND kind = $1 AND claim_token = $3 \
+         ORDER BY priority DESC, run_at, id",
+    ))
+    .bind(kind)
+    .bind(worker)
+    .bind(token)
     .fetch_all(db)
     .await?)
 }
@@ -109,6 +169,7 @@ pub async fn claim_fair<'e>(
     worker: &str,
     limit: i64,
     after_tenant: &str,
+    token: i64,
 ) -> Result<(Vec<Claimed>, String)> {
     let rows = sqlx::query(concat!(
         r#"
@@ -147,7 +208,7 @@ pub async fn claim_fair<'e>(
         ),
         picked AS (SELECT ARRAY(SELECT id FROM next) AS ids, ARRAY(SELECT ctid FROM next) AS tids),
         claimed AS ("#,
-        claim_next!(),
+        claim_next!("$5"),
         "), ordered AS (",
         in_order!(),
         r#")
@@ -161,6 +222,7 @@ pub async fn claim_fair<'e>(
     .bind(worker)
     .bind(limit)
     .bind(after_tenant)
+    .bind(token)
     .fetch_all(db)
     .await?;
     let mut resume = String::new();
