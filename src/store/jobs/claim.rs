@@ -134,6 +134,9 @@ pub async fn claim<'e>(
 /// under the same name and runs them as the attempt that claim started.
 ///
 /// Rare, so it reads the worker's running rows (`jobs_running_by_worker`) rather than keep an index of its own.
+/// The worker asks again after its fetch backoff (half a second at first), by when the lost claim has long
+/// committed or rolled back; one still running on the server past that (cut mid-statement and slower than
+/// the backoff) would commit after the answer and strand its rows until the process exits, as before.
 pub async fn claimed_under<'e>(
     db: impl PgExecutor<'e>,
     kind: &str,
