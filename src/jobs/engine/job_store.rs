@@ -39,11 +39,8 @@ impl JobStore {
     ) -> Result<Vec<Claimed>> {
         match self {
             JobStore::Postgres(pool) => {
-                if again {
-                    let held = store::claimed_under(pool, kind, worker, token).await?;
-                    if !held.is_empty() {
-                        return Ok(held);
-                    }
+                if let Some(held) = held_again(pool, kind, worker, token, again).await? {
+                    return Ok(held);
                 }
                 store::claim(pool, kind, worker, limit, token).await
             }
@@ -65,11 +62,8 @@ impl JobStore {
     ) -> Result<(Vec<Claimed>, String)> {
         match self {
             JobStore::Postgres(pool) => {
-                if again {
-                    let held = store::claimed_under(pool, kind, worker, token).await?;
-                    if !held.is_empty() {
-                        return Ok((held, after.to_owned()));
-                    }
+                if let Some(held) = held_again(pool, kind, worker, token, again).await? {
+                    return Ok((held, after.to_owned()));
                 }
                 store::claim_fair(pool, kind, worker, limit, after, token).await
             }
@@ -103,6 +97,22 @@ impl JobStore {
             JobStore::Redis(redis) => redis.release(worker, ids, note).await,
         }
     }
+}
+
+/// What a PostgreSQL claim asked `again` under `token` still holds (see [`JobStore::claim`]); `None` when it
+/// is not asked again or holds nothing, and a claim should take jobs as usual.
+async fn held_again(
+    pool: &PgPool,
+    kind: &str,
+    worker: &str,
+    token: i64,
+    again: bool,
+) -> Result<Option<Vec<Claimed>>> {
+    if !again {
+        return Ok(None);
+    }
+    let held = store::claimed_under(pool, kind, worker, token).await?;
+    Ok((!held.is_empty()).then_some(held))
 }
 
 /// The queues this process sends to Redis. Set once at start-up (by the composition root, from
