@@ -1249,6 +1249,40 @@ async fn either_backend_answers_a_claim_asked_again_under_its_name_with_what_it_
             "{}: the same name from another worker answers nothing of w1's and claims afresh",
             side.name()
         );
+        // A fair claim asked again answers the same way, and leaves the walk where it was.
+        let fair: Vec<NewJob> = (0..3)
+            .map(|n| NewJob {
+                tenant_id: Some(format!("t{n}")),
+                provider: Some("s3".into()),
+                ..job("fair_kind", n)
+            })
+            .collect();
+        side.enqueue(&fair).await;
+        let name = rand::random::<i64>();
+        let (first, _) = store
+            .claim_fair("fair_kind", "w1", 2, "", name, false)
+            .await
+            .unwrap();
+        assert_eq!(first.len(), 2, "{}", side.name());
+        let (again, resume) = store
+            .claim_fair("fair_kind", "w1", 3, "t0/s3", name, true)
+            .await
+            .unwrap();
+        assert_eq!(
+            ns(&again),
+            ns(&first),
+            "{}: a fair claim asked again answers what it took",
+            side.name()
+        );
+        assert_eq!(
+            again.iter().map(|c| c.attempt).collect::<Vec<_>>(),
+            [1, 1],
+            "{}",
+            side.name()
+        );
+        if side.redis.is_none() {
+            assert_eq!(resume, "t0/s3", "the walk stays where it was");
+        }
         side
     })
     .await;
