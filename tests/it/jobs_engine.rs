@@ -28,6 +28,16 @@ async fn enqueue_noops(pool: &PgPool, count: u32) {
     engine::enqueue_many(&mut conn, &backlog).await.unwrap();
 }
 
+/// No-op jobs not completed yet.
+async fn noops_left(pool: &PgPool) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM jobs WHERE kind = 'test_noop' AND state <> 'completed'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
 async fn enqueue(pool: &PgPool, probe: &Probe) -> JobId {
     let mut conn = pool.acquire().await.unwrap();
     engine::enqueue(&mut conn, probe).await.unwrap().id.unwrap()
@@ -413,13 +423,7 @@ async fn a_backlog_of_quick_jobs_is_claimed_in_growing_claims_not_batch_by_batch
     enqueue_noops(&db.pool, 3000).await;
     let workers = start_workers(&db.pool, fast_job_settings()).await;
     eventually(Duration::from_secs(60), "the backlog to drain", || async {
-        let left: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM jobs WHERE kind = 'test_noop' AND state <> 'completed'",
-        )
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-        (left == 0).then_some(())
+        (noops_left(&db.pool).await == 0).then_some(())
     })
     .await;
     workers.shutdown().await;
@@ -499,12 +503,7 @@ async fn claims_whose_answers_are_lost_during_a_deep_drain_still_run_every_job_o
     let started = std::time::Instant::now();
     let mut armed_twice = false;
     loop {
-        let left: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM jobs WHERE kind = 'test_noop' AND state <> 'completed'",
-        )
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
+        let left = noops_left(&db.pool).await;
         // A quarter into the drain claims are hundreds of rows and two run at once: lose both answers.
         if left <= 15_000 && !armed_twice {
             hop.arm(2);

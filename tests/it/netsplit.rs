@@ -82,9 +82,7 @@ impl Netsplit {
 
     /// A PostgreSQL URL like `url` but through this hop.
     pub fn url(&self, url: &str) -> String {
-        let (scheme_and_auth, rest) = url.split_once('@').unwrap();
-        let (_, path) = rest.split_once('/').unwrap();
-        format!("{scheme_and_auth}@127.0.0.1:{}/{path}", self.port)
+        through(url, self.port)
     }
 }
 
@@ -92,6 +90,13 @@ impl Drop for Netsplit {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// A PostgreSQL URL like `url` but to 127.0.0.1:`port`.
+pub fn through(url: &str, port: u16) -> String {
+    let (scheme_and_auth, rest) = url.split_once('@').unwrap();
+    let (_, path) = rest.split_once('/').unwrap();
+    format!("{scheme_and_auth}@127.0.0.1:{port}/{path}")
 }
 
 async fn pump(

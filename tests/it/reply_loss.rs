@@ -69,11 +69,9 @@ impl ReplyLoss {
 
     /// A PostgreSQL URL like `url` (no query string) but through this hop, in plain text.
     pub fn url(&self, url: &str) -> String {
-        let (scheme_and_auth, rest) = url.split_once('@').unwrap();
-        let (_, path) = rest.split_once('/').unwrap();
         format!(
-            "{scheme_and_auth}@127.0.0.1:{}/{path}?sslmode=disable",
-            self.port
+            "{}?sslmode=disable",
+            crate::netsplit::through(url, self.port)
         )
     }
 }

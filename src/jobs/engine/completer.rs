@@ -75,7 +75,7 @@ impl Completer {
 /// Writes that may be in flight at once. One writer spends most of its time waiting on the round trip and
 /// on its own result rows; a backlog drained by a worker produces results faster than that. With three, a
 /// drain's writes of 1,000 results took about 50 ms each, lagged the claims (the last landed 140 ms after
-/// the last claim) and left a quarter of the machine idle; five drained 16 % faster in interleaved rounds
+/// the last claim) and left a third of the machine idle; five drained 16 % faster in interleaved rounds
 /// (eight no faster, and they hold more of the pool). Only a backlog of 250 results opens another write.
 const WRITERS: usize = 5;
 

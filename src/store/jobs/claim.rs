@@ -51,36 +51,16 @@ macro_rules! claim_next {
             unique_key = CASE WHEN j.unique_while_pending THEN NULL ELSE j.unique_key END
         WHERE j.ctid = ANY((SELECT tids FROM picked)::tid[]) AND j.state = 'available'
         RETURNING "#,
-            claimed_columns!("j."),
+            claimed_columns!(),
         )
     };
 }
 
 /// What a claim answers per row, in [`Claimed`]'s order (`priority` first: the plain claim sorts by it).
 macro_rules! claimed_columns {
-    ($j:literal) => {
-        concat!(
-            $j,
-            "priority, ",
-            $j,
-            "id, ",
-            $j,
-            "args, ",
-            $j,
-            "attempt, ",
-            $j,
-            "max_attempts, ",
-            $j,
-            "enqueued_at, ",
-            $j,
-            "run_at, ",
-            $j,
-            "attempted_at, ",
-            $j,
-            "progress, ",
-            $j,
-            "handbacks"
-        )
+    () => {
+        "j.priority, j.id, j.args, j.attempt, j.max_attempts, j.enqueued_at, j.run_at, j.attempted_at, \
+         j.progress, j.handbacks"
     };
 }
 
@@ -145,9 +125,9 @@ pub async fn claimed_under<'e>(
 ) -> Result<Vec<Claimed>> {
     Ok(sqlx::query_as::<_, Claimed>(concat!(
         "SELECT ",
-        claimed_columns!(""),
-        " FROM jobs WHERE state = 'running' AND locked_by = $2 AND kind = $1 AND claim_token = $3 \
-         ORDER BY priority DESC, run_at, id",
+        claimed_columns!(),
+        " FROM jobs j WHERE j.state = 'running' AND j.locked_by = $2 AND j.kind = $1 AND j.claim_token = $3 \
+         ORDER BY j.priority DESC, j.run_at, j.id",
     ))
     .bind(kind)
     .bind(worker)
