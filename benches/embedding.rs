@@ -109,6 +109,31 @@ fn torch_reference(
     Some(serde_json::from_slice(&output.stdout).expect("the torch reference answers JSON"))
 }
 
+/// The model's multiply-adds per chunk, counted from its config and each chunk's wordpieces (with [CLS] and
+/// [SEP], cut to the 256-token window): the four attention projections and the feed-forward pair per token
+/// and layer, and the attention scores and their weighted sum, which grow with the square of the length.
+/// Embeddings, layer norms, softmax and pooling are left out, so this understates the work.
+fn gflop_per_chunk(dir: &std::path::Path, texts: &[String]) -> f64 {
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    let get = |key: &str| config[key].as_f64().expect("a BERT config");
+    let (hidden, layers, inner) = (
+        get("hidden_size"),
+        get("num_hidden_layers"),
+        get("intermediate_size"),
+    );
+    let flop: f64 = texts
+        .iter()
+        .map(|t| {
+            let len = (WordPiece::minilm().count(t) + 2).min(256) as f64;
+            let per_layer = 2.0
+                * (len * (4.0 * hidden * hidden + 2.0 * hidden * inner) + 2.0 * len * len * hidden);
+            layers * per_layer
+        })
+        .sum();
+    flop / texts.len() as f64 / 1e9
+}
+
 async fn database() -> PgPool {
     let admin = std::env::var("ACTIVEKG_TEST_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
@@ -317,10 +342,25 @@ async fn run() {
             show(tn)
         );
     }
-    if torch.is_some() {
+    if let Some(torch) = &torch {
         println!(
             "best against best: {ours_best:.1} / {torch_best:.1} chunks/s = {:.2}x torch",
             ours_best / torch_best
+        );
+        let ceiling = torch[&format!("ceiling/{cores}")].as_f64().unwrap();
+        let work = gflop_per_chunk(&dir, &texts);
+        let (ours, theirs) = (ours_best * work, torch_best * work);
+        println!(
+            "work: {work:.2} GFLOP a chunk (the model's matrix products over each chunk's own tokens, no padding: \
+             a lower bound); the float32 matrix-multiply ceiling here (torch, {cores} threads): {ceiling:.0} GFLOP/s"
+        );
+        println!(
+            "candle {ours:.0} GFLOP/s = {:.0}% of the ceiling; torch {theirs:.0} GFLOP/s = {:.0}%; twice torch would \
+             take {:.0} GFLOP/s = {:.2}x the ceiling",
+            100.0 * ours / ceiling,
+            100.0 * theirs / ceiling,
+            2.0 * theirs,
+            2.0 * theirs / ceiling
         );
     } else {
         println!(

@@ -3,7 +3,8 @@ the same chunks and batch sizes as the local model, in the same run. Installed b
 
 Usage: torch_reference.py REQUEST.json, where the request is
 {"model_dir": ..., "texts": [...], "batches": [1, 8, ...], "threads": [1, 2]}; prints one JSON object
-{"<threads>/<batch>": chunks per second, ...} on stdout.
+{"<threads>/<batch>": chunks per second, ..., "ceiling/<threads>": GFLOP/s} on stdout, where the ceiling is
+torch's own float32 matrix multiply (2048 x 2048, best of ten): what the machine gives the model's kind of work.
 """
 
 import json
@@ -34,6 +35,13 @@ def main():
                 model.encode(sample, batch_size=batch)
                 took = time.perf_counter() - started
             out[f"{threads}/{batch}"] = n / took
+        a, b = torch.rand(2048, 2048), torch.rand(2048, 2048)
+        best = 0.0
+        for _ in range(10):
+            started = time.perf_counter()
+            torch.mm(a, b)
+            best = max(best, 2 * 2048**3 / (time.perf_counter() - started) / 1e9)
+        out[f"ceiling/{threads}"] = best
     json.dump(out, sys.stdout)
 
 
