@@ -282,6 +282,7 @@ async fn pipeline(
 fn main() {
     // SAFETY: before the runtime or any other thread exists.
     unsafe { activekg::embedding::local::single_threaded_model_calls() };
+    activekg::embedding::local::keep_freed_memory();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

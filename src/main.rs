@@ -20,6 +20,7 @@ fn main() -> ExitCode {
     }
     // SAFETY: first thing in main, before the runtime or any other thread exists.
     unsafe { activekg::embedding::local::single_threaded_model_calls() };
+    activekg::embedding::local::keep_freed_memory();
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Serve);
     if let Command::Env = command {
