@@ -209,11 +209,14 @@ impl Embedder for LocalEmbedder {
 pub fn keep_freed_memory() {
     // `mi_option_purge_delay` in the mimalloc (v3) that libmimalloc-sys builds; the crate names no constant.
     const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-    // Its default, 1000 ms: anything else means the option is not the one meant here, or was set already.
+    // Its default, 1000 ms: anything else means the option is not the one meant here.
     const DEFAULT_DELAY: std::ffi::c_long = 1000;
+    let chosen = ["MIMALLOC_PURGE_DELAY", "MIMALLOC_RESET_DELAY"]
+        .iter()
+        .any(|var| std::env::var_os(var).is_some());
     // SAFETY: reading and setting an allocator option is thread-safe in mimalloc.
     unsafe {
-        if libmimalloc_sys::mi_option_get(PURGE_DELAY) == DEFAULT_DELAY {
+        if !chosen && libmimalloc_sys::mi_option_get(PURGE_DELAY) == DEFAULT_DELAY {
             libmimalloc_sys::mi_option_set(PURGE_DELAY, -1);
         }
     }
