@@ -202,8 +202,8 @@ impl Embedder for LocalEmbedder {
 /// Keeps memory the process frees instead of giving it back to the OS. mimalloc (the binary's allocator) gives
 /// freed memory back a second later, and the model frees and allocates tensors of tens of MB for every batch,
 /// so every batch faulted its memory in again and the kernel cleared each 2 MiB page anew: 15 % of a `perf`
-/// profile of `cargo bench --bench embedding`, whose run took 164-168 s with this against 191-194 s without
-/// (system time 8 s against 42-45 s). The cost is a process that stays at its high-water mark, as torch's
+/// profile of `cargo bench --bench embedding`, whose run took 160-168 s with this against 191-194 s without
+/// (system time 8-9 s against 42-45 s). The cost is a process that stays at its high-water mark, as torch's
 /// caching allocator does. An operator's `MIMALLOC_PURGE_DELAY` wins.
 #[allow(unsafe_code)]
 pub fn keep_freed_memory() {
