@@ -22,7 +22,9 @@ use std::time::{Duration, Instant};
 
 use activekg::config::{EmbeddingSettings, Settings};
 use activekg::domain::TenantId;
-use activekg::embedding::{Batcher, Embedder, Service, hash::HashEmbedder, local::LocalEmbedder};
+use activekg::embedding::{
+    Batcher, Embedder, Service, hash::HashEmbedder, local, local::LocalEmbedder,
+};
 use activekg::extract::{self, ChunkPolicy, tokens::WordPiece};
 use activekg::jobs::embed_node::Caps;
 use activekg::jobs::engine::Runtime;
@@ -110,7 +112,7 @@ fn torch_reference(
 }
 
 /// The model's multiply-adds per chunk, counted from its config and each chunk's wordpieces (with [CLS] and
-/// [SEP], cut to the 256-token window): the four attention projections and the feed-forward pair per token
+/// [SEP], cut to the model's window): the four attention projections and the feed-forward pair per token
 /// and layer, and the attention scores and their weighted sum, which grow with the square of the length.
 /// Embeddings, layer norms, softmax and pooling are left out, so this understates the work.
 fn gflop_per_chunk(dir: &std::path::Path, texts: &[String]) -> f64 {
@@ -125,7 +127,7 @@ fn gflop_per_chunk(dir: &std::path::Path, texts: &[String]) -> f64 {
     let flop: f64 = texts
         .iter()
         .map(|t| {
-            let len = (WordPiece::minilm().count(t) + 2).min(256) as f64;
+            let len = (WordPiece::minilm().count(t) + 2).min(local::MAX_TOKENS) as f64;
             let per_layer = 2.0
                 * (len * (4.0 * hidden * hidden + 2.0 * hidden * inner) + 2.0 * len * len * hidden);
             layers * per_layer

@@ -23,7 +23,7 @@ use tokio::sync::oneshot;
 use super::{BuildError, EmbedError, Embedder};
 
 /// sentence-transformers' `max_seq_length` for this model.
-const MAX_TOKENS: usize = 256;
+pub const MAX_TOKENS: usize = 256;
 
 type Reply = oneshot::Sender<Result<Vec<Vec<f32>>, EmbedError>>;
 
